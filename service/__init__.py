@@ -1,0 +1,1 @@
+"""The PulseCal ingestion service and its command-line tools."""

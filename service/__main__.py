@@ -1,0 +1,57 @@
+"""``pulsecal-service``: load settings, set up logging, run the app until SIGTERM."""
+
+import asyncio
+import os
+import signal
+
+from aiohttp import web
+from loguru import logger
+
+from shared.logs import setup_logging
+from shared.settings import Settings, load_settings_or_exit
+
+from .app import create_app
+from .appkeys import INGEST
+
+__all__ = ("main", "serve")
+
+
+async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
+    """Run until SIGTERM/SIGINT, then drain: stop accepting, finish and flush, close sockets."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    app[INGEST].count_connections = lambda: len(server.connections)
+    site = web.TCPSite(runner, host, settings.port, backlog=4096, reuse_address=True)
+    await site.start()
+    logger.info("pulsecal-service listening on {}:{} as pod {}", host, settings.port, settings.pod)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    logger.info("shutting down: draining")
+    await runner.cleanup()
+    logger.info("shutdown complete")
+
+
+def main() -> None:
+    settings = load_settings_or_exit(os.environ, "pulsecal-service")
+    setup_logging(settings, program="pulsecal-service")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""The ingestion service's application factory."""
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import ClientSession, ClientTimeout, WSCloseCode, web
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.health import Check, HealthChecker, disk_check, threshold_check
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.telemetry import Heartbeat, Kind, encode_heartbeat
+from shared.version import build_version
+
+from . import probes
+from .appkeys import CHECKER, HTTP_CLIENT, INGEST, PG_POOL, REDIS_AUX, REDIS_DATA, SETTINGS
+from .errors import error_response
+from .ingest import SAMPLES, WS_ROUTE, ingest_http, ingest_ws
+from .state import IngestState
+from .store import BacklogMonitor, ReadingsWriter
+from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
+from .tokens import TokenCache, TokenRefresher
+
+__all__ = ("create_app",)
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_UNMATCHED = "unmatched"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time every request for telemetry and turn every refusal into the JSON error shape."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        response = error_response(e.status, e.reason, headers=headers)
+    except Exception:  # noqa: BLE001 - the edge answers 500 and logs; it never crashes
+        logger.exception("unhandled error on {} {}", request.method, request.rel_url.path)
+        response = error_response(500, "internal error")
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else _UNMATCHED
+    if route != WS_ROUTE or not isinstance(response, web.WebSocketResponse):
+        method = request.method if request.method in _METHODS else "OTHER"
+        request.app[INGEST].telemetry.record(
+            (
+                Kind.HTTP,
+                route,
+                method,
+                response.status,
+                int((time.perf_counter() - started) * 1e6),
+                request.content_length or 0,
+                request.get(SAMPLES, 0),
+                None,
+            )
+        )
+    return response
+
+
+def _redis(url: str, *, timeout: float, retries: int) -> Redis:
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), retries),
+        health_check_interval=30,
+    )
+
+
+async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # One reconnect attempt: the first command after a Redis restart finds a dead socket.
+    app[REDIS_DATA] = _redis(settings.redis_url, timeout=settings.write_timeout, retries=1)
+    app[REDIS_AUX] = _redis(
+        settings.redis_url, timeout=settings.health_check_timeout_ms / 1000, retries=0
+    )
+    yield
+    await app[REDIS_DATA].aclose()
+    await app[REDIS_AUX].aclose()
+
+
+async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=2,
+        open=False,
+        timeout=settings.health_check_timeout_ms / 1000,
+        kwargs={"connect_timeout": max(1, settings.health_check_timeout_ms // 1000)},
+    )
+    await pool.open(wait=False)
+    app[PG_POOL] = pool
+    yield
+    await pool.close()
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
+    async with ClientSession(timeout=timeout) as session:
+        app[HTTP_CLIENT] = session
+        yield
+
+
+def _health_checks(app: web.Application) -> dict[str, Check]:
+    settings = app[SETTINGS]
+    pool = app[PG_POOL]
+    redis = app[REDIS_AUX]
+    session = app[HTTP_CLIENT]
+
+    async def database() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def redis_ping() -> None:
+        await redis.ping()
+
+    async def ai_services() -> dict[str, Any]:
+        if settings.ai_service_url is None:
+            return {"configured": False}
+        url = settings.ai_service_url.rstrip("/") + "/health"
+        async with session.get(url) as response:
+            response.raise_for_status()
+        return {}
+
+    mb = 1024 * 1024
+    return {
+        "database": database,
+        "redis": redis_ping,
+        "ai-services": ai_services,
+        "memory_heap": threshold_check(
+            lambda: process_memory()[1] // mb, settings.memory_heap_threshold_mb, "MB"
+        ),
+        "memory_rss": threshold_check(
+            lambda: process_memory()[0] // mb, settings.memory_rss_threshold_mb, "MB"
+        ),
+        "disk": disk_check(settings.log_dir, settings.disk_threshold_percent),
+    }
+
+
+def _static_details(settings: Settings) -> dict[str, dict[str, Any]]:
+    redis = urlsplit(settings.redis_url)
+    details: dict[str, dict[str, Any]] = {
+        "redis": {"host": redis.hostname or "localhost", "port": redis.port or 6379}
+    }
+    if settings.ai_service_url is not None:
+        details["ai-services"] = {"url": settings.ai_service_url}
+    return details
+
+
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    keys = Keys(settings.redis_key_prefix)
+    pod = settings.pod
+    tokens = TokenCache()
+    state = IngestState(
+        tokens=tokens,
+        writer=ReadingsWriter(
+            app[REDIS_DATA],
+            keys,
+            max_batch=settings.write_max_batch,
+            max_pending=settings.write_max_pending,
+            timeout=settings.write_timeout,
+            idempotency_window=settings.idempotency_window,
+            idempotency_ttl=settings.idempotency_ttl,
+        ),
+        backlog=BacklogMonitor(
+            app[REDIS_AUX],
+            keys,
+            limit=settings.readings_max_backlog,
+            interval=settings.backlog_check_interval,
+        ),
+        telemetry=Telemetry(
+            app[REDIS_AUX],
+            keys,
+            pod,
+            buffer_max=settings.telemetry_buffer_max,
+            stream_maxlen=settings.telemetry_stream_maxlen,
+            flush_interval=settings.telemetry_flush_interval,
+        ),
+        loop_lag=LoopLagMonitor(),
+        max_body_bytes=settings.max_body_bytes,
+        retry_after=settings.retry_after,
+        ws_heartbeat=settings.ws_heartbeat,
+    )
+    app[INGEST] = state
+    checker = HealthChecker(
+        _health_checks(app),
+        timeout=settings.health_check_timeout_ms / 1000,
+        interval=settings.health_check_interval,
+        static_details=_static_details(settings),
+    )
+    app[CHECKER] = checker
+    refresher = TokenRefresher(tokens, app[PG_POOL], interval=settings.token_refresh_interval)
+    version = build_version()
+    pool = app[PG_POOL]
+
+    def heartbeat() -> Heartbeat:
+        rss, heap = process_memory()
+        pool_stats = pool.get_stats()
+        writer = state.writer
+        return Heartbeat(
+            pod=pod,
+            program="pulsecal-service",
+            boot_id=state.telemetry.boot_id,
+            pid=os.getpid(),
+            version=version,
+            started_ms=state.started_ms,
+            sent_ms=time.time_ns() // 1_000_000,
+            ready=not state.draining and tokens.loaded and writer.healthy,
+            draining=state.draining,
+            rss_bytes=rss,
+            heap_bytes=heap,
+            loop_lag_ms=round(state.loop_lag.take() * 1000, 3),
+            http_connections=state.count_connections(),
+            ws_connections=len(state.websockets),
+            pending_writes=writer.pending,
+            writes_ok=writer.stored,
+            writes_failed=writer.failed,
+            write_batches=writer.batches,
+            redis_ok=checker.results["redis"].up,
+            backlog=state.backlog.backlog,
+            backlog_exceeded=state.backlog.exceeded,
+            telemetry_dropped=state.telemetry.dropped,
+            tokens_loaded=len(tokens),
+            db_pool={
+                "size": pool_stats.get("pool_size", 0),
+                "available": pool_stats.get("pool_available", 0),
+                "waiting": pool_stats.get("requests_waiting", 0),
+            },
+        )
+
+    # Serve only once the tokens are known; if Postgres is down, start anyway and keep
+    # trying (the startup probe says "not yet" meanwhile).
+    try:
+        async with asyncio.timeout(settings.health_check_timeout_ms / 1000):
+            await refresher.refresh(full=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is retried by the refresher
+        logger.warning("device tokens not loaded at startup, retrying in background: {}", e)
+
+    background: list[Coroutine[Any, Any, None]] = [
+        state.writer.run(),
+        state.backlog.run(),
+        state.telemetry.run(),
+        state.loop_lag.run(),
+        refresher.run(),
+        checker.run(),
+        publish_heartbeats(
+            app[REDIS_AUX],
+            keys.heartbeat(pod),
+            heartbeat,
+            encode_heartbeat,
+            interval=settings.heartbeat_interval,
+            ttl=settings.heartbeat_ttl,
+        ),
+    ]
+    tasks = [asyncio.create_task(coro) for coro in background]
+    yield
+    # Handlers have finished (aiohttp waited for them); what they submitted is written now.
+    try:
+        async with asyncio.timeout(settings.write_timeout * 2):
+            await state.writer.drain()
+    except TimeoutError:
+        logger.error("shutdown: {} batches still unwritten", state.writer.pending)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await state.telemetry.flush()
+            await app[REDIS_AUX].set(
+                keys.heartbeat(pod), encode_heartbeat(heartbeat()), ex=settings.heartbeat_ttl
+            )
+
+
+async def _start_draining(app: web.Application) -> None:
+    """First step of shutdown: unready, refuse new batches, close device WebSockets."""
+    state = app[INGEST]
+    state.draining = True
+    sockets = list(state.websockets)
+    if sockets:
+        await asyncio.gather(
+            *(
+                ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                for ws in sockets
+            ),
+            return_exceptions=True,
+        )
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
+    app.on_shutdown.append(_start_draining)
+    app.router.add_post("/ingestion/ppg", ingest_http)
+    app.router.add_get(WS_ROUTE, ingest_ws)
+    app.router.add_get("/health/liveness", probes.liveness)
+    app.router.add_get("/health/readiness", probes.readiness)
+    app.router.add_get("/health/startup", probes.startup)
+    app.router.add_get("/health", probes.health)
+    return app

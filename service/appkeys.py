@@ -1,0 +1,30 @@
+"""Typed keys of everything the service keeps on its application."""
+
+from aiohttp import ClientSession, web
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from shared.health import HealthChecker
+from shared.settings import Settings
+
+from .state import IngestState
+
+__all__ = (
+    "CHECKER",
+    "HTTP_CLIENT",
+    "INGEST",
+    "PG_POOL",
+    "REDIS_AUX",
+    "REDIS_DATA",
+    "SETTINGS",
+)
+
+SETTINGS = web.AppKey("settings", Settings)
+# The data connection carries only group-committed writes, so telemetry, heartbeats and
+# health checks never queue in front of a device's batch.
+REDIS_DATA = web.AppKey("redis_data", Redis)
+REDIS_AUX = web.AppKey("redis_aux", Redis)
+PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
+HTTP_CLIENT = web.AppKey("http_client", ClientSession)
+INGEST = web.AppKey("ingest", IngestState)
+CHECKER = web.AppKey("checker", HealthChecker)

@@ -1,0 +1,179 @@
+"""``POST /ingestion/ppg`` and ``GET /ingestion/ws``: authenticate, validate, store, answer.
+
+A batch is acknowledged (202 or ``{"ack": seq}``) only after Redis has accepted it. The
+stored entry is the request body exactly as received (it has just been validated), so the
+hot path never re-encodes samples.
+"""
+
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from shared.telemetry import Kind
+from shared.wire import BatchError, decode_batch
+
+from .appkeys import INGEST
+from .errors import error_body, error_response
+from .state import IngestState
+from .store import StoreUnavailableError
+
+__all__ = ("SAMPLES", "WS_ROUTE", "ingest_http", "ingest_ws")
+
+WS_ROUTE = "/ingestion/ws"
+SAMPLES = web.RequestKey("samples", int)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _refusal(state: IngestState) -> str | None:
+    """Why no batch can be taken right now, if so."""
+    if state.backlog.exceeded:
+        return "ingestion is paused: the readings backlog is over its limit"
+    if state.draining:
+        return "the service is shutting down"
+    return None
+
+
+def _unavailable(state: IngestState, message: str) -> web.Response:
+    return error_response(503, message, headers={"Retry-After": str(state.retry_after)})
+
+
+async def ingest_http(request: web.Request) -> web.StreamResponse:
+    state = request.app[INGEST]
+    if not state.tokens.loaded:
+        return _unavailable(state, "device tokens are not loaded yet")
+    device_id = state.tokens.authenticate(request.headers.get("Authorization"))
+    if device_id is None:
+        return error_response(
+            401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if request.content_type != "application/json":
+        return error_response(415, "Content-Type must be application/json")
+    length = request.content_length
+    if length is not None and length > state.max_body_bytes:
+        return error_response(413, f"body exceeds {state.max_body_bytes} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"body exceeds {state.max_body_bytes} bytes")
+    try:
+        batch = decode_batch(body)
+    except BatchError as e:
+        return error_response(400 if e.kind == "malformed" else 422, e.message, e.details)
+    if batch.device_id != device_id:
+        return error_response(403, "the token is not for this device", {"field": "device_id"})
+    if (refusal := _refusal(state)) is not None:
+        return _unavailable(state, refusal)
+    try:
+        stored = await state.writer.submit(device_id, batch.seq, body)
+    except StoreUnavailableError as e:
+        return _unavailable(state, f"cannot store the batch now: {e}")
+    samples = len(batch.ppg)
+    request[SAMPLES] = samples if stored else 0
+    return web.Response(
+        status=202,
+        body=b'{"accepted":%d,"seq":%d,"duplicate":%s}'
+        % (samples, batch.seq, b"false" if stored else b"true"),
+        headers=_JSON_HEADERS,
+    )
+
+
+def _seq_of(data: str) -> int | None:
+    """The seq of a message that failed validation, when one can be read from it."""
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    seq = value.get("seq") if isinstance(value, dict) else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _ws_error(
+    status: int, message: str, seq: int | None, details: Any = None, retry_after: int | None = None
+) -> str:
+    error = error_body(status, message, details)
+    error["status"] = status
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    return msgspec.json.encode({"error": error, "seq": seq}).decode()
+
+
+async def _ws_message(state: IngestState, device_id: str, data: str) -> tuple[str, int, int]:
+    """(reply, status, samples stored) for one text message."""
+    try:
+        batch = decode_batch(data)
+    except BatchError as e:
+        status = 400 if e.kind == "malformed" else 422
+        return _ws_error(status, e.message, _seq_of(data), e.details), status, 0
+    if batch.device_id != device_id:
+        reply = _ws_error(
+            403, "the token is not for this device", batch.seq, {"field": "device_id"}
+        )
+        return reply, 403, 0
+    if (refusal := _refusal(state)) is not None:
+        return _ws_error(503, refusal, batch.seq, retry_after=state.retry_after), 503, 0
+    try:
+        stored = await state.writer.submit(device_id, batch.seq, data)
+    except StoreUnavailableError as e:
+        reply = _ws_error(
+            503, f"cannot store the batch now: {e}", batch.seq, retry_after=state.retry_after
+        )
+        return reply, 503, 0
+    if stored:
+        return f'{{"ack":{batch.seq}}}', 202, len(batch.ppg)
+    return f'{{"ack":{batch.seq},"duplicate":true}}', 202, 0
+
+
+async def ingest_ws(request: web.Request) -> web.StreamResponse:
+    state = request.app[INGEST]
+    if not state.tokens.loaded or state.draining:
+        return _unavailable(state, "not accepting connections now")
+    device_id = state.tokens.authenticate(request.headers.get("Authorization"))
+    if device_id is None:
+        return error_response(
+            401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    ws = web.WebSocketResponse(
+        max_msg_size=state.max_body_bytes,
+        heartbeat=state.ws_heartbeat,
+        # Device batches are small and CPU is the scarce resource on the ingest path.
+        compress=False,
+    )
+    await ws.prepare(request)
+    record = state.telemetry.record
+    record((Kind.WS_OPEN, WS_ROUTE, "GET", 101, 0, 0, 0, None))
+    state.websockets.add(ws)
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                started = time.perf_counter()
+                reply, status, samples = await _ws_message(state, device_id, msg.data)
+                if ws.closed:
+                    break
+                await ws.send_str(reply)
+                record(
+                    (
+                        Kind.WS_MESSAGE,
+                        WS_ROUTE,
+                        "WS",
+                        status,
+                        int((time.perf_counter() - started) * 1e6),
+                        len(msg.data),
+                        samples,
+                        None,
+                    )
+                )
+            elif msg.type is WSMsgType.BINARY:
+                await ws.close(
+                    code=WSCloseCode.UNSUPPORTED_DATA, message=b"only text messages are accepted"
+                )
+                break
+            # ERROR messages end the loop: aiohttp has already closed with the right code.
+    except ConnectionResetError:
+        pass  # the device went away mid-reply; an unacked batch is retried by the device
+    finally:
+        state.websockets.discard(ws)
+        record((Kind.WS_CLOSE, WS_ROUTE, "GET", ws.close_code or 1006, 0, 0, 0, None))
+    return ws

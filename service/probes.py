@@ -1,0 +1,73 @@
+"""Kubernetes probes and the full health report, all served from cached results."""
+
+import os
+import time
+
+from aiohttp import web
+
+from shared.health import CheckResult, render_health
+from shared.version import build_version
+
+from .appkeys import CHECKER, INGEST
+
+__all__ = ("health", "liveness", "readiness", "startup")
+
+_SERVICE_ID = "pulsecal-api"
+
+
+def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Response:
+    status, body, content_type = render_health(
+        results,
+        accept=request.headers.get("Accept", ""),
+        version=build_version(),
+        service_id=_SERVICE_ID,
+    )
+    return web.Response(status=status, body=body, content_type=content_type)
+
+
+def _state(up: bool, error: str | None = None, **details: object) -> CheckResult:
+    return CheckResult(up=up, checked_at=time.time(), duration_ms=0.0, details=details, error=error)
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """The process answers: nothing else (a dependency outage must not restart the pod)."""
+    state = request.app[INGEST]
+    uptime = (time.time_ns() // 1_000_000 - state.started_ms) / 1000
+    return _respond(request, {"process": _state(True, pid=os.getpid(), uptime_s=uptime)})
+
+
+def _readiness_results(request: web.Request) -> dict[str, CheckResult]:
+    state = request.app[INGEST]
+    redis = request.app[CHECKER].results["redis"]
+    writer = state.writer
+    # A failed write makes the pod unready at once; a later successful write or ping
+    # (the checker re-checks every second while something is down) makes it ready again.
+    redis_ok = redis.up and (writer.healthy or redis.checked_at > writer.last_failure)
+    return {
+        "redis": redis if redis_ok == redis.up else _state(False, "the last write to Redis failed"),
+        "device_tokens": _state(
+            state.tokens.loaded,
+            None if state.tokens.loaded else "not loaded yet",
+            tokens=len(state.tokens),
+        ),
+        "ingestion": _state(not state.draining, "shutting down" if state.draining else None),
+    }
+
+
+async def readiness(request: web.Request) -> web.Response:
+    return _respond(request, _readiness_results(request))
+
+
+async def startup(request: web.Request) -> web.Response:
+    state = request.app[INGEST]
+    results = _readiness_results(request)
+    del results["ingestion"]
+    # Startup only has to succeed once; after that the readiness probe takes over.
+    state.started = state.started or all(r.up for r in results.values())
+    if state.started:
+        results = {name: _state(True) for name in results}
+    return _respond(request, results)
+
+
+async def health(request: web.Request) -> web.Response:
+    return _respond(request, dict(request.app[CHECKER].results))

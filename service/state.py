@@ -1,0 +1,31 @@
+"""What the ingestion handlers need, gathered in one object so a request looks it up once."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .store import BacklogMonitor, ReadingsWriter
+from .telemetry import LoopLagMonitor, Telemetry
+from .tokens import TokenCache
+
+__all__ = ("IngestState",)
+
+
+@dataclass(slots=True, eq=False)
+class IngestState:
+    tokens: TokenCache
+    writer: ReadingsWriter
+    backlog: BacklogMonitor
+    telemetry: Telemetry
+    loop_lag: LoopLagMonitor
+    max_body_bytes: int
+    retry_after: int
+    ws_heartbeat: float
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    draining: bool = False
+    started: bool = False
+    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    # Set by whoever runs the server (it knows the connections); unknown until then.
+    count_connections: Callable[[], int] = lambda: -1

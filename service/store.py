@@ -1,0 +1,200 @@
+"""Durable group commit of device batches to the readings stream.
+
+One flusher task owns the Redis connection. A request appends its batch to the pending list
+and awaits a future; if no write is in flight the batch goes at once, otherwise it joins the
+next write, which leaves as soon as the in-flight one returns. So concurrent requests share
+one round trip (one EVALSHA) without any idle wait, and a request is answered only after
+Redis has accepted its batch.
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.keys import Keys
+
+__all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
+
+# Idempotency: a per-device sorted set of recent seqs (the last `window` of them, so it stays
+# small and listpack-encoded). A seq older than the window is accepted again; the persistence
+# worker is idempotent on (device_id, seq) as well. The seq is checked before XADD and marked
+# after it, so a failed XADD never marks a batch as seen. The shebang makes Redis check memory
+# once, before the script runs: it either runs whole or not at all.
+_WRITE_BATCH_LUA = """#!lua
+local stream = KEYS[1]
+local window = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local received = ARGV[3]
+local out = {}
+for i = 2, #KEYS do
+  local seen = KEYS[i]
+  local seq = ARGV[2 * i]
+  if redis.call('ZSCORE', seen, seq) then
+    out[i - 1] = 0
+  else
+    redis.call('XADD', stream, '*', 'd', ARGV[2 * i + 1], 'r', received)
+    redis.call('ZADD', seen, seq, seq)
+    local excess = redis.call('ZCARD', seen) - window
+    if excess > 0 then
+      redis.call('ZREMRANGEBYRANK', seen, 0, excess - 1)
+    end
+    redis.call('EXPIRE', seen, ttl)
+    out[i - 1] = 1
+  end
+end
+return out
+"""
+
+
+class StoreUnavailableError(Exception):
+    """Redis did not accept the batch (down, slow, full, or our queue is full)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    device_id: str
+    seq: int
+    payload: bytes | str
+    future: asyncio.Future[bool]
+
+
+class ReadingsWriter:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        max_batch: int,
+        max_pending: int,
+        timeout: float,
+        idempotency_window: int,
+        idempotency_ttl: int,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._script = redis.register_script(_WRITE_BATCH_LUA)
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._timeout = timeout
+        self._fixed_args = (idempotency_window, idempotency_ttl)
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.stored = 0
+        self.duplicates = 0
+        self.failed = 0
+        self.batches = 0
+        self.last_success = 0.0
+        self.last_failure = 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + self._in_flight
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_success >= self.last_failure
+
+    def submit(self, device_id: str, seq: int, payload: bytes | str) -> asyncio.Future[bool]:
+        """Queue a batch; the future says True if stored now, False if it was a duplicate."""
+        if len(self._pending) >= self._max_pending:
+            raise StoreUnavailableError("write queue full")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(device_id, seq, payload, future))
+        self._idle.clear()
+        self._wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            self._in_flight = len(batch)
+            try:
+                await self._write(batch)
+            finally:
+                self._in_flight = 0
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far has been answered."""
+        await self._idle.wait()
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        keys: list[str] = [self._keys.readings]
+        args: list[int | str | bytes] = [*self._fixed_args, time.time_ns() // 1_000_000]
+        seen = self._keys.seen_prefix
+        for item in batch:
+            keys.append(seen + item.device_id)
+            args.append(item.seq)
+            args.append(item.payload)
+        try:
+            async with asyncio.timeout(self._timeout):
+                results = await self._script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as e:
+            self.failed += len(batch)
+            self.last_failure = time.time()
+            error = StoreUnavailableError(f"redis did not accept the write: {type(e).__name__}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        self.batches += 1
+        self.last_success = time.time()
+        for item, result in zip(batch, results, strict=True):
+            if result == 1:
+                self.stored += 1
+            else:
+                self.duplicates += 1
+            if not item.future.done():
+                item.future.set_result(result == 1)
+
+
+class BacklogMonitor:
+    """Polls how many readings await a consumer; the hot path only reads a flag.
+
+    With a consumer group, the backlog is the largest ``lag + pending`` of any group (entries
+    not yet delivered plus delivered but unacknowledged); without one, the stream's length.
+    The guard is as exact as the polling interval: it may overshoot by one interval's traffic.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, *, limit: int, interval: float) -> None:
+        self._redis = redis
+        self._stream = keys.readings
+        self._limit = limit
+        self._interval = interval
+        self.backlog = 0
+        self.exceeded = False
+
+    async def measure(self) -> int:
+        length = int(await self._redis.xlen(self._stream))
+        if length == 0:
+            return 0
+        groups = await self._redis.xinfo_groups(self._stream)
+        if not groups:
+            return length
+        backlog = 0
+        for group in groups:
+            lag = group.get("lag")
+            waiting = length if lag is None else int(lag)
+            backlog = max(backlog, waiting + int(group.get("pending", 0)))
+        return backlog
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(max(self._interval, 1.0)):
+                    self.backlog = await self.measure()
+                self.exceeded = self.backlog > self._limit
+            except (RedisError, OSError, TimeoutError):
+                pass  # the writer and the health checker report Redis trouble
+            await asyncio.sleep(self._interval)

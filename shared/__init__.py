@@ -1,0 +1,1 @@
+"""Code both PulseCal processes use: settings, Redis key names, wire formats."""

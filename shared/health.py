@@ -1,0 +1,192 @@
+"""Cached dependency checks and the two response shapes they are served in.
+
+Checks run in a background task, each bounded by a timeout; probes only read the cache.
+The default shape is the original system's (``status/info/error/details``); a client that
+asks for ``application/health+json`` gets the IETF draft format.
+"""
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+__all__ = (
+    "HEALTH_JSON",
+    "Check",
+    "CheckFailedError",
+    "CheckResult",
+    "HealthChecker",
+    "disk_check",
+    "render_health",
+    "threshold_check",
+)
+
+HEALTH_JSON = "application/health+json"
+
+Check = Callable[[], Awaitable[Mapping[str, Any] | None]]
+
+
+class CheckFailedError(Exception):
+    """A check's way of saying "down", with the reason as its message."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    up: bool
+    checked_at: float  # wall clock, seconds
+    duration_ms: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_seed(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": "up" if self.up else "down", **self.details}
+        if self.error is not None:
+            out["message"] = self.error
+        return out
+
+
+_NOT_YET = CheckResult(up=False, checked_at=0.0, duration_ms=0.0, error="not checked yet")
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        checks: Mapping[str, Check],
+        *,
+        timeout: float,
+        interval: float,
+        static_details: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self._checks = dict(checks)
+        self._timeout = timeout
+        self._interval = interval
+        self._static = static_details or {}
+        self.results: dict[str, CheckResult] = {name: _NOT_YET for name in self._checks}
+        self.rounds = 0
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        """Run the next round now rather than at the end of the interval."""
+        self._kick.set()
+
+    async def _run_one(self, name: str, check: Check) -> CheckResult:
+        started = time.perf_counter()
+        details: Mapping[str, Any] = self._static.get(name, {})
+        try:
+            async with asyncio.timeout(self._timeout):
+                extra = await check()
+        except TimeoutError:
+            error: str | None = f"timed out after {self._timeout * 1000:.0f} ms"
+        except CheckFailedError as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - any failure of a dependency check means "down"
+            error = f"{type(e).__name__}: {e}".rstrip(": ")
+        else:
+            error = None
+            if extra:
+                details = {**details, **extra}
+        return CheckResult(
+            up=error is None,
+            checked_at=time.time(),
+            duration_ms=(time.perf_counter() - started) * 1000,
+            details=details,
+            error=error,
+        )
+
+    async def run_once(self) -> None:
+        names = list(self._checks)
+        results = await asyncio.gather(*(self._run_one(n, self._checks[n]) for n in names))
+        self.results = dict(zip(names, results, strict=True))
+        self.rounds += 1
+
+    async def run(self) -> None:
+        while True:
+            self._kick.clear()
+            await self.run_once()
+            healthy = all(r.up for r in self.results.values())
+            # Re-check quickly while something is down, so recovery is seen soon.
+            wait = self._interval if healthy else min(self._interval, 1.0)
+            try:
+                async with asyncio.timeout(wait):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+
+
+def threshold_check(measure: Callable[[], int], threshold: int, unit: str) -> Check:
+    async def check() -> Mapping[str, Any]:
+        used = measure()
+        if used > threshold:
+            raise CheckFailedError(f"{used} {unit} used exceeds the threshold of {threshold}")
+        return {"used": used, "threshold": threshold}
+
+    return check
+
+
+def disk_check(path: str, threshold_percent: float) -> Check:
+    async def check() -> Mapping[str, Any]:
+        # The directory may not exist yet (file logging off): measure where it would be.
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        usage = shutil.disk_usage(existing)
+        used = usage.used / usage.total if usage.total else 0.0
+        if used > threshold_percent:
+            raise CheckFailedError(
+                f"{used:.1%} of the disk at {path} used, threshold {threshold_percent:.0%}"
+            )
+        return {"path": path, "used_percent": round(used * 100, 1), "free_bytes": usage.free}
+
+    return check
+
+
+def render_health(
+    results: Mapping[str, CheckResult],
+    *,
+    accept: str,
+    version: str,
+    service_id: str,
+) -> tuple[int, bytes, str]:
+    """(status code, body, content type) for a set of results; 503 when any is down."""
+    up = all(r.up for r in results.values())
+    status = 200 if up else 503
+    if HEALTH_JSON in accept:
+        checks = {
+            f"{name}:status": [
+                {
+                    "status": "pass" if r.up else "fail",
+                    "time": _iso(r.checked_at),
+                    "observedValue": round(r.duration_ms, 3),
+                    "observedUnit": "ms",
+                    **({"output": r.error} if r.error else {}),
+                }
+            ]
+            for name, r in results.items()
+        }
+        body: dict[str, Any] = {
+            "status": "pass" if up else "fail",
+            "version": version.split(".")[0],
+            "releaseId": version,
+            "serviceId": service_id,
+            "checks": checks,
+        }
+        return status, msgspec.json.encode(body), HEALTH_JSON
+    details = {name: r.as_seed() for name, r in results.items()}
+    body = {
+        "status": "ok" if up else "error",
+        "info": {n: d for n, d in details.items() if results[n].up},
+        "error": {n: d for n, d in details.items() if not results[n].up},
+        "details": details,
+    }
+    return status, msgspec.json.encode(body), "application/json"
+
+
+def _iso(epoch: float) -> str:
+    if epoch <= 0:
+        return "1970-01-01T00:00:00Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -1,0 +1,1 @@
+"""The PulseCal sidecar: metrics and aggregated health from a pod's telemetry."""

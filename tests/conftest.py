@@ -1,0 +1,141 @@
+"""Fixtures: the real app against the real Redis and Postgres, isolated per test.
+
+Each test gets its own Redis key prefix and the session its own Postgres schema, so tests
+share the machine's servers without seeing each other's data.
+"""
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from service.app import create_app
+from service.devices import add_device, upgrade_schema
+from shared.keys import Keys
+from shared.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh schema in the ``test`` database, migrated, dropped at the end."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")  # noqa: S608 - the name is ours, not input
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    yield url
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def migrated(database_url: str) -> str:
+    async def upgrade() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            await upgrade_schema(conn)
+
+    asyncio.run(upgrade())
+    return database_url
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+async def redis(key_prefix: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{key_prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(key_prefix: str) -> Keys:
+    return Keys(key_prefix)
+
+
+@pytest.fixture
+def settings(migrated: str, key_prefix: str, tmp_path: Any) -> Settings:
+    return Settings(
+        port=0,
+        pod_name=f"pod-{key_prefix.split(':')[1]}",
+        redis_url=REDIS_URL,
+        redis_key_prefix=key_prefix,
+        database_url=migrated,
+        log_dir=str(tmp_path),
+        health_check_interval=0.2,
+        health_check_timeout_ms=1000,
+        token_refresh_interval=0.1,
+        backlog_check_interval=0.05,
+        telemetry_flush_interval=0.05,
+        heartbeat_interval=0.2,
+        heartbeat_ttl=2,
+        shutdown_timeout=2.0,
+        write_timeout=1.0,
+        max_body_bytes=64 * 1024,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    device_id: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+
+    def batch(self, seq: int, **overrides: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "device_id": self.device_id,
+            "seq": seq,
+            "ts": 1_764_000_000_000 + seq * 1000,
+            "rate_hz": 50,
+            "ppg": [0.5, 0.6, 0.7, 0.65],
+            "hr": 72,
+            "spo2": 98,
+        }
+        body.update(overrides)
+        return body
+
+
+DeviceFactory = Callable[[], Awaitable[Device]]
+
+
+@pytest.fixture
+def make_device(migrated: str) -> DeviceFactory:
+    async def make() -> Device:
+        device_id = f"dev-{uuid.uuid4().hex[:12]}"
+        async with await psycopg.AsyncConnection.connect(migrated) as conn:
+            token = await add_device(conn, device_id)
+        return Device(device_id, token)
+
+    return make
+
+
+@pytest.fixture
+async def device(make_device: DeviceFactory) -> Device:
+    return await make_device()
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis
+) -> TestClient[web.Request, web.Application]:
+    """The service with ``device`` registered before it started (so its token is cached)."""
+    return await aiohttp_client(create_app(settings))

@@ -1,0 +1,210 @@
+"""The HTTP ingestion contract: every status of the public API, and what gets stored."""
+
+import asyncio
+from dataclasses import replace
+
+import msgspec
+import psycopg
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from service.app import create_app
+from service.appkeys import INGEST
+from service.devices import revoke_device
+from shared.keys import Keys
+from shared.settings import Settings
+
+from .conftest import AiohttpClient, Device, DeviceFactory
+
+Client = TestClient[web.Request, web.Application]
+URL = "/ingestion/ppg"
+
+
+async def stored_batches(redis: Redis, keys: Keys) -> list[dict[str, object]]:
+    entries = await redis.xrange(keys.readings)
+    return [msgspec.json.decode(fields[b"d"]) for _, fields in entries]
+
+
+async def test_valid_batch_is_accepted_and_stored(
+    client: Client, device: Device, redis: Redis, keys: Keys
+) -> None:
+    response = await client.post(URL, json=device.batch(7), headers=device.headers)
+
+    assert response.status == 202
+    assert await response.json() == {"accepted": 4, "seq": 7, "duplicate": False}
+    assert await stored_batches(redis, keys) == [device.batch(7)]
+
+
+async def test_retried_batch_is_acknowledged_and_stored_once(
+    client: Client, device: Device, redis: Redis, keys: Keys
+) -> None:
+    first = await client.post(URL, json=device.batch(1), headers=device.headers)
+    retry = await client.post(URL, json=device.batch(1), headers=device.headers)
+
+    assert first.status == retry.status == 202
+    assert (await retry.json())["duplicate"] is True
+    assert len(await stored_batches(redis, keys)) == 1
+
+
+async def test_concurrent_requests_share_redis_round_trips(
+    client: Client, device: Device, redis: Redis, keys: Keys
+) -> None:
+    responses = await asyncio.gather(
+        *(client.post(URL, json=device.batch(seq), headers=device.headers) for seq in range(200))
+    )
+
+    assert [r.status for r in responses] == [202] * 200
+    assert len(await stored_batches(redis, keys)) == 200
+    assert client.app[INGEST].writer.batches < 200
+
+
+async def test_missing_token_is_401(client: Client, device: Device) -> None:
+    response = await client.post(URL, json=device.batch(1))
+
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_unknown_token_is_401(client: Client, device: Device) -> None:
+    headers = {**device.headers, "Authorization": "Bearer pct_not-a-real-token"}
+    response = await client.post(URL, json=device.batch(1), headers=headers)
+
+    assert response.status == 401
+
+
+async def test_non_bearer_scheme_is_401(client: Client, device: Device) -> None:
+    headers = {**device.headers, "Authorization": f"Basic {device.token}"}
+    response = await client.post(URL, json=device.batch(1), headers=headers)
+
+    assert response.status == 401
+
+
+async def test_token_of_another_device_is_403(client: Client, device: Device) -> None:
+    response = await client.post(
+        URL, json=device.batch(1, device_id="someone-else"), headers=device.headers
+    )
+
+    assert response.status == 403
+    assert (await response.json())["error"]["details"] == {"field": "device_id"}
+
+
+async def test_malformed_json_is_400(client: Client, device: Device) -> None:
+    response = await client.post(URL, data=b'{"device_id": ', headers=device.headers)
+
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "malformed"
+
+
+async def test_wrong_content_type_is_415(client: Client, device: Device) -> None:
+    headers = {**device.headers, "Content-Type": "text/plain"}
+    response = await client.post(URL, data=b"{}", headers=headers)
+
+    assert response.status == 415
+
+
+async def test_body_over_the_limit_is_413(client: Client, device: Device) -> None:
+    body = msgspec.json.encode(device.batch(1, ppg=[0.1234567890123456] * 4000))
+    assert len(body) > 64 * 1024
+
+    response = await client.post(URL, data=body, headers=device.headers)
+
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_chunked_body_over_the_limit_is_413(client: Client, device: Device) -> None:
+    async def chunks() -> object:
+        for _ in range(100):
+            yield b" " * 1024
+
+    response = await client.post(URL, data=chunks(), headers=device.headers)
+
+    assert response.status == 413
+
+
+async def test_invalid_fields_are_422_naming_the_field(client: Client, device: Device) -> None:
+    cases = {
+        "seq": {**device.batch(1), "seq": -1},
+        "ts": device.batch(1, ts="yesterday"),
+        "rate_hz": device.batch(1, rate_hz=0),
+        "ppg": device.batch(1, ppg=[]),
+        "ppg[1]": device.batch(1, ppg=[1.0, "x"]),
+        "hr": device.batch(1, hr=True),
+        "spo2": device.batch(1, spo2=101),
+        "device_id": device.batch(1, device_id=""),
+        "extra": {**device.batch(1), "extra": 1},
+        "$": [device.batch(1)],
+    }
+    for field, body in cases.items():
+        response = await client.post(URL, json=body, headers=device.headers)
+        error = (await response.json())["error"]
+        assert (response.status, error["details"]) == (422, {"field": field}), field
+
+
+async def test_missing_field_is_422(client: Client, device: Device) -> None:
+    body = device.batch(1)
+    del body["ppg"]
+
+    response = await client.post(URL, json=body, headers=device.headers)
+
+    assert response.status == 422
+    assert (await response.json())["error"]["details"] == {"field": "ppg"}
+
+
+async def test_infinite_sample_is_422(client: Client, device: Device) -> None:
+    body = msgspec.json.encode(device.batch(1)).replace(b"[0.5,", b"[1e999,")
+
+    response = await client.post(URL, data=body, headers=device.headers)
+
+    assert response.status == 422
+
+
+async def test_backlog_over_the_limit_is_503_with_retry_after(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis, keys: Keys
+) -> None:
+    client = await aiohttp_client(create_app(replace(settings, readings_max_backlog=3)))
+    for seq in range(4):
+        assert (await client.post(URL, json=device.batch(seq), headers=device.headers)).status == 202
+    await asyncio.sleep(0.3)  # several backlog polls in the test settings
+
+    response = await client.post(URL, json=device.batch(99), headers=device.headers)
+
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "backlog" in (await response.json())["error"]["message"]
+    assert len(await stored_batches(redis, keys)) == 4
+
+
+async def test_revoked_token_is_refused_after_the_refresh(
+    client: Client, device: Device, migrated: str
+) -> None:
+    assert (await client.post(URL, json=device.batch(1), headers=device.headers)).status == 202
+    async with await psycopg.AsyncConnection.connect(migrated) as conn:
+        await revoke_device(conn, device.device_id)
+    await asyncio.sleep(0.5)  # five refresh intervals in the test settings
+
+    response = await client.post(URL, json=device.batch(2), headers=device.headers)
+
+    assert response.status == 401
+
+
+async def test_device_added_while_running_is_accepted_after_the_refresh(
+    client: Client, make_device: DeviceFactory
+) -> None:
+    newcomer = await make_device()
+    await asyncio.sleep(0.5)
+
+    response = await client.post(URL, json=newcomer.batch(1), headers=newcomer.headers)
+
+    assert response.status == 202
+
+
+async def test_unknown_route_and_method_answer_json(client: Client) -> None:
+    missing = await client.get("/nope")
+    wrong_method = await client.put(URL)
+
+    assert (missing.status, (await missing.json())["error"]["code"]) == (404, "not_found")
+    assert wrong_method.status == 405
+    assert "POST" in wrong_method.headers["Allow"]
