@@ -18,6 +18,7 @@ from redis.retry import Retry
 from shared.health import Check, HealthChecker, disk_check, threshold_check
 from shared.keys import Keys
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, Kind, encode_heartbeat
 from shared.version import build_version
 
@@ -266,7 +267,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             ttl=settings.heartbeat_ttl,
         ),
     ]
-    tasks = [asyncio.create_task(coro) for coro in background]
+    tasks = [asyncio.create_task(coro, name=coro.__qualname__) for coro in background]
     yield
     # Handlers have finished (aiohttp waited for them); what they submitted is written now.
     try:
@@ -274,9 +275,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             await state.writer.drain()
     except TimeoutError:
         logger.error("shutdown: {} batches still unwritten", state.writer.pending)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_and_wait(tasks)
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):
             await state.telemetry.flush()

@@ -129,11 +129,12 @@ def threshold_check(measure: Callable[[], int], threshold: int, unit: str) -> Ch
 
 
 def disk_check(path: str, threshold_percent: float) -> Check:
+    # The directory may not exist (yet): measure the file system it would be on.
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+
     async def check() -> Mapping[str, Any]:
-        # The directory may not exist yet (file logging off): measure where it would be.
-        existing = os.path.abspath(path)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
         usage = shutil.disk_usage(existing)
         used = usage.used / usage.total if usage.total else 0.0
         if used > threshold_percent:

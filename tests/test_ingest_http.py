@@ -166,7 +166,9 @@ async def test_backlog_over_the_limit_is_503_with_retry_after(
 ) -> None:
     client = await aiohttp_client(create_app(replace(settings, readings_max_backlog=3)))
     for seq in range(4):
-        assert (await client.post(URL, json=device.batch(seq), headers=device.headers)).status == 202
+        assert (
+            await client.post(URL, json=device.batch(seq), headers=device.headers)
+        ).status == 202
     await asyncio.sleep(0.3)  # several backlog polls in the test settings
 
     response = await client.post(URL, json=device.batch(99), headers=device.headers)
