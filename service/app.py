@@ -251,14 +251,14 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     except Exception as e:  # noqa: BLE001 - any failure here is retried by the refresher
         logger.warning("device tokens not loaded at startup, retrying in background: {}", e)
 
-    background: list[Coroutine[Any, Any, None]] = [
-        state.writer.run(),
-        state.backlog.run(),
-        state.telemetry.run(),
-        state.loop_lag.run(),
-        refresher.run(),
-        checker.run(),
-        publish_heartbeats(
+    background: dict[str, Coroutine[Any, Any, None]] = {
+        "writer": state.writer.run(),
+        "backlog": state.backlog.run(),
+        "telemetry": state.telemetry.run(),
+        "loop-lag": state.loop_lag.run(),
+        "tokens": refresher.run(),
+        "checker": checker.run(),
+        "heartbeat": publish_heartbeats(
             app[REDIS_AUX],
             keys.heartbeat(pod),
             heartbeat,
@@ -266,8 +266,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             interval=settings.heartbeat_interval,
             ttl=settings.heartbeat_ttl,
         ),
-    ]
-    tasks = [asyncio.create_task(coro, name=coro.__qualname__) for coro in background]
+    }
+    tasks = [asyncio.create_task(coro, name=name) for name, coro in background.items()]
     yield
     # Handlers have finished (aiohttp waited for them); what they submitted is written now.
     try:
