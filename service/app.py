@@ -35,6 +35,7 @@ __all__ = ("create_app",)
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 _UNMATCHED = "unmatched"
+_CLOSE_GRACE = 3.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -271,7 +272,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     yield
     # Handlers have finished (aiohttp waited for them); what they submitted is written now.
     try:
-        async with asyncio.timeout(settings.write_timeout * 2):
+        async with asyncio.timeout(settings.write_timeout + 1):
             await state.writer.drain()
     except TimeoutError:
         logger.error("shutdown: {} batches still unwritten", state.writer.pending)
@@ -285,18 +286,22 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _start_draining(app: web.Application) -> None:
-    """First step of shutdown: unready, refuse new batches, close device WebSockets."""
+    """First step of shutdown: unready, refuse new batches, close device WebSockets.
+
+    Devices get ``_CLOSE_GRACE`` seconds to answer the close; aiohttp's shutdown timeout
+    then bounds whatever is still open, so the whole drain fits the pod's grace period.
+    """
     state = app[INGEST]
     state.draining = True
-    sockets = list(state.websockets)
-    if sockets:
-        await asyncio.gather(
-            *(
-                ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-                for ws in sockets
-            ),
-            return_exceptions=True,
-        )
+    closing = [
+        asyncio.create_task(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down"))
+        for ws in state.websockets
+    ]
+    if closing:
+        _, pending = await asyncio.wait(closing, timeout=_CLOSE_GRACE)
+        if pending:
+            logger.warning("shutdown: {} WebSockets did not answer the close", len(pending))
+            await cancel_and_wait(pending)
 
 
 def create_app(settings: Settings) -> web.Application:

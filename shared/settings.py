@@ -152,7 +152,7 @@ class Settings:
     idempotency_ttl: int = _env("IDEMPOTENCY_TTL", 86_400, _int_in(1, 30 * 86_400))
     retry_after: int = _env("RETRY_AFTER", 1, _int_in(1, 3600))
     ws_heartbeat: float = _env("WS_HEARTBEAT", 30.0, _float_in(1, 3600))
-    shutdown_timeout: float = _env("SHUTDOWN_TIMEOUT", 12.0, _float_in(0, 300))
+    shutdown_timeout: float = _env("SHUTDOWN_TIMEOUT", 10.0, _float_in(0, 300))
 
     # Telemetry for the sidecar.
     telemetry_flush_interval: float = _env("TELEMETRY_FLUSH_INTERVAL", 0.2, _float_in(0.01, 60))

@@ -2,13 +2,14 @@
 
 import asyncio
 from collections.abc import Collection
+from typing import Any
 
 from loguru import logger
 
 __all__ = ("cancel_and_wait",)
 
 
-async def cancel_and_wait(tasks: Collection[asyncio.Task[None]], *, grace: float = 5.0) -> None:
+async def cancel_and_wait(tasks: Collection[asyncio.Task[Any]], *, grace: float = 5.0) -> None:
     """Cancel the tasks and wait until they have stopped.
 
     A cancellation can be lost when it lands while a library converts it into its own
