@@ -26,6 +26,7 @@ from . import probes
 from .appkeys import CHECKER, HTTP_CLIENT, INGEST, PG_POOL, REDIS_AUX, REDIS_DATA, SETTINGS
 from .errors import error_response
 from .ingest import SAMPLES, WS_ROUTE, ingest_http, ingest_ws
+from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
 from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
@@ -83,13 +84,12 @@ def _redis(url: str, *, timeout: float, retries: int) -> Redis:
 
 async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # One reconnect attempt: the first command after a Redis restart finds a dead socket.
-    app[REDIS_DATA] = _redis(settings.redis_url, timeout=settings.write_timeout, retries=1)
+    app[REDIS_DATA] = RespConnection(settings.redis_url, connect_timeout=settings.write_timeout)
     app[REDIS_AUX] = _redis(
         settings.redis_url, timeout=settings.health_check_timeout_ms / 1000, retries=0
     )
     yield
-    await app[REDIS_DATA].aclose()
+    app[REDIS_DATA].close()
     await app[REDIS_AUX].aclose()
 
 

@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 from shared.health import HealthChecker
 from shared.settings import Settings
 
+from .resp import RespConnection
 from .state import IngestState
 
 __all__ = (
@@ -22,7 +23,7 @@ __all__ = (
 SETTINGS = web.AppKey("settings", Settings)
 # The data connection carries only group-committed writes, so telemetry, heartbeats and
 # health checks never queue in front of a device's batch.
-REDIS_DATA = web.AppKey("redis_data", Redis)
+REDIS_DATA = web.AppKey("redis_data", RespConnection)
 REDIS_AUX = web.AppKey("redis_aux", Redis)
 PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)

@@ -115,7 +115,7 @@ async def _ws_message(state: IngestState, device_id: str, data: str) -> tuple[st
     if (refusal := _refusal(state)) is not None:
         return _ws_error(503, refusal, batch.seq, retry_after=state.retry_after), 503, 0
     try:
-        stored = await state.writer.submit(device_id, batch.seq, data)
+        stored = await state.writer.submit(device_id, batch.seq, data.encode())
     except StoreUnavailableError as e:
         reply = _ws_error(
             503, f"cannot store the batch now: {e}", batch.seq, retry_after=state.retry_after

@@ -8,13 +8,16 @@ Redis has accepted its batch.
 """
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
+
+from .resp import RespConnection, encode_command
 
 __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 
@@ -57,14 +60,19 @@ class StoreUnavailableError(Exception):
 class _Pending:
     device_id: str
     seq: int
-    payload: bytes | str
+    payload: bytes
     future: asyncio.Future[bool]
+
+
+# Redis names scripts by their SHA-1; nothing here relies on it as a secure hash.
+_WRITE_BATCH_SHA = hashlib.sha1(_WRITE_BATCH_LUA.encode()).hexdigest().encode()  # noqa: S324
+_LOAD_SCRIPT = encode_command([b"SCRIPT", b"LOAD", _WRITE_BATCH_LUA.encode()])
 
 
 class ReadingsWriter:
     def __init__(
         self,
-        redis: Redis,
+        redis: RespConnection,
         keys: Keys,
         *,
         max_batch: int,
@@ -75,11 +83,12 @@ class ReadingsWriter:
     ) -> None:
         self._redis = redis
         self._keys = keys
-        self._script = redis.register_script(_WRITE_BATCH_LUA)
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._timeout = timeout
-        self._fixed_args = (idempotency_window, idempotency_ttl)
+        self._stream_key = keys.readings.encode()
+        self._seen_prefix = keys.seen_prefix.encode()
+        self._fixed_args = (b"%d" % idempotency_window, b"%d" % idempotency_ttl)
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._in_flight = 0
@@ -100,7 +109,7 @@ class ReadingsWriter:
     def healthy(self) -> bool:
         return self.last_success >= self.last_failure
 
-    def submit(self, device_id: str, seq: int, payload: bytes | str) -> asyncio.Future[bool]:
+    def submit(self, device_id: str, seq: int, payload: bytes) -> asyncio.Future[bool]:
         """Queue a batch; the future says True if stored now, False if it was a duplicate."""
         if len(self._pending) >= self._max_pending:
             raise StoreUnavailableError("write queue full")
@@ -129,17 +138,33 @@ class ReadingsWriter:
         """Wait until everything submitted so far has been answered."""
         await self._idle.wait()
 
-    async def _write(self, batch: list[_Pending]) -> None:
-        keys: list[str] = [self._keys.readings]
-        args: list[int | str | bytes] = [*self._fixed_args, time.time_ns() // 1_000_000]
-        seen = self._keys.seen_prefix
+    def _command(self, batch: list[_Pending]) -> bytes:
+        keys = [self._stream_key]
+        seen = self._seen_prefix
+        args = [*self._fixed_args, b"%d" % (time.time_ns() // 1_000_000)]
         for item in batch:
-            keys.append(seen + item.device_id)
-            args.append(item.seq)
+            keys.append(seen + item.device_id.encode())
+            args.append(b"%d" % item.seq)
             args.append(item.payload)
+        return encode_command([b"EVALSHA", _WRITE_BATCH_SHA, b"%d" % len(keys), *keys, *args])
+
+    async def _execute(self, command: bytes) -> list[int]:
+        try:
+            result: list[int] = await self._redis.execute(command)
+        except ResponseError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+            # First use on this server (or after a restart / SCRIPT FLUSH): load and retry.
+            await self._redis.execute(
+                encode_command([b"SCRIPT", b"LOAD", _WRITE_BATCH_LUA.encode()])
+            )
+            result = await self._redis.execute(command)
+        return result
+
+    async def _write(self, batch: list[_Pending]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                results = await self._script(keys=keys, args=args)
+                results = await self._execute(self._command(batch))
         except (RedisError, OSError, TimeoutError) as e:
             self.failed += len(batch)
             self.last_failure = time.time()

@@ -210,3 +210,15 @@ async def test_unknown_route_and_method_answer_json(client: Client) -> None:
     assert (missing.status, (await missing.json())["error"]["code"]) == (404, "not_found")
     assert wrong_method.status == 405
     assert "POST" in wrong_method.headers["Allow"]
+
+
+async def test_writes_continue_after_redis_forgets_the_script(
+    client: Client, device: Device, redis: Redis, keys: Keys
+) -> None:
+    assert (await client.post(URL, json=device.batch(1), headers=device.headers)).status == 202
+    await redis.script_flush()
+
+    response = await client.post(URL, json=device.batch(2), headers=device.headers)
+
+    assert response.status == 202
+    assert len(await stored_batches(redis, keys)) == 2
