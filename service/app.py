@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,13 +19,13 @@ from shared.health import Check, HealthChecker, disk_check, threshold_check
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
-from shared.telemetry import Heartbeat, Kind, encode_heartbeat
+from shared.telemetry import Heartbeat, encode_heartbeat
 from shared.version import build_version
 
 from . import probes
 from .appkeys import CHECKER, HTTP_CLIENT, INGEST, PG_POOL, REDIS_AUX, REDIS_DATA, SETTINGS
-from .errors import error_response
-from .ingest import SAMPLES, WS_ROUTE, ingest_http, ingest_ws
+from .edge import UNMATCHED, instrumented, not_found
+from .ingest import WS_ROUTE, ingest_http, ingest_ws
 from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
@@ -34,42 +34,7 @@ from .tokens import TokenCache, TokenRefresher
 
 __all__ = ("create_app",)
 
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-_UNMATCHED = "unmatched"
 _CLOSE_GRACE = 3.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Time every request for telemetry and turn every refusal into the JSON error shape."""
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as e:
-        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        response = error_response(e.status, e.reason, headers=headers)
-    except Exception:  # noqa: BLE001 - the edge answers 500 and logs; it never crashes
-        logger.exception("unhandled error on {} {}", request.method, request.rel_url.path)
-        response = error_response(500, "internal error")
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else _UNMATCHED
-    if route != WS_ROUTE or not isinstance(response, web.WebSocketResponse):
-        method = request.method if request.method in _METHODS else "OTHER"
-        request.app[INGEST].telemetry.record(
-            (
-                Kind.HTTP,
-                route,
-                method,
-                response.status,
-                int((time.perf_counter() - started) * 1e6),
-                request.content_length or 0,
-                request.get(SAMPLES, 0),
-                None,
-            )
-        )
-    return response
 
 
 def _redis(url: str, *, timeout: float, retries: int) -> Redis:
@@ -305,14 +270,20 @@ async def _start_draining(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[edge], client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
     app.on_shutdown.append(_start_draining)
-    app.router.add_post("/ingestion/ppg", ingest_http)
-    app.router.add_get(WS_ROUTE, ingest_ws)
-    app.router.add_get("/health/liveness", probes.liveness)
-    app.router.add_get("/health/readiness", probes.readiness)
-    app.router.add_get("/health/startup", probes.startup)
-    app.router.add_get("/health", probes.health)
+    router = app.router
+    router.add_post("/ingestion/ppg", instrumented("/ingestion/ppg", ingest_http))
+    # The WebSocket handler records its own connection and message events.
+    router.add_get(WS_ROUTE, ingest_ws)
+    for path, probe in (
+        ("/health/liveness", probes.liveness),
+        ("/health/readiness", probes.readiness),
+        ("/health/startup", probes.startup),
+        ("/health", probes.health),
+    ):
+        router.add_get(path, instrumented(path, probe))
+    router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found))
     return app

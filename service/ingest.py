@@ -15,14 +15,14 @@ from shared.telemetry import Kind
 from shared.wire import BatchError, decode_batch
 
 from .appkeys import INGEST
+from .edge import SAMPLES
 from .errors import error_body, error_response
 from .state import IngestState
 from .store import StoreUnavailableError
 
-__all__ = ("SAMPLES", "WS_ROUTE", "ingest_http", "ingest_ws")
+__all__ = ("WS_ROUTE", "ingest_http", "ingest_ws")
 
 WS_ROUTE = "/ingestion/ws"
-SAMPLES = web.RequestKey("samples", int)
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -49,7 +49,9 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
         return error_response(
             401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
         )
-    if request.content_type != "application/json":
+    # The exact header is the common case; anything else goes through aiohttp's parser.
+    content_type = request.headers.get("Content-Type")
+    if content_type != "application/json" and request.content_type != "application/json":
         return error_response(415, "Content-Type must be application/json")
     length = request.content_length
     if length is not None and length > state.max_body_bytes:
