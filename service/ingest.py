@@ -24,8 +24,6 @@ __all__ = ("WS_ROUTE", "ingest_http", "ingest_ws")
 
 WS_ROUTE = "/ingestion/ws"
 
-_JSON_HEADERS = {"Content-Type": "application/json"}
-
 
 def _refusal(state: IngestState) -> str | None:
     """Why no batch can be taken right now, if so."""
@@ -78,7 +76,7 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
         status=202,
         body=b'{"accepted":%d,"seq":%d,"duplicate":%s}'
         % (samples, batch.seq, b"false" if stored else b"true"),
-        headers=_JSON_HEADERS,
+        content_type="application/json",
     )
 
 
