@@ -10,7 +10,7 @@ from loguru import logger
 from shared.logs import setup_logging
 from shared.settings import Settings, load_settings_or_exit
 
-from .app import create_app
+from .app import create_app, drain
 from .appkeys import INGEST
 
 __all__ = ("main", "serve")
@@ -23,7 +23,8 @@ async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=settings.shutdown_timeout,
+        # By the time aiohttp's own shutdown runs, drain() below has let requests finish.
+        shutdown_timeout=2.0,
     )
     await runner.setup()
     server = runner.server
@@ -38,6 +39,8 @@ async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     logger.info("shutting down: draining")
+    await site.stop()
+    await drain(app, grace=settings.shutdown_timeout)
     await runner.cleanup()
     logger.info("shutdown complete")
 

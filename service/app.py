@@ -32,7 +32,7 @@ from .store import BacklogMonitor, ReadingsWriter
 from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from .tokens import TokenCache, TokenRefresher
 
-__all__ = ("create_app",)
+__all__ = ("create_app", "drain")
 
 _CLOSE_GRACE = 3.0
 
@@ -250,17 +250,26 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             )
 
 
-async def _start_draining(app: web.Application) -> None:
-    """First step of shutdown: unready, refuse new batches, close device WebSockets.
+async def drain(app: web.Application, *, grace: float) -> None:
+    """Stop taking batches, let those already taken be answered, then close device sockets.
 
-    Devices get ``_CLOSE_GRACE`` seconds to answer the close; aiohttp's shutdown timeout
-    then bounds whatever is still open, so the whole drain fits the pod's grace period.
+    Runs while connections are still open, so a body still arriving and a device's answer
+    to the close frame are read. Devices get ``_CLOSE_GRACE`` seconds to answer the close.
     """
     state = app[INGEST]
     state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    # Polled, not awaited on an Event: the counter is bumped on the hot path, an Event
+    # would cost every request for the sake of shutdown.
+    while state.batches_in_flight and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+    if state.batches_in_flight:
+        logger.warning("shutdown: {} batches still unanswered", state.batches_in_flight)
     closing = [
         asyncio.create_task(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down"))
         for ws in state.websockets
+        if not ws.closed
     ]
     if closing:
         _, pending = await asyncio.wait(closing, timeout=_CLOSE_GRACE)
@@ -269,11 +278,16 @@ async def _start_draining(app: web.Application) -> None:
             await cancel_and_wait(pending)
 
 
+async def _drain_now(app: web.Application) -> None:
+    # When something else runs the app (tests), its shutdown is the only signal there is.
+    await drain(app, grace=0)
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
-    app.on_shutdown.append(_start_draining)
+    app.on_shutdown.append(_drain_now)
     router = app.router
     router.add_post("/ingestion/ppg", instrumented("/ingestion/ppg", ingest_http))
     # The WebSocket handler records its own connection and message events.

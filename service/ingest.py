@@ -25,10 +25,13 @@ __all__ = ("WS_ROUTE", "ingest_http", "ingest_ws")
 WS_ROUTE = "/ingestion/ws"
 
 
+_BACKLOG_EXCEEDED = "ingestion is paused: the readings backlog is over its limit"
+
+
 def _refusal(state: IngestState) -> str | None:
     """Why no batch can be taken right now, if so."""
     if state.backlog.exceeded:
-        return "ingestion is paused: the readings backlog is over its limit"
+        return _BACKLOG_EXCEEDED
     if state.draining:
         return "the service is shutting down"
     return None
@@ -40,6 +43,17 @@ def _unavailable(state: IngestState, message: str) -> web.Response:
 
 async def ingest_http(request: web.Request) -> web.StreamResponse:
     state = request.app[INGEST]
+    # Decided before the body is read: a request that started before shutdown is finished.
+    if state.draining:
+        return _unavailable(state, "the service is shutting down")
+    state.batches_in_flight += 1
+    try:
+        return await _ingest_http(request, state)
+    finally:
+        state.batches_in_flight -= 1
+
+
+async def _ingest_http(request: web.Request, state: IngestState) -> web.StreamResponse:
     if not state.tokens.loaded:
         return _unavailable(state, "device tokens are not loaded yet")
     device_id = state.tokens.authenticate(request.headers.get("Authorization"))
@@ -64,8 +78,8 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
         return error_response(400 if e.kind == "malformed" else 422, e.message, e.details)
     if batch.device_id != device_id:
         return error_response(403, "the token is not for this device", {"field": "device_id"})
-    if (refusal := _refusal(state)) is not None:
-        return _unavailable(state, refusal)
+    if state.backlog.exceeded:
+        return _unavailable(state, _BACKLOG_EXCEEDED)
     try:
         stored = await state.writer.submit(device_id, batch.seq, body)
     except StoreUnavailableError as e:
@@ -149,10 +163,14 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
                 started = time.perf_counter()
-                reply, status, samples = await _ws_message(state, device_id, msg.data)
-                if ws.closed:
-                    break
-                await ws.send_str(reply)
+                state.batches_in_flight += 1
+                try:
+                    reply, status, samples = await _ws_message(state, device_id, msg.data)
+                    if ws.closed:
+                        break
+                    await ws.send_str(reply)
+                finally:
+                    state.batches_in_flight -= 1
                 record(
                     (
                         Kind.WS_MESSAGE,

@@ -25,6 +25,8 @@ class IngestState:
     ws_heartbeat: float
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
+    # Batches taken before draining began and not yet answered (HTTP requests, WS messages).
+    batches_in_flight: int = 0
     started: bool = False
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     # Set by whoever runs the server (it knows the connections); unknown until then.
