@@ -29,8 +29,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install
-	$(PY) bench/run.py
+BENCH_ARGS ?=
+
+bench/node_modules/.package-lock.json: bench/package.json bench/package-lock.json
+	cd bench && npm ci --no-audit --no-fund
+
+# Not part of CI: takes 10-15 minutes and wants a quiet machine. BENCH_ARGS=--quick for a smoke run.
+bench: install bench/node_modules/.package-lock.json
+	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; $(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

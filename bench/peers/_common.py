@@ -1,0 +1,24 @@
+"""Shared start-up code for the benchmark peers: port from argv/env, fd limit, uvloop."""
+
+import os
+import resource
+import sys
+
+__all__ = ("listen_port", "raise_fd_limit")
+
+
+def listen_port(default: int = 3001) -> int:
+    """The port from the first argument, else ``PORT``, else ``default``."""
+    if len(sys.argv) > 1:
+        return int(sys.argv[1])
+    return int(os.environ.get("PORT", default))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
