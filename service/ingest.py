@@ -48,42 +48,36 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
         return _unavailable(state, "the service is shutting down")
     state.batches_in_flight += 1
     try:
-        return await _ingest_http(request, state)
+        if not state.tokens.loaded:
+            return _unavailable(state, "device tokens are not loaded yet")
+        device_id = state.tokens.authenticate(request.headers.get("Authorization"))
+        if device_id is None:
+            return error_response(
+                401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+        # The exact header is the common case; anything else goes through aiohttp's parser.
+        content_type = request.headers.get("Content-Type")
+        if content_type != "application/json" and request.content_type != "application/json":
+            return error_response(415, "Content-Type must be application/json")
+        try:
+            # aiohttp stops reading past client_max_size (MAX_BODY_BYTES), declared or not.
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"body exceeds {state.max_body_bytes} bytes")
+        try:
+            batch = decode_batch(body)
+        except BatchError as e:
+            return error_response(400 if e.kind == "malformed" else 422, e.message, e.details)
+        if batch.device_id != device_id:
+            return error_response(403, "the token is not for this device", {"field": "device_id"})
+        if state.backlog.exceeded:
+            return _unavailable(state, _BACKLOG_EXCEEDED)
+        try:
+            stored = await state.writer.submit(device_id, batch.seq, body)
+        except StoreUnavailableError as e:
+            return _unavailable(state, f"cannot store the batch now: {e}")
     finally:
         state.batches_in_flight -= 1
-
-
-async def _ingest_http(request: web.Request, state: IngestState) -> web.StreamResponse:
-    if not state.tokens.loaded:
-        return _unavailable(state, "device tokens are not loaded yet")
-    device_id = state.tokens.authenticate(request.headers.get("Authorization"))
-    if device_id is None:
-        return error_response(
-            401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
-        )
-    # The exact header is the common case; anything else goes through aiohttp's parser.
-    content_type = request.headers.get("Content-Type")
-    if content_type != "application/json" and request.content_type != "application/json":
-        return error_response(415, "Content-Type must be application/json")
-    length = request.content_length
-    if length is not None and length > state.max_body_bytes:
-        return error_response(413, f"body exceeds {state.max_body_bytes} bytes")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"body exceeds {state.max_body_bytes} bytes")
-    try:
-        batch = decode_batch(body)
-    except BatchError as e:
-        return error_response(400 if e.kind == "malformed" else 422, e.message, e.details)
-    if batch.device_id != device_id:
-        return error_response(403, "the token is not for this device", {"field": "device_id"})
-    if state.backlog.exceeded:
-        return _unavailable(state, _BACKLOG_EXCEEDED)
-    try:
-        stored = await state.writer.submit(device_id, batch.seq, body)
-    except StoreUnavailableError as e:
-        return _unavailable(state, f"cannot store the batch now: {e}")
     samples = len(batch.ppg)
     request[SAMPLES] = samples if stored else 0
     return web.Response(
