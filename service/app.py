@@ -139,6 +139,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             keys,
             max_batch=settings.write_max_batch,
             max_pending=settings.write_max_pending,
+            max_in_flight=settings.write_max_in_flight,
             timeout=settings.write_timeout,
             idempotency_window=settings.idempotency_window,
             idempotency_ttl=settings.idempotency_ttl,

@@ -89,6 +89,8 @@ class RespConnection:
         self._db = int(db) if db.isdigit() else 0
         self._connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
+        # Pipelined callers must share one connection, so only one of them may open it.
+        self._connecting = asyncio.Lock()
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -115,12 +117,15 @@ class RespConnection:
         """Send one encoded command and return its reply; Redis errors raise ResponseError."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
-            try:
-                protocol = self._protocol = await self._connect()
-            except TimeoutError:
-                raise RedisConnectionError("timed out connecting to Redis") from None
-            except OSError as e:
-                raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
+            async with self._connecting:
+                protocol = self._protocol
+                if protocol is None or protocol.lost is not None:
+                    try:
+                        protocol = self._protocol = await self._connect()
+                    except TimeoutError:
+                        raise RedisConnectionError("timed out connecting to Redis") from None
+                    except OSError as e:
+                        raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
         try:
             return await protocol.send(command)
         except BaseException as e:

@@ -1,13 +1,15 @@
 """Durable group commit of device batches to the readings stream.
 
 One flusher task owns the Redis connection. A request appends its batch to the pending list
-and awaits a future; if no write is in flight the batch goes at once, otherwise it joins the
-next write, which leaves as soon as the in-flight one returns. So concurrent requests share
-one round trip (one EVALSHA) without any idle wait, and a request is answered only after
-Redis has accepted its batch.
+and awaits a future; if fewer than ``max_in_flight`` writes are in flight the batch goes at
+once, otherwise it joins the next write, which leaves as soon as one in flight returns. So
+concurrent requests share one round trip (one EVALSHA) without any idle wait, the loop is
+not left idle while a write travels, and a request is answered only after Redis has
+accepted its batch.
 """
 
 import asyncio
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
+from shared.tasks import cancel_and_wait
 
 from .resp import RespConnection, encode_command
 
@@ -23,29 +26,25 @@ __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 
 # Idempotency: a per-device sorted set of recent seqs (the last `window` of them, so it stays
 # small and listpack-encoded). A seq older than the window is accepted again; the persistence
-# worker is idempotent on (device_id, seq) as well. The seq is checked before XADD and marked
-# after it, so a failed XADD never marks a batch as seen. The shebang makes Redis check memory
-# once, before the script runs: it either runs whole or not at all.
+# worker is idempotent on (device_id, seq) as well. The shebang makes Redis check memory once,
+# before the script runs, so no command in it fails for lack of memory: a seq is marked seen
+# only in the same all-or-nothing step that stores its batch.
 _WRITE_BATCH_LUA = """#!lua
 local stream = KEYS[1]
-local window = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
+local keep_from = -1 - tonumber(ARGV[1])
+local ttl = ARGV[2]
 local received = ARGV[3]
 local out = {}
 for i = 2, #KEYS do
   local seen = KEYS[i]
   local seq = ARGV[2 * i]
-  if redis.call('ZSCORE', seen, seq) then
-    out[i - 1] = 0
-  else
+  if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
     redis.call('XADD', stream, '*', 'd', ARGV[2 * i + 1], 'r', received)
-    redis.call('ZADD', seen, seq, seq)
-    local excess = redis.call('ZCARD', seen) - window
-    if excess > 0 then
-      redis.call('ZREMRANGEBYRANK', seen, 0, excess - 1)
-    end
+    redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
     redis.call('EXPIRE', seen, ttl)
     out[i - 1] = 1
+  else
+    out[i - 1] = 0
   end
 end
 return out
@@ -77,11 +76,13 @@ class ReadingsWriter:
         *,
         max_batch: int,
         max_pending: int,
+        max_in_flight: int,
         timeout: float,
         idempotency_window: int,
         idempotency_ttl: int,
     ) -> None:
         self._redis = redis
+        self._max_in_flight = max_in_flight
         self._keys = keys
         self._max_batch = max_batch
         self._max_pending = max_pending
@@ -120,19 +121,31 @@ class ReadingsWriter:
         return future
 
     async def run(self) -> None:
-        while True:
-            if not self._pending:
-                self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            self._in_flight = len(batch)
-            try:
-                await self._write(batch)
-            finally:
-                self._in_flight = 0
+        writes: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not self._pending or len(writes) >= self._max_in_flight:
+                    if not self._pending and not writes:
+                        self._idle.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._in_flight += len(batch)
+                # Pipelined on the one connection: Redis runs the scripts in the order sent.
+                write = asyncio.create_task(self._write(batch))
+                writes.add(write)
+                write.add_done_callback(functools.partial(self._written, writes, len(batch)))
+        finally:
+            await cancel_and_wait(writes)
+
+    def _written(
+        self, writes: set[asyncio.Task[None]], size: int, write: asyncio.Task[None]
+    ) -> None:
+        writes.discard(write)
+        self._in_flight -= size
+        self._wakeup.set()
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been answered."""

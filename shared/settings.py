@@ -146,6 +146,7 @@ class Settings:
     write_timeout: float = _env("WRITE_TIMEOUT", 2.0, _float_in(0.01, 60))
     write_max_batch: int = _env("WRITE_MAX_BATCH", 256, _int_in(1, 10_000))
     write_max_pending: int = _env("WRITE_MAX_PENDING", 20_000, _int_in(1, 10_000_000))
+    write_max_in_flight: int = _env("WRITE_MAX_IN_FLIGHT", 2, _int_in(1, 64))
     readings_max_backlog: int = _env("READINGS_MAX_BACKLOG", 1_000_000, _int_in(1, 1 << 40))
     backlog_check_interval: float = _env("BACKLOG_CHECK_INTERVAL", 1.0, _float_in(0.01, 60))
     idempotency_window: int = _env("IDEMPOTENCY_WINDOW", 128, _int_in(1, 100_000))

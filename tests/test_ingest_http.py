@@ -222,3 +222,18 @@ async def test_writes_continue_after_redis_forgets_the_script(
 
     assert response.status == 202
     assert len(await stored_batches(redis, keys)) == 2
+
+
+async def test_idempotency_covers_the_last_window_of_seqs_per_device(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis, keys: Keys
+) -> None:
+    client = await aiohttp_client(create_app(replace(settings, idempotency_window=3)))
+    for seq in range(1, 6):
+        await client.post(URL, json=device.batch(seq), headers=device.headers)
+
+    recent = await client.post(URL, json=device.batch(4), headers=device.headers)
+    forgotten = await client.post(URL, json=device.batch(1), headers=device.headers)
+
+    assert (await recent.json())["duplicate"] is True
+    assert (await forgotten.json())["duplicate"] is False
+    assert await redis.zcard(keys.seen(device.device_id)) == 3
