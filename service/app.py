@@ -37,21 +37,17 @@ __all__ = ("create_app", "drain")
 _CLOSE_GRACE = 3.0
 
 
-def _redis(url: str, *, timeout: float, retries: int) -> Redis:
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), retries),
-        health_check_interval=30,
-    )
-
-
 async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[REDIS_DATA] = RespConnection(settings.redis_url, connect_timeout=settings.write_timeout)
-    app[REDIS_AUX] = _redis(
-        settings.redis_url, timeout=settings.health_check_timeout_ms / 1000, retries=0
+    # Telemetry, heartbeats and checks: a failed command is simply tried again next round.
+    timeout = settings.health_check_timeout_ms / 1000
+    app[REDIS_AUX] = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
     )
     yield
     app[REDIS_DATA].close()
