@@ -9,7 +9,6 @@ accepted its batch.
 """
 
 import asyncio
-import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -82,6 +81,8 @@ class ReadingsWriter:
         idempotency_ttl: int,
     ) -> None:
         self._redis = redis
+        # Looked up once: on Python 3.11 every get_running_loop() is a getpid() syscall.
+        self._loop = asyncio.get_running_loop()
         self._max_in_flight = max_in_flight
         self._keys = keys
         self._max_batch = max_batch
@@ -114,38 +115,36 @@ class ReadingsWriter:
         """Queue a batch; the future says True if stored now, False if it was a duplicate."""
         if len(self._pending) >= self._max_pending:
             raise StoreUnavailableError("write queue full")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = self._loop.create_future()
         self._pending.append(_Pending(device_id, seq, payload, future))
         self._idle.clear()
         self._wakeup.set()
         return future
 
     async def run(self) -> None:
-        writes: set[asyncio.Task[None]] = set()
+        # One flusher per write allowed in flight, pipelined on the one connection (Redis
+        # runs the scripts in the order sent); long-lived, so no task is made per batch.
+        flushers = [asyncio.create_task(self._flush()) for _ in range(self._max_in_flight)]
         try:
-            while True:
-                if not self._pending or len(writes) >= self._max_in_flight:
-                    if not self._pending and not writes:
-                        self._idle.set()
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                self._in_flight += len(batch)
-                # Pipelined on the one connection: Redis runs the scripts in the order sent.
-                write = asyncio.create_task(self._write(batch))
-                writes.add(write)
-                write.add_done_callback(functools.partial(self._written, writes, len(batch)))
+            await asyncio.gather(*flushers)
         finally:
-            await cancel_and_wait(writes)
+            await cancel_and_wait(flushers)
 
-    def _written(
-        self, writes: set[asyncio.Task[None]], size: int, write: asyncio.Task[None]
-    ) -> None:
-        writes.discard(write)
-        self._in_flight -= size
-        self._wakeup.set()
+    async def _flush(self) -> None:
+        while True:
+            if not self._pending:
+                if not self._in_flight:
+                    self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            self._in_flight += len(batch)
+            try:
+                await self._write(batch)
+            finally:
+                self._in_flight -= len(batch)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been answered."""
