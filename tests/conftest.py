@@ -65,6 +65,16 @@ async def redis(key_prefix: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
+def aiohttp_client(redis: Redis, aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's client, torn down before ``redis`` cleans the test's keys.
+
+    The app writes its last telemetry and heartbeat while it shuts down; setting ``redis``
+    up first (so it is torn down last) makes sure that happens before the cleanup.
+    """
+    return aiohttp_client
+
+
+@pytest.fixture
 def keys(key_prefix: str) -> Keys:
     return Keys(key_prefix)
 
