@@ -192,6 +192,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             ws_connections=len(state.websockets),
             pending_writes=writer.pending,
             writes_ok=writer.stored,
+            writes_duplicate=writer.duplicates,
             writes_failed=writer.failed,
             write_batches=writer.batches,
             redis_ok=checker.results["redis"].up,

@@ -58,7 +58,6 @@ class Telemetry:
         self._buffer: list[Record] = []
         self.boot_id = uuid.uuid4().hex
         self.dropped = 0
-        self.sent = 0
         self._failing = False
 
     def record(self, entry: Record) -> None:
@@ -91,7 +90,6 @@ class Telemetry:
                 logger.warning("telemetry flush failed, buffering: {}", e)
             self._failing = True
             return
-        self.sent += len(records)
         if self._failing:
             logger.info("telemetry flush recovered")
         self._failing = False

@@ -68,11 +68,6 @@ class HealthChecker:
         self._static = static_details or {}
         self.results: dict[str, CheckResult] = {name: _NOT_YET for name in self._checks}
         self.rounds = 0
-        self._kick = asyncio.Event()
-
-    def kick(self) -> None:
-        """Run the next round now rather than at the end of the interval."""
-        self._kick.set()
 
     async def _run_one(self, name: str, check: Check) -> CheckResult:
         started = time.perf_counter()
@@ -106,16 +101,10 @@ class HealthChecker:
 
     async def run(self) -> None:
         while True:
-            self._kick.clear()
             await self.run_once()
             healthy = all(r.up for r in self.results.values())
             # Re-check quickly while something is down, so recovery is seen soon.
-            wait = self._interval if healthy else min(self._interval, 1.0)
-            try:
-                async with asyncio.timeout(wait):
-                    await self._kick.wait()
-            except TimeoutError:
-                pass
+            await asyncio.sleep(self._interval if healthy else min(self._interval, 1.0))
 
 
 def threshold_check(measure: Callable[[], int], threshold: int, unit: str) -> Check:

@@ -61,6 +61,7 @@ class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
     ws_connections: int
     pending_writes: int
     writes_ok: int
+    writes_duplicate: int
     writes_failed: int
     write_batches: int
     redis_ok: bool
