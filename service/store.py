@@ -23,24 +23,31 @@ from .resp import RespConnection, encode_command
 
 __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 
-# Idempotency: a per-device sorted set of recent seqs (the last `window` of them, so it stays
-# small and listpack-encoded). A seq older than the window is accepted again; the persistence
-# worker is idempotent on (device_id, seq) as well. The shebang makes Redis check memory once,
-# before the script runs, so no command in it fails for lack of memory: a seq is marked seen
-# only in the same all-or-nothing step that stores its batch.
+# Idempotency: a per-device sorted set of recent seqs (at most `window` of them, so it stays
+# small and listpack-encoded). A seq older than what the set holds is accepted again; the
+# persistence worker is idempotent on (device_id, seq) as well. Trimming and refreshing the
+# TTL cost two more commands, so they run only when the set is new or over the window, and
+# then trim it to `keep` (7/8 of the window): one batch in `window - keep` pays for them.
+# The shebang makes Redis check memory once, before the script runs, so no command in it
+# fails for lack of memory: a seq is marked seen only in the same all-or-nothing step that
+# stores its batch.
 _WRITE_BATCH_LUA = """#!lua
 local stream = KEYS[1]
-local keep_from = -1 - tonumber(ARGV[1])
-local ttl = ARGV[2]
-local received = ARGV[3]
+local window = tonumber(ARGV[1])
+local keep_from = -1 - tonumber(ARGV[2])
+local ttl = ARGV[3]
+local received = ARGV[4]
 local out = {}
 for i = 2, #KEYS do
   local seen = KEYS[i]
-  local seq = ARGV[2 * i]
+  local seq = ARGV[2 * i + 1]
   if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
-    redis.call('XADD', stream, '*', 'd', ARGV[2 * i + 1], 'r', received)
-    redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
-    redis.call('EXPIRE', seen, ttl)
+    redis.call('XADD', stream, '*', 'd', ARGV[2 * i + 2], 'r', received)
+    local held = redis.call('ZCARD', seen)
+    if held == 1 or held > window then
+      redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
+      redis.call('EXPIRE', seen, ttl)
+    end
     out[i - 1] = 1
   else
     out[i - 1] = 0
@@ -90,7 +97,12 @@ class ReadingsWriter:
         self._timeout = timeout
         self._stream_key = keys.readings.encode()
         self._seen_prefix = keys.seen_prefix.encode()
-        self._fixed_args = (b"%d" % idempotency_window, b"%d" % idempotency_ttl)
+        keep = idempotency_window - max(1, idempotency_window // 8)
+        self._fixed_args = (
+            b"%d" % idempotency_window,
+            b"%d" % max(keep, 1),
+            b"%d" % idempotency_ttl,
+        )
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._in_flight = 0
