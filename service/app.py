@@ -25,7 +25,8 @@ from shared.version import build_version
 from . import probes
 from .appkeys import CHECKER, HTTP_CLIENT, INGEST, PG_POOL, REDIS_AUX, REDIS_DATA, SETTINGS
 from .edge import UNMATCHED, instrumented, not_found
-from .ingest import WS_ROUTE, ingest_http, ingest_ws
+from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
+from .keepalive import keep_alive
 from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
@@ -220,6 +221,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         "backlog": state.backlog.run(),
         "telemetry": state.telemetry.run(),
         "loop-lag": state.loop_lag.run(),
+        "ws-keepalive": keep_alive(state.websockets, interval=settings.ws_heartbeat),
         "tokens": refresher.run(),
         "checker": checker.run(),
         "heartbeat": publish_heartbeats(
@@ -287,8 +289,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
     app.on_shutdown.append(_drain_now)
     router = app.router
-    router.add_post("/ingestion/ppg", instrumented("/ingestion/ppg", ingest_http))
-    # The WebSocket handler records its own connection and message events.
+    # The ingest routes record their own telemetry (samples stored, WebSocket events).
+    router.add_post(HTTP_ROUTE, ingest_http)
     router.add_get(WS_ROUTE, ingest_ws)
     for path, probe in (
         ("/health/liveness", probes.liveness),

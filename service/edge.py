@@ -16,9 +16,8 @@ from shared.telemetry import Kind
 from .appkeys import INGEST
 from .errors import error_response
 
-__all__ = ("SAMPLES", "UNMATCHED", "instrumented", "not_found")
+__all__ = ("UNMATCHED", "instrumented", "not_found")
 
-SAMPLES = web.RequestKey("samples", int)
 UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -47,7 +46,7 @@ def instrumented(route: str, handler: Handler) -> Handler:
                 response.status,
                 int((time.perf_counter() - started) * 1e6),
                 request.content_length or 0,
-                request.get(SAMPLES, 0),
+                0,
                 None,
             )
         )

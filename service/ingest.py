@@ -10,18 +10,20 @@ from typing import Any
 
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
+from loguru import logger
 
 from shared.telemetry import Kind
 from shared.wire import BatchError, decode_batch
 
 from .appkeys import INGEST
-from .edge import SAMPLES
 from .errors import error_body, error_response
+from .keepalive import Peer
 from .state import IngestState
 from .store import StoreUnavailableError
 
-__all__ = ("WS_ROUTE", "ingest_http", "ingest_ws")
+__all__ = ("HTTP_ROUTE", "WS_ROUTE", "ingest_http", "ingest_ws")
 
+HTTP_ROUTE = "/ingestion/ppg"
 WS_ROUTE = "/ingestion/ws"
 
 
@@ -42,50 +44,78 @@ def _unavailable(state: IngestState, message: str) -> web.Response:
 
 
 async def ingest_http(request: web.Request) -> web.StreamResponse:
+    """The route records its own telemetry: a wrapper would cost every request a coroutine."""
+    started = time.perf_counter()
     state = request.app[INGEST]
+    samples = 0
+    try:
+        response, samples = await _ingest_http(state, request)
+    except Exception:  # noqa: BLE001 - the edge answers 500 and logs; it never crashes
+        logger.exception("unhandled error on POST {}", HTTP_ROUTE)
+        response = error_response(500, "internal error")
+    state.telemetry.record(
+        (
+            Kind.HTTP,
+            HTTP_ROUTE,
+            "POST",
+            response.status,
+            int((time.perf_counter() - started) * 1e6),
+            request.content_length or 0,
+            samples,
+            None,
+        )
+    )
+    return response
+
+
+async def _ingest_http(state: IngestState, request: web.Request) -> tuple[web.Response, int]:
+    """(response, samples stored)."""
     # Decided before the body is read: a request that started before shutdown is finished.
     if state.draining:
-        return _unavailable(state, "the service is shutting down")
+        return _unavailable(state, "the service is shutting down"), 0
     state.batches_in_flight += 1
     try:
         if not state.tokens.loaded:
-            return _unavailable(state, "device tokens are not loaded yet")
+            return _unavailable(state, "device tokens are not loaded yet"), 0
         device_id = state.tokens.authenticate(request.headers.get("Authorization"))
         if device_id is None:
             return error_response(
                 401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
+            ), 0
         # The exact header is the common case; anything else goes through aiohttp's parser.
         content_type = request.headers.get("Content-Type")
         if content_type != "application/json" and request.content_type != "application/json":
-            return error_response(415, "Content-Type must be application/json")
+            return error_response(415, "Content-Type must be application/json"), 0
         try:
             # aiohttp stops reading past client_max_size (MAX_BODY_BYTES), declared or not.
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"body exceeds {state.max_body_bytes} bytes")
+            return error_response(413, f"body exceeds {state.max_body_bytes} bytes"), 0
         try:
             batch = decode_batch(body)
         except BatchError as e:
-            return error_response(400 if e.kind == "malformed" else 422, e.message, e.details)
+            status = 400 if e.kind == "malformed" else 422
+            return error_response(status, e.message, e.details), 0
         if batch.device_id != device_id:
-            return error_response(403, "the token is not for this device", {"field": "device_id"})
+            return error_response(
+                403, "the token is not for this device", {"field": "device_id"}
+            ), 0
         if state.backlog.exceeded:
-            return _unavailable(state, _BACKLOG_EXCEEDED)
+            return _unavailable(state, _BACKLOG_EXCEEDED), 0
         try:
             stored = await state.writer.submit(device_id, batch.seq, body)
         except StoreUnavailableError as e:
-            return _unavailable(state, f"cannot store the batch now: {e}")
+            return _unavailable(state, f"cannot store the batch now: {e}"), 0
     finally:
         state.batches_in_flight -= 1
     samples = len(batch.ppg)
-    request[SAMPLES] = samples if stored else 0
-    return web.Response(
+    response = web.Response(
         status=202,
         body=b'{"accepted":%d,"seq":%d,"duplicate":%s}'
         % (samples, batch.seq, b"false" if stored else b"true"),
         content_type="application/json",
     )
+    return response, samples if stored else 0
 
 
 def _seq_of(data: str) -> int | None:
@@ -145,16 +175,20 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
         )
     ws = web.WebSocketResponse(
         max_msg_size=state.max_body_bytes,
-        heartbeat=state.ws_heartbeat,
+        # Keep-alive is one sweeper task for all sockets (service/keepalive.py), which sees
+        # pings and pongs only when they are not answered and swallowed here.
+        autoping=False,
         # Device batches are small and CPU is the scarce resource on the ingest path.
         compress=False,
     )
     await ws.prepare(request)
     record = state.telemetry.record
     record((Kind.WS_OPEN, WS_ROUTE, "GET", 101, 0, 0, 0, None))
-    state.websockets.add(ws)
+    peer = Peer(request.transport)
+    state.websockets[ws] = peer
     try:
         async for msg in ws:
+            peer.heard = True
             if msg.type is WSMsgType.TEXT:
                 started = time.perf_counter()
                 state.batches_in_flight += 1
@@ -177,6 +211,8 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
                         None,
                     )
                 )
+            elif msg.type is WSMsgType.PING:
+                await ws.pong(msg.data)
             elif msg.type is WSMsgType.BINARY:
                 await ws.close(
                     code=WSCloseCode.UNSUPPORTED_DATA, message=b"only text messages are accepted"
@@ -186,6 +222,7 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
     except ConnectionResetError:
         pass  # the device went away mid-reply; an unacked batch is retried by the device
     finally:
-        state.websockets.discard(ws)
-        record((Kind.WS_CLOSE, WS_ROUTE, "GET", ws.close_code or 1006, 0, 0, 0, None))
+        del state.websockets[ws]
+        code = 1006 if peer.dropped else ws.close_code or 1006
+        record((Kind.WS_CLOSE, WS_ROUTE, "GET", code, 0, 0, 0, None))
     return ws

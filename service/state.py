@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .keepalive import Peer
 from .store import BacklogMonitor, ReadingsWriter
 from .telemetry import LoopLagMonitor, Telemetry
 from .tokens import TokenCache
@@ -23,7 +24,8 @@ class IngestState:
     max_body_bytes: int
     retry_after: int
     ws_heartbeat: float
-    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # Open device sockets, with what the keep-alive sweeper knows of each.
+    websockets: dict[web.WebSocketResponse, Peer] = field(default_factory=dict)
     draining: bool = False
     # Batches taken before draining began and not yet answered (HTTP requests, WS messages).
     batches_in_flight: int = 0

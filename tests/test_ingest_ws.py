@@ -1,13 +1,19 @@
 """The WebSocket ingestion contract: acks, errors that keep the connection, protocol abuse."""
 
+import asyncio
+from dataclasses import replace
+
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from service.app import create_app
+from service.appkeys import INGEST
 from shared.keys import Keys
+from shared.settings import Settings
 
-from .conftest import Device
+from .conftest import AiohttpClient, Device
 
 Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ws"
@@ -91,3 +97,41 @@ async def test_invalid_utf8_text_closes_with_invalid_text(client: Client, device
 
     assert message.type is WSMsgType.CLOSE
     assert ws.close_code == WSCloseCode.INVALID_TEXT
+
+
+async def test_a_silent_peer_that_answers_no_ping_is_dropped(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+) -> None:
+    client = await aiohttp_client(create_app(replace(settings, ws_heartbeat=0.2)))
+    # autoping=False: this client never answers the server's pings, like a dead device.
+    async with client.ws_connect(URL, headers=device.headers, autoping=False) as ws:
+        pings = 0
+        while True:
+            msg = await asyncio.wait_for(ws.receive(), timeout=5)
+            if msg.type is not WSMsgType.PING:
+                break
+            pings += 1
+
+    assert pings >= 1
+    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+    assert client.app[INGEST].websockets == {}
+
+
+async def test_a_silent_peer_that_answers_pings_is_kept(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+) -> None:
+    client = await aiohttp_client(create_app(replace(settings, ws_heartbeat=0.1)))
+    async with client.ws_connect(URL, headers=device.headers) as ws:
+        # aiohttp's client answers pings inside receive(), so one is kept waiting.
+        reply = asyncio.create_task(ws.receive_json())
+        await asyncio.sleep(0.8)  # eight sweeps: ping, pong, ping, pong...
+        await ws.send_json(device.batch(1))
+        assert await reply == {"ack": 1}
+
+
+async def test_the_server_answers_a_devices_ping(client: Client, device: Device) -> None:
+    async with client.ws_connect(URL, headers=device.headers, autoping=False) as ws:
+        await ws.ping(b"are you there")
+        pong = await ws.receive(timeout=5)
+
+    assert (pong.type, pong.data) == (WSMsgType.PONG, b"are you there")
