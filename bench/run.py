@@ -1515,6 +1515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ("REDIS_KEY_PREFIX", SERVICE_KEY_PREFIX),
                     ("READINGS_MAX_BACKLOG", HUGE_BACKLOG),
                     ("LOG_DIR", str(log_service)),
+                    # Everything on, as in production: the daily files beside stdout.
+                    ("ENABLE_FILE_LOGGING", "true"),
+                    ("ENVIRONMENT", "production"),
                     *service_env(args.service_src).items(),
                 ),
             )

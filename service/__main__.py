@@ -7,7 +7,7 @@ import signal
 from aiohttp import web
 from loguru import logger
 
-from shared.logs import setup_logging
+from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 
 from .app import create_app, drain
@@ -18,6 +18,7 @@ __all__ = ("main", "serve")
 
 async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
     """Run until SIGTERM/SIGINT, then drain: stop accepting, finish and flush, close sockets."""
+    install_loop_handler(asyncio.get_running_loop())
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -47,13 +48,14 @@ async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
 
 def main() -> None:
     settings = load_settings_or_exit(os.environ, "pulsecal-service")
-    setup_logging(settings, program="pulsecal-service")
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+    # Leaving the block flushes Logstash and logs an exception that ends the process.
+    with setup_logging(settings, program="pulsecal-service"):
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(settings))
+        else:
+            uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Configuration: every environment variable read once into one frozen, typed object."""
 
 import dataclasses
+import ipaddress
 import math
 import socket
 import sys
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 __all__ = ("Settings", "SettingsError", "load_settings", "load_settings_or_exit")
 
 T = TypeVar("T")
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SettingsError(ValueError):
@@ -92,6 +94,33 @@ def _key_prefix(raw: str) -> str:
     return value
 
 
+def _field_names(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    if not all(n.replace("_", "").replace("-", "").isalnum() and n.isascii() for n in names):
+        raise ValueError("expected comma-separated names of letters, digits, '_' and '-'")
+    return names
+
+
+_POLICIES = ("api", "ingest")
+
+
+def _policy_names(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    unknown = [n for n in names if n not in _POLICIES]
+    if unknown:
+        raise ValueError(f"expected policy names among {', '.join(_POLICIES)}")
+    return names
+
+
+def _networks(raw: str) -> tuple[IpNetwork, ...]:
+    try:
+        return tuple(
+            ipaddress.ip_network(n.strip(), strict=False) for n in raw.split(",") if n.strip()
+        )
+    except ValueError:
+        raise ValueError("expected comma-separated IP networks (CIDR)") from None
+
+
 def _env(name: str, default: Any, parse: Callable[[str], Any]) -> Any:
     return dataclasses.field(default=default, metadata={"env": name, "parse": parse})
 
@@ -106,6 +135,18 @@ class Settings:
     sidecar_port: int = _env("SIDECAR_PORT", 9464, _PORT)
     pod_name: str = _env("POD_NAME", "", _text)
     environment: str = _env("ENVIRONMENT", "development", _text)
+
+    # The sidecar (README, "Sidecar"). The token is left out of the repr: settings get logged.
+    metrics_token: str | None = dataclasses.field(
+        default=None, repr=False, metadata={"env": "METRICS_TOKEN", "parse": _optional(_text)}
+    )
+    metrics_max_series: int = _env("METRICS_MAX_SERIES", 2000, _int_in(10, 1_000_000))
+    sidecar_read_count: int = _env("SIDECAR_READ_COUNT", 200, _int_in(1, 100_000))
+    sidecar_block_ms: int = _env("SIDECAR_BLOCK_MS", 1000, _int_in(1, 60_000))
+    sidecar_checkpoint_interval: float = _env(
+        "SIDECAR_CHECKPOINT_INTERVAL", 1.0, _float_in(0.01, 3600)
+    )
+    sidecar_state_ttl: int = _env("SIDECAR_STATE_TTL", 7 * 86_400, _int_in(60, 366 * 86_400))
 
     # Dependencies.
     redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", _url("redis", "rediss", "unix"))
@@ -125,13 +166,37 @@ class Settings:
     enable_file_logging: bool = _env("ENABLE_FILE_LOGGING", False, _bool)
     logstash_host: str | None = _env("LOGSTASH_HOST", None, _optional(_text))
     logstash_port: int = _env("LOGSTASH_PORT", 5000, _PORT)
+    log_retention_days: int = _env("LOG_RETENTION_DAYS", 14, _int_in(1, 3650))
+    log_compression: str = _env("LOG_COMPRESSION", "none", _choice("none", "gz", "bz2", "xz"))
+    log_redact_fields: tuple[str, ...] = _env(
+        "LOG_REDACT_FIELDS",
+        _field_names("authorization,cookie,token,password,passwd,secret,api_key,dsn,database_url"),
+        _field_names,
+    )
+    logstash_buffer_lines: int = _env("LOGSTASH_BUFFER_LINES", 10_000, _int_in(1, 10_000_000))
+    logstash_reconnect_max: float = _env("LOGSTASH_RECONNECT_MAX", 30.0, _float_in(0.01, 3600))
     metrics_enabled: bool = _env("METRICS_ENABLED", True, _bool)
     tracing_enabled: bool = _env("TRACING_ENABLED", False, _bool)
     jaeger_endpoint: str | None = _env("JAEGER_ENDPOINT", None, _optional(_url("http", "https")))
 
-    # Rate limiting.
+    # Rate limiting (README, "Rate limiting"). A *_BURST_MAX of 0 turns that window off.
+    rate_limit_enabled: bool = _env("RATE_LIMIT_ENABLED", True, _bool)
     rate_limit_ttl: int = _env("RATE_LIMIT_TTL", 60, _int_in(1, 86_400))
     rate_limit_max: int = _env("RATE_LIMIT_MAX", 100, _int_in(1, 10_000_000))
+    rate_limit_burst_max: int = _env("RATE_LIMIT_BURST_MAX", 20, _int_in(0, 10_000_000))
+    rate_limit_burst_ttl: float = _env("RATE_LIMIT_BURST_TTL", 1.0, _float_in(0.01, 86_400))
+    rate_limit_ingest_ttl: int = _env("RATE_LIMIT_INGEST_TTL", 60, _int_in(1, 86_400))
+    rate_limit_ingest_max: int = _env("RATE_LIMIT_INGEST_MAX", 1000, _int_in(1, 10_000_000))
+    rate_limit_ingest_burst_max: int = _env(
+        "RATE_LIMIT_INGEST_BURST_MAX", 0, _int_in(0, 10_000_000)
+    )
+    rate_limit_ingest_burst_ttl: float = _env(
+        "RATE_LIMIT_INGEST_BURST_TTL", 1.0, _float_in(0.01, 86_400)
+    )
+    rate_limit_shadow: tuple[str, ...] = _env("RATE_LIMIT_SHADOW", (), _policy_names)
+    rate_limit_fail_mode: str = _env("RATE_LIMIT_FAIL_MODE", "open", _choice("open", "closed"))
+    rate_limit_ws_close_after: int = _env("RATE_LIMIT_WS_CLOSE_AFTER", 20, _int_in(1, 1_000_000))
+    trusted_proxies: tuple[IpNetwork, ...] = _env("TRUSTED_PROXIES", (), _networks)
 
     # Health checks: the timeout is in milliseconds, as in the original system.
     health_check_timeout_ms: int = _env("HEALTH_CHECK_TIMEOUT", 5000, _int_in(10, 120_000))
