@@ -27,6 +27,7 @@ from .appkeys import CHECKER, HTTP_CLIENT, INGEST, PG_POOL, REDIS_AUX, REDIS_DAT
 from .edge import UNMATCHED, instrumented, not_found
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
 from .keepalive import keep_alive
+from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
 from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
@@ -124,11 +125,34 @@ def _static_details(settings: Settings) -> dict[str, dict[str, Any]]:
     return details
 
 
+def _policies(settings: Settings) -> tuple[Policy | None, Policy | None]:
+    """(api, ingest): 100/min per client IP for API routes, 1000/min per device for ingest,
+    each with an optional short burst window; health routes have none."""
+    if not settings.rate_limit_enabled:
+        return None, None
+    api = [Window("default", settings.rate_limit_max, settings.rate_limit_ttl)]
+    if settings.rate_limit_burst_max:
+        api.append(Window("burst", settings.rate_limit_burst_max, settings.rate_limit_burst_ttl))
+    ingest = [Window("default", settings.rate_limit_ingest_max, settings.rate_limit_ingest_ttl)]
+    if settings.rate_limit_ingest_burst_max:
+        ingest.append(
+            Window(
+                "burst", settings.rate_limit_ingest_burst_max, settings.rate_limit_ingest_burst_ttl
+            )
+        )
+    shadow = settings.rate_limit_shadow
+    return (
+        Policy("api", tuple(api), key="ip", shadow="api" in shadow),
+        Policy("ingest", tuple(ingest), key="device", shadow="ingest" in shadow),
+    )
+
+
 async def _ingest(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     keys = Keys(settings.redis_key_prefix)
     pod = settings.pod
     tokens = TokenCache()
+    api_policy, ingest_policy = _policies(settings)
     state = IngestState(
         tokens=tokens,
         writer=ReadingsWriter(
@@ -140,6 +164,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             timeout=settings.write_timeout,
             idempotency_window=settings.idempotency_window,
             idempotency_ttl=settings.idempotency_ttl,
+            policy=ingest_policy,
         ),
         backlog=BacklogMonitor(
             app[REDIS_AUX],
@@ -159,6 +184,16 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         max_body_bytes=settings.max_body_bytes,
         retry_after=settings.retry_after,
         ws_heartbeat=settings.ws_heartbeat,
+        limiter=RateLimiter(
+            app[REDIS_AUX],
+            keys,
+            fail_closed=settings.rate_limit_fail_mode == "closed",
+            timeout=settings.write_timeout,
+        ),
+        proxies=TrustedProxies(settings.trusted_proxies),
+        api_policy=api_policy,
+        ingest_policy=ingest_policy,
+        ws_close_after=settings.rate_limit_ws_close_after,
     )
     app[INGEST] = state
     checker = HealthChecker(
@@ -289,6 +324,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
     app.on_shutdown.append(_drain_now)
     router = app.router
+    # Rate-limit policies are declared with the routes: ingestion is limited per device
+    # inside its write (service/store.py), other routes per client IP, health never.
+    api_policy, _ = _policies(settings)
     # The ingest routes record their own telemetry (samples stored, WebSocket events).
     router.add_post(HTTP_ROUTE, ingest_http)
     router.add_get(WS_ROUTE, ingest_ws)
@@ -299,5 +337,5 @@ def create_app(settings: Settings) -> web.Application:
         ("/health", probes.health),
     ):
         router.add_get(path, instrumented(path, probe))
-    router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found))
+    router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found, policy=api_policy))
     return app

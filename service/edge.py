@@ -15,6 +15,7 @@ from shared.telemetry import Kind
 
 from .appkeys import INGEST
 from .errors import error_response
+from .ratelimit import Policy, RateLimitUnavailableError, over_limit_record, rate_limit_headers
 
 __all__ = ("UNMATCHED", "instrumented", "not_found")
 
@@ -24,13 +25,14 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def instrumented(route: str, handler: Handler) -> Handler:
-    """``handler`` timed and recorded under ``route``, its refusals in the JSON error shape."""
+def instrumented(route: str, handler: Handler, *, policy: Policy | None = None) -> Handler:
+    """``handler`` timed and recorded under ``route``, its refusals in the JSON error shape,
+    behind ``policy``'s rate limit per client IP (no policy: never limited)."""
 
     async def instrumented_handler(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            response = await handler(request)
+            response = await _limited(request, route, handler, policy)
         except web.HTTPException as e:
             headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
             response = error_response(e.status, e.reason, headers=headers)
@@ -53,6 +55,28 @@ def instrumented(route: str, handler: Handler) -> Handler:
         return response
 
     return instrumented_handler
+
+
+async def _limited(
+    request: web.Request, route: str, handler: Handler, policy: Policy | None
+) -> web.StreamResponse:
+    if policy is None:
+        return await handler(request)
+    state = request.app[INGEST]
+    try:
+        decision = await state.limiter.check(policy, state.proxies.client_ip(request))
+    except RateLimitUnavailableError as e:
+        return error_response(503, str(e), headers={"Retry-After": str(state.retry_after)})
+    if decision.over:
+        state.telemetry.record(over_limit_record(route, policy, decision))
+    headers = rate_limit_headers(policy, decision)
+    if not decision.allowed:
+        details = {"policy": policy.name, "window": decision.window.name}
+        return error_response(429, "rate limit exceeded", details, headers=headers)
+    response = await handler(request)
+    if not response.prepared:
+        response.headers.update(headers)
+    return response
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

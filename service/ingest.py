@@ -18,8 +18,15 @@ from shared.wire import BatchError, decode_batch
 from .appkeys import INGEST
 from .errors import error_body, error_response
 from .keepalive import Peer
+from .ratelimit import (
+    Decision,
+    RateLimitUnavailableError,
+    decision_from_reply,
+    over_limit_record,
+    rate_limit_headers,
+)
 from .state import IngestState
-from .store import StoreUnavailableError
+from .store import StoreUnavailableError, WriteResult
 
 __all__ = ("HTTP_ROUTE", "WS_ROUTE", "ingest_http", "ingest_ws")
 
@@ -41,6 +48,51 @@ def _refusal(state: IngestState) -> str | None:
 
 def _unavailable(state: IngestState, message: str) -> web.Response:
     return error_response(503, message, headers={"Retry-After": str(state.retry_after)})
+
+
+async def _unauthenticated(state: IngestState, request: web.Request, route: str) -> web.Response:
+    """401, or 429 once the client's IP has used up its API budget: guessing is throttled."""
+    policy = state.api_policy
+    if policy is not None:
+        try:
+            decision = await state.limiter.check(policy, state.proxies.client_ip(request))
+        except RateLimitUnavailableError:
+            return _unavailable(state, "rate limits cannot be checked now")
+        if decision.over:
+            state.telemetry.record(
+                (
+                    Kind.RATE_LIMITED,
+                    route,
+                    policy.name,
+                    200 if decision.allowed else 429,
+                    0,
+                    0,
+                    0,
+                    None,
+                )
+            )
+        if not decision.allowed:
+            return error_response(
+                429,
+                "too many requests from this address",
+                {"policy": policy.name, "window": decision.window.name},
+                headers=rate_limit_headers(policy, decision),
+            )
+    return error_response(
+        401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def _verdict(state: IngestState, route: str, result: WriteResult) -> Decision | None:
+    """The rate-limit decision in a write's result; rejections are counted for the sidecar."""
+    _, verdict, window, remaining, reset = result
+    policy = state.ingest_policy
+    if verdict == 0 or policy is None:
+        return None
+    decision = decision_from_reply(policy, verdict, window, remaining, reset)
+    if decision.over:
+        state.telemetry.record(over_limit_record(route, policy, decision))
+    return decision
 
 
 async def ingest_http(request: web.Request) -> web.StreamResponse:
@@ -79,9 +131,7 @@ async def _ingest_http(state: IngestState, request: web.Request) -> tuple[web.Re
             return _unavailable(state, "device tokens are not loaded yet"), 0
         device_id = state.tokens.authenticate(request.headers.get("Authorization"))
         if device_id is None:
-            return error_response(
-                401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
-            ), 0
+            return await _unauthenticated(state, request, HTTP_ROUTE), 0
         # The exact header is the common case; anything else goes through aiohttp's parser.
         content_type = request.headers.get("Content-Type")
         if content_type != "application/json" and request.content_type != "application/json":
@@ -103,17 +153,27 @@ async def _ingest_http(state: IngestState, request: web.Request) -> tuple[web.Re
         if state.backlog.exceeded:
             return _unavailable(state, _BACKLOG_EXCEEDED), 0
         try:
-            stored = await state.writer.submit(device_id, batch.seq, body)
+            result = await state.writer.submit(device_id, batch.seq, body)
         except StoreUnavailableError as e:
             return _unavailable(state, f"cannot store the batch now: {e}"), 0
     finally:
         state.batches_in_flight -= 1
+    decision = _verdict(state, HTTP_ROUTE, result)
+    headers = None
+    if decision is not None:
+        assert state.ingest_policy is not None
+        headers = rate_limit_headers(state.ingest_policy, decision)
+        if not decision.allowed:
+            details = {"policy": state.ingest_policy.name, "window": decision.window.name}
+            return error_response(429, "rate limit exceeded", details, headers=headers), 0
+    stored = result[0] == 1
     samples = len(batch.ppg)
     response = web.Response(
         status=202,
         body=b'{"accepted":%d,"seq":%d,"duplicate":%s}'
         % (samples, batch.seq, b"false" if stored else b"true"),
         content_type="application/json",
+        headers=headers,
     )
     return response, samples if stored else 0
 
@@ -153,13 +213,22 @@ async def _ws_message(state: IngestState, device_id: str, data: str) -> tuple[st
     if (refusal := _refusal(state)) is not None:
         return _ws_error(503, refusal, batch.seq, retry_after=state.retry_after), 503, 0
     try:
-        stored = await state.writer.submit(device_id, batch.seq, data.encode())
+        result = await state.writer.submit(device_id, batch.seq, data.encode())
     except StoreUnavailableError as e:
         reply = _ws_error(
             503, f"cannot store the batch now: {e}", batch.seq, retry_after=state.retry_after
         )
         return reply, 503, 0
-    if stored:
+    # A WebSocket ack carries no rate-limit headers: only a verdict over the limit matters.
+    decision = _verdict(state, WS_ROUTE, result) if result[1] >= 2 else None
+    if decision is not None and not decision.allowed:
+        assert state.ingest_policy is not None
+        details = {"policy": state.ingest_policy.name, "window": decision.window.name}
+        reply = _ws_error(
+            429, "rate limit exceeded", batch.seq, details, retry_after=decision.retry_after
+        )
+        return reply, 429, 0
+    if result[0] == 1:
         return f'{{"ack":{batch.seq}}}', 202, len(batch.ppg)
     return f'{{"ack":{batch.seq},"duplicate":true}}', 202, 0
 
@@ -170,9 +239,7 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
         return _unavailable(state, "not accepting connections now")
     device_id = state.tokens.authenticate(request.headers.get("Authorization"))
     if device_id is None:
-        return error_response(
-            401, "a valid device token is required", headers={"WWW-Authenticate": "Bearer"}
-        )
+        return await _unauthenticated(state, request, WS_ROUTE)
     ws = web.WebSocketResponse(
         max_msg_size=state.max_body_bytes,
         # Keep-alive is one sweeper task for all sockets (service/keepalive.py), which sees
@@ -186,6 +253,7 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
     record((Kind.WS_OPEN, WS_ROUTE, "GET", 101, 0, 0, 0, None))
     peer = Peer(request.transport)
     state.websockets[ws] = peer
+    refused_in_a_row = 0
     try:
         async for msg in ws:
             peer.heard = True
@@ -199,6 +267,15 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
                     await ws.send_str(reply)
                 finally:
                     state.batches_in_flight -= 1
+                if status == 429:
+                    refused_in_a_row += 1
+                    if refused_in_a_row >= state.ws_close_after:
+                        await ws.close(
+                            code=WSCloseCode.POLICY_VIOLATION,
+                            message=b"rate limit exceeded again and again",
+                        )
+                else:
+                    refused_in_a_row = 0
                 record(
                     (
                         Kind.WS_MESSAGE,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .keepalive import Peer
+from .ratelimit import Policy, RateLimiter, TrustedProxies
 from .store import BacklogMonitor, ReadingsWriter
 from .telemetry import LoopLagMonitor, Telemetry
 from .tokens import TokenCache
@@ -24,6 +25,13 @@ class IngestState:
     max_body_bytes: int
     retry_after: int
     ws_heartbeat: float
+    limiter: RateLimiter
+    proxies: TrustedProxies
+    # None when rate limiting is off. The ingest policy is decided inside the write.
+    api_policy: Policy | None
+    ingest_policy: Policy | None
+    # Refused WebSocket messages in a row before the socket is closed with 1008.
+    ws_close_after: int
     # Open device sockets, with what the keep-alive sweeper knows of each.
     websockets: dict[web.WebSocketResponse, Peer] = field(default_factory=dict)
     draining: bool = False

@@ -19,42 +19,73 @@ from redis.exceptions import RedisError, ResponseError
 from shared.keys import Keys
 from shared.tasks import cancel_and_wait
 
+from .ratelimit import GCRA_LUA, Policy
 from .resp import RespConnection, encode_command
 
 __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 
-# Idempotency: a per-device sorted set of recent seqs (at most `window` of them, so it stays
-# small and listpack-encoded). A seq older than what the set holds is accepted again; the
-# persistence worker is idempotent on (device_id, seq) as well. Trimming and refreshing the
-# TTL cost two more commands, so they run only when the set is new or over the window, and
-# then trim it to `keep` (7/8 of the window): one batch in `window - keep` pays for them.
-# The shebang makes Redis check memory once, before the script runs, so no command in it
-# fails for lack of memory: a seq is marked seen only in the same all-or-nothing step that
-# stores its batch.
-_WRITE_BATCH_LUA = """#!lua
+# Per batch, in one all-or-nothing step: the device's rate limit (GCRA, see ratelimit.py),
+# then idempotency, then the write. Idempotency: a per-device sorted set of recent seqs (at
+# most `window` of them, so it stays small and listpack-encoded). A seq older than what the
+# set holds is accepted again; the persistence worker is idempotent on (device_id, seq) as
+# well. Trimming and refreshing the TTL cost two more commands, so they run only when the
+# set is new or over the window, and then trim it to `keep` (7/8 of the window): one batch
+# in `window - keep` pays for them. The shebang makes Redis check memory once, before the
+# script runs, so no command in it fails for lack of memory: a seq is marked seen only in
+# the same step that stores its batch.
+#
+# KEYS: the stream, then per batch its seen-set and one GCRA cell per policy window.
+# ARGV: window, keep, ttl, received ms, window count, shadow, (limit, period ms) per window,
+# then per batch its seq and payload. Reply: five integers per batch (see WriteResult).
+_WRITE_BATCH_LUA = (
+    "#!lua\n"
+    + GCRA_LUA
+    + """
 local stream = KEYS[1]
 local window = tonumber(ARGV[1])
 local keep_from = -1 - tonumber(ARGV[2])
 local ttl = ARGV[3]
 local received = ARGV[4]
+local nw = tonumber(ARGV[5])
+local shadow = tonumber(ARGV[6])
+local items = 7 + 2 * nw
+local stride = 1 + nw
+local now = 0
+if nw > 0 then now = redis_now_ms() end
 local out = {}
-for i = 2, #KEYS do
-  local seen = KEYS[i]
-  local seq = ARGV[2 * i + 1]
-  if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
-    redis.call('XADD', stream, '*', 'd', ARGV[2 * i + 2], 'r', received)
-    local held = redis.call('ZCARD', seen)
-    if held == 1 or held > window then
-      redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
-      redis.call('EXPIRE', seen, ttl)
-    end
-    out[i - 1] = 1
-  else
-    out[i - 1] = 0
+for i = 0, (#KEYS - 1) / stride - 1 do
+  local seen = KEYS[2 + i * stride]
+  local verdict, w, remaining, reset = 0, 0, 0, 0
+  if nw > 0 then
+    verdict, w, remaining, reset = gcra(3 + i * stride, nw, shadow, 7, now)
   end
+  local stored = -1
+  if verdict ~= 2 then
+    local seq = ARGV[items + 2 * i]
+    if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
+      redis.call('XADD', stream, '*', 'd', ARGV[items + 2 * i + 1], 'r', received)
+      local held = redis.call('ZCARD', seen)
+      if held == 1 or held > window then
+        redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
+        redis.call('EXPIRE', seen, ttl)
+      end
+      stored = 1
+    else
+      stored = 0
+    end
+  end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = stored, verdict, w, remaining, reset
 end
 return out
 """
+)
+
+# What Redis answered for one batch: stored (1), duplicate (0) or not attempted because
+# the rate limit refused it (-1); the limit's verdict (0 no policy, 1 allowed, 2 refused,
+# 3 over but let through in shadow mode), the deciding window (1-based), remaining
+# requests in it, and ms until it is full again (or, refused, until one more passes).
+WriteResult = tuple[int, int, int, int, int]
 
 
 class StoreUnavailableError(Exception):
@@ -66,7 +97,7 @@ class _Pending:
     device_id: str
     seq: int
     payload: bytes
-    future: asyncio.Future[bool]
+    future: asyncio.Future[WriteResult]
 
 
 # Redis names scripts by their SHA-1; nothing here relies on it as a secure hash.
@@ -86,6 +117,7 @@ class ReadingsWriter:
         timeout: float,
         idempotency_window: int,
         idempotency_ttl: int,
+        policy: Policy | None = None,
     ) -> None:
         self._redis = redis
         # Looked up once: on Python 3.11 every get_running_loop() is a getpid() syscall.
@@ -103,6 +135,10 @@ class ReadingsWriter:
             b"%d" % max(keep, 1),
             b"%d" % idempotency_ttl,
         )
+        self._policy = policy
+        self._policy_args = policy.args if policy is not None else (b"0", b"0")
+        # A device's cells, encoded once: devices are few and write again and again.
+        self._cells: dict[str, list[bytes]] = {}
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._in_flight = 0
@@ -110,6 +146,7 @@ class ReadingsWriter:
         self._idle.set()
         self.stored = 0
         self.duplicates = 0
+        self.refused = 0
         self.failed = 0
         self.batches = 0
         self.last_success = 0.0
@@ -123,11 +160,11 @@ class ReadingsWriter:
     def healthy(self) -> bool:
         return self.last_success >= self.last_failure
 
-    def submit(self, device_id: str, seq: int, payload: bytes) -> asyncio.Future[bool]:
-        """Queue a batch; the future says True if stored now, False if it was a duplicate."""
+    def submit(self, device_id: str, seq: int, payload: bytes) -> asyncio.Future[WriteResult]:
+        """Queue a batch; the future holds what Redis decided for it (``WriteResult``)."""
         if len(self._pending) >= self._max_pending:
             raise StoreUnavailableError("write queue full")
-        future: asyncio.Future[bool] = self._loop.create_future()
+        future: asyncio.Future[WriteResult] = self._loop.create_future()
         self._pending.append(_Pending(device_id, seq, payload, future))
         self._idle.clear()
         self._wakeup.set()
@@ -162,12 +199,26 @@ class ReadingsWriter:
         """Wait until everything submitted so far has been answered."""
         await self._idle.wait()
 
+    def _device_cells(self, device_id: str) -> list[bytes]:
+        cells = self._cells.get(device_id)
+        if cells is None:
+            if len(self._cells) >= 100_000:
+                self._cells.clear()
+            cells = [(self._seen_prefix + device_id.encode())]
+            if self._policy is not None:
+                name = self._policy.name
+                cells += [
+                    self._keys.ingest_rate_limit(name, w.name, device_id).encode()
+                    for w in self._policy.windows
+                ]
+            self._cells[device_id] = cells
+        return cells
+
     def _command(self, batch: list[_Pending]) -> bytes:
         keys = [self._stream_key]
-        seen = self._seen_prefix
-        args = [*self._fixed_args, b"%d" % (time.time_ns() // 1_000_000)]
+        args = [*self._fixed_args, b"%d" % (time.time_ns() // 1_000_000), *self._policy_args]
         for item in batch:
-            keys.append(seen + item.device_id.encode())
+            keys += self._device_cells(item.device_id)
             args.append(b"%d" % item.seq)
             args.append(item.payload)
         return encode_command([b"EVALSHA", _WRITE_BATCH_SHA, b"%d" % len(keys), *keys, *args])
@@ -199,13 +250,17 @@ class ReadingsWriter:
             return
         self.batches += 1
         self.last_success = time.time()
-        for item, result in zip(batch, results, strict=True):
-            if result == 1:
+        for i, item in enumerate(batch):
+            result = tuple(results[5 * i : 5 * i + 5])
+            stored = result[0]
+            if stored == 1:
                 self.stored += 1
-            else:
+            elif stored == 0:
                 self.duplicates += 1
+            else:
+                self.refused += 1
             if not item.future.done():
-                item.future.set_result(result == 1)
+                item.future.set_result(result)  # type: ignore[arg-type]  # five ints, by the script
 
 
 class BacklogMonitor:

@@ -25,8 +25,41 @@ class Keys:
     def seen(self, device_id: str) -> str:
         return f"{self.seen_prefix}{device_id}"
 
+    def ingest_rate_limit(self, policy: str, window: str, device_id: str) -> str:
+        """A device's GCRA cell: beside the readings stream, as the write script touches both."""
+        return f"{self.prefix}{{ingest}}:rl:{policy}:{window}:{device_id}"
+
+    def rate_limit(self, policy: str, window: str, key: str) -> str:
+        """A client's GCRA cell for routes outside the write path (its own hash slot)."""
+        return f"{self.prefix}rl:{policy}:{window}:{{{key}}}"
+
     def telemetry(self, pod: str) -> str:
         return f"{self.prefix}telemetry:{{{pod}}}"
 
     def heartbeat(self, pod: str) -> str:
         return f"{self.prefix}heartbeat:{{{pod}}}"
+
+    def sidecar_state(self, pod: str) -> str:
+        """The sidecar's checkpoint: its stream position and the totals that match it."""
+        return f"{self.prefix}sidecar:{{{pod}}}:state"
+
+    # The worker (README, "Worker"). Its readings keys sit beside the stream under {ingest}:
+    # a dead letter is added and its original acknowledged in one MULTI.
+    @property
+    def readings_dead(self) -> str:
+        """Dead-letter stream: entries that kept failing, with the reason."""
+        return f"{self.prefix}{{ingest}}:readings:dead"
+
+    @property
+    def readings_errors(self) -> str:
+        """Hash of readings entry id -> why persisting it failed last, for the dead letter."""
+        return f"{self.prefix}{{ingest}}:readings:errors"
+
+    # Analysis jobs and the markers that make one job per device window: under {jobs}, as
+    # the scheduling script touches both.
+    @property
+    def analysis_jobs(self) -> str:
+        return f"{self.prefix}{{jobs}}:analysis"
+
+    def analysis_window(self, device_id: str, start_ms: int) -> str:
+        return f"{self.prefix}{{jobs}}:window:{device_id}:{start_ms}"

@@ -4,6 +4,36 @@ The service appends one compact record per request or WebSocket event to a buffe
 writes the buffer as one stream entry (field ``b``) of msgpack; the sidecar decodes whole
 batches. ``dropped_total`` is cumulative per process instance (``boot_id``), so a reader
 can count drops even when it missed entries.
+
+Record kinds (``Kind``; a record is ``Record``: kind, route, method, status, duration in
+microseconds, size, samples, trace id). New kinds are only ever appended; a reader counts a
+kind it does not know rather than failing.
+
+- ``HTTP``: one request: route template, method, status, duration, request bytes, samples.
+- ``WS_MESSAGE`` / ``WS_OPEN`` / ``WS_CLOSE``: WebSocket events (status: the answer's status,
+  or the close code).
+- ``RATE_LIMITED``: see the comment at the enum.
+- ``ALERT`` (worker): an alert changed. route = the rule (``hr_high``, ``hr_low``,
+  ``spo2_low``, ``silence``), method = ``open`` or ``clear``; the rest 0 / None. Counting the
+  ``open`` records by route gives ``alerts_created_total{rule}``.
+- ``ANALYSIS`` (worker): an analysis job finished. route = ``/analyze``, method = ``POST``,
+  status = 200 completed, 204 skipped (too little data in the window, the AI not called),
+  422 the AI refused the window, 500 failed after its retries (or expired waiting for an
+  open circuit); duration = the job's time including retries; size = attempts; samples =
+  PPG samples sent.
+- ``PERSIST`` (worker): one group of readings committed to Postgres (or not). route =
+  ``readings``, method = ``COPY``, status = 200 committed, 503 the database was unavailable
+  (the group is retried), 422 some entries were rejected (left for a retry, then dead
+  letters); duration = the transaction's time; size = rows inserted (duplicates excluded);
+  samples = PPG samples in those rows.
+- ``DEAD_LETTER`` (worker): one readings entry moved to the dead-letter stream. route = why:
+  ``undecodable`` (not a valid batch), ``rejected`` (the database refused it),
+  ``redelivered`` (delivered ``WORKER_DEAD_LETTER_AFTER`` times without an acknowledgement).
+
+The heartbeat is one JSON object per process. The service's and the worker's share the
+struct: fields one of them has no use for keep their defaults (``program`` says which sent
+it). Fields are only ever appended, with defaults, so an older reader still decodes a newer
+heartbeat and a newer reader an older one.
 """
 
 import enum
@@ -30,6 +60,14 @@ class Kind(enum.IntEnum):
     WS_MESSAGE = 1
     WS_OPEN = 2
     WS_CLOSE = 3
+    # A request or message over a rate-limit policy: route, method = the policy's name,
+    # status 429 when refused, 200 when let through by a policy in shadow mode.
+    RATE_LIMITED = 4
+    # The worker's (see the module docstring).
+    ALERT = 5
+    ANALYSIS = 6
+    PERSIST = 7
+    DEAD_LETTER = 8
 
 
 # kind, route template, method, status, duration in microseconds, request bytes,
@@ -57,19 +95,36 @@ class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
     rss_bytes: int
     heap_bytes: int
     loop_lag_ms: float
-    http_connections: int
-    ws_connections: int
-    pending_writes: int
-    writes_ok: int
-    writes_duplicate: int
-    writes_failed: int
-    write_batches: int
+    # The service's; 0 in the worker's heartbeat.
+    http_connections: int = 0
+    ws_connections: int = 0
+    pending_writes: int = 0
+    writes_ok: int = 0
+    writes_duplicate: int = 0
+    writes_failed: int = 0
+    write_batches: int = 0
     redis_ok: bool
-    backlog: int
-    backlog_exceeded: bool
+    # The service: the readings backlog (largest lag + pending of any group). The worker: 0.
+    backlog: int = 0
+    backlog_exceeded: bool = False
     telemetry_dropped: int
-    tokens_loaded: int
-    db_pool: dict[str, int]
+    tokens_loaded: int = 0
+    # Connection pool: size, available, waiting.
+    db_pool: dict[str, int] = {}
+    # The worker's (0 in the service's). queue_depth: analysis jobs not yet picked up by any
+    # worker (the same figure in every worker pod); queue_jobs_active: this process's jobs
+    # in progress; readings_lag: readings not yet persisted by the persist group (undelivered
+    # + unacknowledged); dead_letters: entries in the dead-letter stream; rows_persisted /
+    # samples_persisted: this process's totals since it started (boot_id); ai_circuit:
+    # ``closed``, ``open`` or ``half-open``.
+    queue_depth: int = 0
+    queue_jobs_active: int = 0
+    readings_lag: int = 0
+    dead_letters: int = 0
+    rows_persisted: int = 0
+    samples_persisted: int = 0
+    alerts_open: int = 0
+    ai_circuit: str = "closed"
 
 
 _batch_encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,346 @@
+"""Rate limits shared by every replica: GCRA in Redis, on Redis's clock.
+
+Each policy has one or more named windows ("100 per 60 s", "20 per 1 s"); a request passes
+only if every window lets it. A window is a GCRA (generic cell rate algorithm) cell: one
+number per key, the theoretical arrival time (TAT). A window of ``limit`` per ``seconds``
+admits a burst of exactly ``limit`` from rest and then one request every
+``seconds / limit``; the decision is exact (no sampling, no approximation between
+windows) because it is made atomically in Redis with Redis's own ``TIME``, so neither
+replica count nor client clocks change it.
+
+Ingestion is limited per device in the same Lua call as the group-committed write
+(``service/store.py`` embeds ``GCRA_LUA``); other routes are limited per client IP with
+one ``EVALSHA`` each. When Redis cannot be asked, a per-process GCRA with the same
+policies decides (fail open with local limits), or the request is refused with 503 when
+``RATE_LIMIT_FAIL_MODE=closed``.
+"""
+
+import asyncio
+import hashlib
+import ipaddress
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiohttp import web
+from loguru import logger
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from shared.keys import Keys
+from shared.telemetry import Kind, Record
+
+__all__ = (
+    "GCRA_LUA",
+    "Decision",
+    "LocalLimiter",
+    "Policy",
+    "RateLimitUnavailableError",
+    "RateLimiter",
+    "TrustedProxies",
+    "Window",
+    "decision_from_reply",
+    "over_limit_record",
+    "rate_limit_headers",
+)
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    name: str
+    limit: int
+    seconds: float
+
+    @property
+    def period_ms(self) -> float:
+        return self.seconds * 1000.0
+
+    @property
+    def interval_ms(self) -> float:
+        return self.seconds * 1000.0 / self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A named set of windows, what it is keyed by, and whether it only counts (shadow)."""
+
+    name: str
+    windows: tuple[Window, ...]
+    key: Literal["ip", "device"] = "ip"
+    shadow: bool = False
+    # The RateLimit-Policy header value (draft-ietf-httpapi-ratelimit-headers), built once.
+    header: str = field(init=False, repr=False, compare=False)
+    # What the Lua scripts take after the window count: limit and period (ms) per window.
+    args: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise ValueError(f"policy {self.name!r} has no window")
+        header = ", ".join(f'"{w.name}";q={w.limit};w={_seconds(w.seconds)}' for w in self.windows)
+        object.__setattr__(self, "header", header)
+        args: list[bytes] = [b"%d" % len(self.windows), b"1" if self.shadow else b"0"]
+        for w in self.windows:
+            args += [b"%d" % w.limit, repr(w.period_ms).encode()]
+        object.__setattr__(self, "args", tuple(args))
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision: ``allowed`` is False only when refused (never in shadow mode)."""
+
+    allowed: bool
+    over: bool
+    window: Window
+    remaining: int
+    # Milliseconds until the window is full again (allowed) or until one more request
+    # would pass (refused).
+    reset_ms: float
+
+    @property
+    def retry_after(self) -> int:
+        return _seconds(self.reset_ms / 1000.0)
+
+
+# One Lua function for both scripts. ``first`` is the index in KEYS of the policy's first
+# window key; the windows' limits and periods come from ARGV starting at ``params``
+# (``limit, period_ms`` per window). Returns code (1 allowed, 2 refused, 3 over but let
+# through in shadow mode), the deciding window (1-based), remaining, and reset in ms.
+GCRA_LUA = """
+local function gcra(first, nw, shadow, params, now)
+  local tats = {}
+  local refused, wait = 0, 0
+  for w = 1, nw do
+    local limit = tonumber(ARGV[params + 2 * w - 2])
+    local period = tonumber(ARGV[params + 2 * w - 1])
+    local tat = tonumber(redis.call('GET', KEYS[first + w - 1])) or now
+    if tat < now then tat = now end
+    local new_tat = tat + period / limit
+    local over = new_tat - now - period
+    if over > 0 and over > wait then
+      refused, wait = w, over
+    end
+    tats[w] = new_tat
+  end
+  if refused > 0 then
+    if shadow == 0 then return 2, refused, 0, math.ceil(wait) end
+    return 3, refused, 0, math.ceil(wait)
+  end
+  local best, remaining, reset = 1, nil, 0
+  for w = 1, nw do
+    local limit = tonumber(ARGV[params + 2 * w - 2])
+    local period = tonumber(ARGV[params + 2 * w - 1])
+    local ahead = tats[w] - now
+    redis.call('SET', KEYS[first + w - 1], tostring(tats[w]), 'PX', math.ceil(ahead))
+    local left = math.floor((period - ahead) / (period / limit) + 1e-9)
+    if remaining == nil or left < remaining then
+      best, remaining, reset = w, left, math.ceil(ahead)
+    end
+  end
+  return 1, best, remaining, reset
+end
+
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+"""
+
+_CHECK_LUA = (
+    "#!lua\n"
+    + GCRA_LUA
+    + """
+local code, w, remaining, reset = gcra(1, tonumber(ARGV[1]), tonumber(ARGV[2]), 3, redis_now_ms())
+return {code, w, remaining, reset}
+"""
+)
+# Redis names scripts by their SHA-1; nothing here relies on it as a secure hash.
+_CHECK_SHA = hashlib.sha1(_CHECK_LUA.encode()).hexdigest()  # noqa: S324
+
+
+def over_limit_record(route: str, policy: Policy, decision: Decision) -> Record:
+    """Telemetry for a request over ``policy``: 429 if refused, 200 if shadow mode let it by."""
+    status = 200 if decision.allowed else 429
+    return (Kind.RATE_LIMITED, route, policy.name, status, 0, 0, 0, None)
+
+
+def decision_from_reply(
+    policy: Policy, code: int, window: int, remaining: int, reset_ms: int
+) -> Decision:
+    return Decision(
+        allowed=code != 2,
+        over=code != 1,
+        window=policy.windows[window - 1],
+        remaining=remaining,
+        reset_ms=float(reset_ms),
+    )
+
+
+def rate_limit_headers(policy: Policy, decision: Decision) -> dict[str, str]:
+    """The IETF draft's ``RateLimit-Policy``/``RateLimit`` and the classic ``X-RateLimit-*``."""
+    window = decision.window
+    reset = decision.retry_after
+    headers = {
+        "RateLimit-Policy": policy.header,
+        "RateLimit": f'"{window.name}";r={decision.remaining};t={reset}',
+        "X-RateLimit-Limit": str(window.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(reset),
+    }
+    if not decision.allowed:
+        headers["Retry-After"] = str(reset)
+    return headers
+
+
+class RateLimitUnavailableError(Exception):
+    """Redis cannot decide and the fail mode is ``closed``."""
+
+
+class LocalLimiter:
+    """The same GCRA in this process, on its monotonic clock: the fallback while Redis is away.
+
+    Each replica then applies the full limits on its own (fail open with local limits).
+    Keys are kept up to ``max_keys``; the oldest are forgotten first.
+    """
+
+    def __init__(self, *, max_keys: int = 100_000) -> None:
+        self._tats: dict[tuple[str, str, str], float] = {}
+        self._max_keys = max_keys
+
+    def check(self, policy: Policy, key: str) -> Decision:
+        now = time.monotonic() * 1000.0
+        refused: Window | None = None
+        wait = 0.0
+        new_tats: list[float] = []
+        for w in policy.windows:
+            tat = max(self._tats.get((policy.name, w.name, key), now), now)
+            new_tat = tat + w.interval_ms
+            over = new_tat - now - w.period_ms
+            if over > 0 and over > wait:
+                refused, wait = w, over
+            new_tats.append(new_tat)
+        if refused is not None:
+            return Decision(policy.shadow, True, refused, 0, wait)
+        best: Decision | None = None
+        for w, new_tat in zip(policy.windows, new_tats, strict=True):
+            ahead = new_tat - now
+            self._remember((policy.name, w.name, key), new_tat)
+            left = math.floor((w.period_ms - ahead) / w.interval_ms + 1e-9)
+            if best is None or left < best.remaining:
+                best = Decision(True, False, w, left, ahead)
+        assert best is not None
+        return best
+
+    def _remember(self, cell: tuple[str, str, str], tat: float) -> None:
+        self._tats.pop(cell, None)
+        self._tats[cell] = tat
+        if len(self._tats) > self._max_keys:
+            del self._tats[next(iter(self._tats))]
+
+
+class RateLimiter:
+    """Decides for routes outside the write path: one ``EVALSHA`` per request."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, fail_closed: bool, timeout: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._fail_closed = fail_closed
+        self._timeout = timeout
+        self._local = LocalLimiter()
+        self._outage = False
+        self.fallback_decisions = 0
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis cannot decide (local limits or refusals apply)."""
+        return self._outage
+
+    async def check(self, policy: Policy, key: str) -> Decision:
+        cells = [self._keys.rate_limit(policy.name, w.name, key) for w in policy.windows]
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._evalsha(cells, policy.args)
+        except (RedisError, OSError, TimeoutError) as e:
+            if not self._outage:
+                self._outage = True
+                mode = "refusing requests" if self._fail_closed else "limiting per process"
+                logger.warning("rate limiter: Redis unavailable ({}), {}", type(e).__name__, mode)
+            self.fallback_decisions += 1
+            if self._fail_closed:
+                raise RateLimitUnavailableError("rate limits cannot be checked now") from e
+            return self._local.check(policy, key)
+        if self._outage:
+            self._outage = False
+            logger.info("rate limiter: Redis is back; shared limits apply again")
+        code, window, remaining, reset = (int(v) for v in reply)
+        return decision_from_reply(policy, code, window, remaining, reset)
+
+    async def _evalsha(self, cells: Sequence[str], args: Sequence[bytes]) -> list[int]:
+        try:
+            reply: list[int] = await self._redis.evalsha(_CHECK_SHA, len(cells), *cells, *args)
+        except NoScriptError:
+            await self._redis.script_load(_CHECK_LUA)
+            reply = await self._redis.evalsha(_CHECK_SHA, len(cells), *cells, *args)
+        return reply
+
+
+class TrustedProxies:
+    """Who the client is: the peer, or what a trusted proxy in front of us says it is."""
+
+    def __init__(self, networks: Sequence[IpNetwork]) -> None:
+        self._networks = tuple(networks)
+
+    def trusts(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._networks)
+
+    def client_ip(self, request: web.BaseRequest) -> str:
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        address = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        if not self._networks or not self.trusts(address):
+            return address
+        # Walk the chain from the nearest hop; the first address we do not trust is the client.
+        for hop in reversed(self._forwarded_chain(request)):
+            if not self.trusts(hop):
+                return hop
+        return address
+
+    @staticmethod
+    def _forwarded_chain(request: web.BaseRequest) -> list[str]:
+        chain: list[str] = []
+        forwarded = request.headers.get("Forwarded")
+        if forwarded is not None:
+            for element in forwarded.split(","):
+                for pair in element.split(";"):
+                    name, _, value = pair.strip().partition("=")
+                    if name.lower() == "for":
+                        chain.append(_bare_address(value))
+            return [hop for hop in chain if hop]
+        for value in request.headers.getall("X-Forwarded-For", ()):
+            chain += [_bare_address(hop) for hop in value.split(",")]
+        return [hop for hop in chain if hop]
+
+
+def _bare_address(value: str) -> str:
+    """``"[2001:db8::1]:4711"`` or ``192.0.2.1:80`` → the address alone; junk → ``""``."""
+    value = value.strip().strip('"')
+    if value.startswith("["):
+        value = value[1 : value.find("]")] if "]" in value else ""
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return ""
