@@ -101,76 +101,47 @@ async def measure(decide: Callable[[str], Awaitable[object]], decisions: int) ->
     }
 
 
-async def run(args: argparse.Namespace) -> None:
-    if shutil.which("redis-server") is None:
-        sys.exit("redis-server is not on PATH")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="pulsecal-ratelimit-")
-    redis_argv = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
-    if (os.cpu_count() or 1) > 1:
-        redis_argv = ["taskset", "-c", "1", *redis_argv]
-    server = subprocess.Popen(redis_argv, cwd=workdir, stdout=subprocess.DEVNULL)
-    proxy: subprocess.Popen[bytes] | None = None
-    try:
-        direct = Redis(port=port)
-        for _ in range(100):
-            try:
-                await direct.ping()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        # In its own process on the other core, so its work is not charged to the limiter.
-        proxy_port = free_port()
-        proxy_argv = [
-            sys.executable,
-            __file__,
-            "--proxy",
-            str(port),
-            str(proxy_port),
-            str(args.delay_ms),
-        ]
-        if (os.cpu_count() or 1) > 1:
-            proxy_argv = ["taskset", "-c", "1", *proxy_argv]
-        proxy = subprocess.Popen(proxy_argv)
-        slow = Redis(port=proxy_port)
-        for _ in range(100):
-            try:
-                await slow.ping()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        keys = Keys("bench:")
-        local = LocalLimiter()
+def pinned(argv: list[str]) -> list[str]:
+    """On the other core, when there is one: their work is not charged to the limiter."""
+    return ["taskset", "-c", "1", *argv] if (os.cpu_count() or 1) > 1 else argv
 
-        async def local_decide(key: str) -> object:
-            return local.check(POLICY, key)
 
-        shared = RateLimiter(direct, keys, fail_closed=False, timeout=5)
-        delayed = RateLimiter(slow, keys, fail_closed=False, timeout=5)
-        rows = [
-            ("per-process (fallback; baseline)", await measure(local_decide, args.decisions)),
-            (
-                "shared, Redis direct",
-                await measure(lambda k: shared.check(POLICY, k), args.decisions),
-            ),
-            (
-                f"shared, Redis +{args.delay_ms:g} ms",
-                await measure(lambda k: delayed.check(POLICY, k), args.decisions),
-            ),
-        ]
-        await direct.aclose()
-        await slow.aclose()
-    finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait()
-        server.terminate()
-        server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+async def ready(client: Redis) -> None:
+    for _ in range(200):
+        try:
+            await client.ping()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+
+
+async def run(args: argparse.Namespace, redis_port: int, proxy_port: int) -> None:
+    direct, slow = Redis(port=redis_port), Redis(port=proxy_port)
+    await ready(direct)
+    await ready(slow)
+    keys = Keys("bench:")
+    local = LocalLimiter()
+
+    async def local_decide(key: str) -> object:
+        return local.check(POLICY, key)
+
+    shared = RateLimiter(direct, keys, fail_closed=False, timeout=5)
+    delayed = RateLimiter(slow, keys, fail_closed=False, timeout=5)
+    rows = [
+        ("per-process (fallback; baseline)", await measure(local_decide, args.decisions)),
+        ("shared, Redis direct", await measure(lambda k: shared.check(POLICY, k), args.decisions)),
+        (
+            f"shared, Redis +{args.delay_ms:g} ms",
+            await measure(lambda k: delayed.check(POLICY, k), args.decisions),
+        ),
+    ]
+    await direct.aclose()
+    await slow.aclose()
 
     print(f"Rate-limit decisions, policy with two windows; {args.decisions} decisions per row.\n")
     print(
-        "| limiter | µs CPU / decision | p50 ms (alone) | p99 ms (alone) | decisions/s (64 in flight) |"
+        "| limiter | µs CPU / decision | p50 ms (alone) | p99 ms (alone) "
+        "| decisions/s (64 in flight) |"
     )
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in rows:
@@ -189,12 +160,28 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=3000)
     parser.add_argument("--delay-ms", type=float, default=1.0)
     args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not on PATH")
+    redis_port, proxy_port = free_port(), free_port()
+    workdir = tempfile.mkdtemp(prefix="pulsecal-ratelimit-")
+    redis = subprocess.Popen(
+        pinned(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]),
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+    )
+    delay = str(args.delay_ms)
+    proxy = subprocess.Popen(
+        pinned([sys.executable, __file__, "--proxy", str(redis_port), str(proxy_port), delay])
+    )
     try:
         import uvloop
-    except ImportError:
-        asyncio.run(run(args))
-    else:
-        uvloop.run(run(args))
+
+        uvloop.run(run(args, redis_port, proxy_port))
+    finally:
+        for child in (proxy, redis):
+            child.terminate()
+            child.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
