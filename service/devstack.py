@@ -65,18 +65,39 @@ class ProcessSpec:
     stop_timeout: float = 10.0
     # Polled until it answers 200 before the next process starts; None to not wait.
     ready_url: str | None = None
+    # Variables of its own, over the stack's environment.
+    env: dict[str, str] = field(default_factory=dict)
+    # Lines for the "up" summary, e.g. where to look at it.
+    announce: tuple[str, ...] = ()
 
 
 def _extra_processes(*, bin_dir: Path, settings: Settings) -> list[ProcessSpec]:
     """EXTRA PROCESSES: the ones that run beside the service (the sidecar, the worker).
 
     They start once Redis and Postgres are ready and the schema is migrated, before the
-    service, and stop after it, so they see everything the service wrote. Add them here, e.g.
-    ``ProcessSpec(name="sidecar", argv=[str(bin_dir / "pulsecal-sidecar")],
-    ready_url=f"http://127.0.0.1:{settings.sidecar_port}/health")``.
+    service, and stop after it, so they see everything the service wrote.
+
+    The sidecar shares the service's pod name (the host name), so it reads the service's
+    telemetry; it is ready when it answers its liveness probe (its full /health says 503
+    until the service's first heartbeat). A busy ``SIDECAR_PORT`` is replaced by a free one.
     """
-    del bin_dir, settings  # used once the sidecar and the worker exist
-    return []
+    port = settings.sidecar_port
+    if not _port_is_free(port):
+        port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    metrics_note = "" if settings.metrics_enabled else "  (METRICS_ENABLED=false: 404)"
+    return [
+        ProcessSpec(
+            name="sidecar",
+            argv=[_script(bin_dir, "pulsecal-sidecar")],
+            ready_url=f"{url}/health/liveness",
+            env={"SIDECAR_PORT": str(port)},
+            announce=(
+                f"dashboard {url}/  (health of every component, traffic charts)",
+                f"metrics   {url}/metrics{metrics_note}  (and {url}/health)",
+            ),
+        )
+    ]
 
 
 @dataclass(slots=True)
@@ -535,11 +556,13 @@ async def _up(stack: _Stack, settings: Settings, options: _Options) -> int:
     devices_file = stack.run_dir / "devices.json"
     device_ids = await _register_devices(bin_dir, env, options.devices, devices_file)
 
+    announcements: list[str] = []
     for spec in _extra_processes(bin_dir=bin_dir, settings=settings):
+        announcements.extend(spec.announce)
         child = await stack.spawn(
             spec.name,
             spec.argv,
-            env=env,
+            env={**env, **spec.env},
             log=stack.run_dir / f"{spec.name}.log",
             stop_timeout=spec.stop_timeout,
         )
@@ -561,7 +584,8 @@ async def _up(stack: _Stack, settings: Settings, options: _Options) -> int:
     stack.say(
         "up\n"
         f"  service   {service_url}  (POST /ingestion/ppg, GET /ingestion/ws, /health)\n"
-        f"  redis     {redis_url}  ({redis_note}); readings go to the stream {stream}\n"
+        + "".join(f"  {line}\n" for line in announcements)
+        + f"  redis     {redis_url}  ({redis_note}); readings go to the stream {stream}\n"
         f"  postgres  {database_url}  ({database_note})\n"
         f"  devices   {device_ids[0]}..{device_ids[-1]}, tokens in {devices_file}\n"
         f"  logs      {stack.run_dir}/*.log"

@@ -149,3 +149,11 @@ async def client(
 ) -> TestClient[web.Request, web.Application]:
     """The service with ``device`` registered before it started (so its token is cached)."""
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def sidecar_settings(settings: Settings) -> Settings:
+    """The sidecar of the same pod as ``settings``' service, reading and saving often."""
+    return dataclasses.replace(
+        settings, sidecar_port=0, sidecar_block_ms=100, sidecar_checkpoint_interval=0.1
+    )

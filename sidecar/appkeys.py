@@ -1,0 +1,38 @@
+"""Typed keys of everything the sidecar keeps on its application."""
+
+from typing import TYPE_CHECKING
+
+from aiohttp import ClientSession, web
+from redis.asyncio import Redis
+
+from shared.health import HealthChecker
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from .consumer import TelemetryConsumer
+    from .health import HeartbeatWatch, PostgresProbe
+    from .metrics import MetricsView
+
+__all__ = (
+    "CHECKER",
+    "CONSUMER",
+    "HEARTBEAT",
+    "HTTP_CLIENT",
+    "METRICS",
+    "POSTGRES",
+    "REDIS",
+    "SETTINGS",
+    "STARTED_AT",
+)
+
+SETTINGS = web.AppKey("settings", Settings)
+STARTED_AT = web.AppKey("started_at", float)
+REDIS = web.AppKey("redis", Redis)
+HTTP_CLIENT = web.AppKey("http_client", ClientSession)
+CHECKER = web.AppKey("checker", HealthChecker)
+# Forward references: those modules' handlers import this one.
+POSTGRES: web.AppKey["PostgresProbe"] = web.AppKey("postgres")
+HEARTBEAT: web.AppKey["HeartbeatWatch"] = web.AppKey("heartbeat")
+# Absent when METRICS_ENABLED=false: nothing is consumed then.
+CONSUMER: web.AppKey["TelemetryConsumer"] = web.AppKey("consumer")
+METRICS: web.AppKey["MetricsView"] = web.AppKey("metrics")

@@ -1,0 +1,412 @@
+"""``/metrics``: the seed's metrics and the sidecar's own, from the aggregate and the heartbeat.
+
+``http_request_errors_total`` counts every response with status >= 400 (labelled with the
+status, so an alert can select ``status=~"5.."``), as the original system's interceptor did.
+The business counters (alerts, AI analyses) and ``queue_jobs_active`` stay at 0 until the
+worker exists; ``queue_depth`` is the readings backlog the service measures.
+"""
+
+import asyncio
+import hmac
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from shared.telemetry import Heartbeat
+
+from .aggregate import DURATION_BUCKETS_S, Aggregator, HttpKey
+from .appkeys import CONSUMER, HEARTBEAT, METRICS, SETTINGS
+from .consumer import TelemetryConsumer
+from .exposition import (
+    OPENMETRICS,
+    TEXT,
+    Family,
+    Histogram,
+    Kind,
+    label_text,
+    render,
+    wants_openmetrics,
+)
+from .health import HeartbeatWatch
+from .process import own_process
+
+__all__ = ("MetricsView", "metrics_handler")
+
+_HEARTBEAT_REFRESH_TIMEOUT = 0.5
+
+
+class MetricsView:
+    """Builds the families; keeps each HTTP series' rendered labels across scrapes."""
+
+    def __init__(self) -> None:
+        self._http_labels: dict[HttpKey, str] = {}
+
+    def _labels(self, key: HttpKey) -> str:
+        text = self._http_labels.get(key)
+        if text is None:
+            route, method, status = key
+            text = self._http_labels[key] = label_text(
+                (("method", method), ("route", route), ("status", status))
+            )
+        return text
+
+    def families(
+        self,
+        aggregator: Aggregator,
+        consumer: TelemetryConsumer,
+        heartbeat: Heartbeat | None,
+        *,
+        heartbeat_age_s: float | None,
+        max_series: int,
+    ) -> list[Family]:
+        out = list(self._http(aggregator))
+        out.extend(_business(aggregator, heartbeat))
+        out.extend(_telemetry(aggregator, consumer, max_series=max_series))
+        out.extend(_service(heartbeat, heartbeat_age_s))
+        out.extend(_own_process())
+        return out
+
+    def _http(self, aggregator: Aggregator) -> Iterator[Family]:
+        duration = Family(
+            "http_request_duration_seconds",
+            "histogram",
+            "HTTP request duration in seconds, by method, route template and status.",
+            bounds=DURATION_BUCKETS_S,
+        )
+        requests = Family(
+            "http_requests", "counter", "HTTP requests, by method, route template and status."
+        )
+        errors = Family(
+            "http_request_errors",
+            "counter",
+            "HTTP responses with status >= 400, by method, route template and status.",
+        )
+        exemplars = aggregator.exemplars
+        for key, counts, sum_us in aggregator.http_series():
+            labels = self._labels(key)
+            count = sum(counts)
+            duration.histograms.append(
+                Histogram(labels, counts, sum_us / 1_000_000, exemplars.get(key))
+            )
+            requests.samples.append((labels, count))
+            if key[2] >= 400:
+                errors.samples.append((labels, count))
+        yield duration
+        yield requests
+        yield errors
+
+
+def _family(name: str, kind: Kind, help_text: str, *samples: tuple[str, float]) -> Family:
+    return Family(name, kind, help_text, list(samples))
+
+
+def _business(aggregator: Aggregator, heartbeat: Heartbeat | None) -> Iterator[Family]:
+    yield _family(
+        "metrics_ingested",
+        "counter",
+        "PPG samples accepted, by transport.",
+        *((f'transport="{t}"', n) for t, n in aggregator.samples.items()),
+    )
+    yield _family(
+        "alerts_created", "counter", "Alerts created (0 until the worker exists).", ("", 0)
+    )
+    yield _family(
+        "ai_analysis_completed",
+        "counter",
+        "AI analyses completed (0 until the worker exists).",
+        ("", 0),
+    )
+    yield _family(
+        "ai_analysis_failed", "counter", "AI analyses failed (0 until the worker exists).", ("", 0)
+    )
+    yield _family(
+        "websocket_connections_active",
+        "gauge",
+        "Open device WebSocket connections (from the service's heartbeat; 0 while it is down).",
+        ("", heartbeat.ws_connections if heartbeat else 0),
+    )
+    yield _family(
+        "websocket_messages",
+        "counter",
+        "WebSocket messages received, by the status they were answered with.",
+        *((f'status="{s}"', n) for s, n in sorted(aggregator.ws_messages.items())),
+    )
+    yield _family(
+        "queue_jobs_active", "gauge", "Queue jobs in progress (0 until the worker exists).", ("", 0)
+    )
+    yield _family(
+        "queue_depth",
+        "gauge",
+        "Readings batches waiting for the persistence workers (from the service's heartbeat).",
+        ("", heartbeat.backlog if heartbeat else 0),
+    )
+    in_use = 0
+    if heartbeat is not None:
+        in_use = heartbeat.db_pool.get("size", 0) - heartbeat.db_pool.get("available", 0)
+    yield _family(
+        "database_connections_active",
+        "gauge",
+        "Database connections the service has in use.",
+        ("", max(0, in_use)),
+    )
+    yield _family(
+        "pulsecal_websocket_connections_opened",
+        "counter",
+        "WebSocket connections accepted.",
+        ("", aggregator.ws_opens),
+    )
+    yield _family(
+        "pulsecal_websocket_connections_closed",
+        "counter",
+        "WebSocket connections closed, by close code (0: outside the valid range).",
+        *((f'code="{c}"', n) for c, n in sorted(aggregator.ws_closes.items())),
+    )
+    yield _family(
+        "pulsecal_ingest_received_bytes",
+        "counter",
+        "Bytes of request bodies and WebSocket messages received, by transport.",
+        *((f'transport="{t}"', n) for t, n in aggregator.bytes_in.items()),
+    )
+
+
+def _telemetry(
+    aggregator: Aggregator, consumer: TelemetryConsumer, *, max_series: int
+) -> Iterator[Family]:
+    yield _family(
+        "pulsecal_telemetry_dropped",
+        "counter",
+        "Telemetry records the service dropped (buffer full while Redis was away).",
+        ("", aggregator.dropped_total),
+    )
+    yield _family(
+        "pulsecal_telemetry_gap_entries",
+        "counter",
+        "Telemetry stream entries trimmed away (MAXLEN) before the sidecar read them.",
+        ("", aggregator.gap_entries),
+    )
+    yield _family(
+        "pulsecal_sidecar_records_consumed",
+        "counter",
+        "Telemetry records aggregated.",
+        ("", aggregator.records),
+    )
+    yield _family(
+        "pulsecal_sidecar_entries_consumed",
+        "counter",
+        "Telemetry stream entries (batches of records) read.",
+        ("", aggregator.entries),
+    )
+    yield _family(
+        "pulsecal_sidecar_decode_errors",
+        "counter",
+        "Telemetry stream entries that could not be decoded and were skipped.",
+        ("", aggregator.decode_errors),
+    )
+    yield _family(
+        "pulsecal_sidecar_unknown_records",
+        "counter",
+        "Telemetry records of a kind this sidecar does not know.",
+        ("", aggregator.unknown_records),
+    )
+    yield _family(
+        "pulsecal_sidecar_stream_resets",
+        "counter",
+        "Times the telemetry stream was found recreated and read again from its start.",
+        ("", aggregator.stream_resets),
+    )
+    yield _family(
+        "pulsecal_sidecar_series_overflow",
+        "counter",
+        "Records folded into the overflow series because a metric reached METRICS_MAX_SERIES.",
+        *(
+            (f'metric="{m}"', n)
+            for m, n in sorted({"http_request_duration_seconds": 0, **aggregator.overflow}.items())
+        ),
+    )
+    yield _family(
+        "pulsecal_sidecar_series",
+        "gauge",
+        "Series per metric, against the cap METRICS_MAX_SERIES.",
+        ('metric="http_request_duration_seconds"', len(aggregator.http)),
+    )
+    yield _family("pulsecal_sidecar_series_limit", "gauge", "METRICS_MAX_SERIES.", ("", max_series))
+    yield _family(
+        "pulsecal_sidecar_lag_seconds",
+        "gauge",
+        "How far the sidecar is behind the head of the telemetry stream.",
+        ("", consumer.lag_s),
+    )
+    yield _family(
+        "pulsecal_sidecar_backlog_entries",
+        "gauge",
+        "Telemetry stream entries not read yet.",
+        ("", consumer.backlog),
+    )
+    yield _family(
+        "pulsecal_sidecar_read_errors",
+        "counter",
+        "Failed reads of the telemetry stream since this sidecar started.",
+        ("", consumer.read_errors),
+    )
+    yield _family(
+        "pulsecal_sidecar_checkpoint_failures",
+        "counter",
+        "Failed checkpoint writes since this sidecar started.",
+        ("", consumer.checkpoint_failures),
+    )
+    yield _family(
+        "pulsecal_sidecar_last_checkpoint_timestamp_seconds",
+        "gauge",
+        "When the checkpoint was last written (0: not by this process yet).",
+        ("", consumer.saved_at),
+    )
+
+
+def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Family]:
+    yield _family(
+        "pulsecal_service_up",
+        "gauge",
+        "1 while the service's heartbeat is fresh (younger than HEARTBEAT_TTL).",
+        ("", 1 if heartbeat else 0),
+    )
+    if age_s is not None:
+        yield _family(
+            "pulsecal_service_heartbeat_age_seconds",
+            "gauge",
+            "Age of the service's last heartbeat.",
+            ("", round(age_s, 3)),
+        )
+    if heartbeat is None:
+        return
+    hb = heartbeat
+    yield _family(
+        "pulsecal_service",
+        "info",
+        "The service process reporting through this pod's heartbeat.",
+        (label_text((("program", hb.program), ("version", hb.version))), 1),
+    )
+    pool = hb.db_pool
+    gauges: list[tuple[str, str, float]] = [
+        ("start_time_seconds", "Start time of the service process.", hb.started_ms / 1000),
+        ("resident_memory_bytes", "Resident memory of the service.", hb.rss_bytes),
+        ("heap_bytes", "Anonymous resident memory of the service (its heap).", hb.heap_bytes),
+        (
+            "event_loop_lag_seconds",
+            "Worst loop lag since the last heartbeat.",
+            hb.loop_lag_ms / 1e3,
+        ),
+        ("http_connections", "Open HTTP connections to the service.", hb.http_connections),
+        ("pending_writes", "Batches waiting to be written to Redis.", hb.pending_writes),
+        ("ready", "1 while the service is ready to take data.", int(hb.ready)),
+        ("draining", "1 while the service is shutting down.", int(hb.draining)),
+        ("redis_up", "1 while the service's Redis check passes.", int(hb.redis_ok)),
+        (
+            "backlog_exceeded",
+            "1 while the readings backlog is over its limit.",
+            int(hb.backlog_exceeded),
+        ),
+        ("device_tokens", "Device tokens in the service's cache.", hb.tokens_loaded),
+        ("db_pool_connections", "Connections open in its Postgres pool.", pool.get("size", 0)),
+        ("db_pool_waiting", "Requests waiting for a Postgres connection.", pool.get("waiting", 0)),
+    ]
+    for name, help_text, value in gauges:
+        yield _family(f"pulsecal_service_{name}", "gauge", help_text, ("", value))
+    yield _family(
+        "pulsecal_service_writes",
+        "counter",
+        "Readings batches written by this service process, by result.",
+        ('result="ok"', hb.writes_ok),
+        ('result="duplicate"', hb.writes_duplicate),
+        ('result="failed"', hb.writes_failed),
+    )
+    yield _family(
+        "pulsecal_service_write_batches",
+        "counter",
+        "Group-commit writes made by this service process.",
+        ("", hb.write_batches),
+    )
+
+
+def _own_process() -> Iterator[Family]:
+    own = own_process()
+    yield _family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the sidecar.",
+        ("", own.rss_bytes),
+    )
+    yield _family(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory of the sidecar.",
+        ("", own.virtual_bytes),
+    )
+    yield _family(
+        "process_cpu_seconds",
+        "counter",
+        "CPU time the sidecar has used.",
+        ("", round(own.cpu_seconds, 2)),
+    )
+    yield _family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the sidecar process.",
+        ("", own.start_time_s),
+    )
+    yield _family("process_open_fds", "gauge", "Open file descriptors.", ("", own.open_fds))
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    if settings.metrics_token is not None and not _authorized(request, settings.metrics_token):
+        return web.Response(
+            status=401,
+            text="a bearer token is required\n",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
+    consumer = app[CONSUMER]
+    if consumer.aggregator is None:
+        return web.Response(
+            status=503,
+            text=f"telemetry state not loaded yet: {consumer.error or 'starting'}\n",
+            headers={"Retry-After": "1"},
+        )
+    watch: HeartbeatWatch = app[HEARTBEAT]
+    await _refresh_heartbeat(watch)
+    now = time.time()
+    heartbeat = watch.fresh(now)
+    latest = watch.latest
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+    view = app[METRICS]
+
+    def build(aggregator: Aggregator) -> bytes:
+        families = view.families(
+            aggregator,
+            consumer,
+            heartbeat,
+            heartbeat_age_s=None if latest is None else watch.age_s(latest, now),
+            max_series=settings.metrics_max_series,
+        )
+        return render(families, openmetrics=openmetrics)
+
+    body = await consumer.save_after(build)
+    return web.Response(body=body, headers={"Content-Type": OPENMETRICS if openmetrics else TEXT})
+
+
+async def _refresh_heartbeat(watch: HeartbeatWatch) -> None:
+    # The gauges should be as of the scrape; if Redis is slow the cached heartbeat serves.
+    try:
+        async with asyncio.timeout(_HEARTBEAT_REFRESH_TIMEOUT):
+            await watch.refresh()
+    except (RedisError, OSError, TimeoutError):
+        pass  # the last heartbeat read stays in use while it is fresh
