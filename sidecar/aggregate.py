@@ -60,6 +60,8 @@ _BOOTS_KEPT = 16
 _CLOSE_CODES = range(1000, 5000)
 _OTHER_CODE = 0
 _STATUSES = range(100, 600)
+# Record kinds that are only counted, by (kind, route, method, status).
+_EVENT_KINDS = frozenset({Kind.RATE_LIMITED})
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "OTHER"})
 
 # The dashboard's window: 90 buckets of 10 s, keyed by when the service sent the batch.
@@ -112,6 +114,7 @@ class _Saved(msgspec.Struct, kw_only=True):
     dropped_boots: list[tuple[str, int]]
     dropped_retired: int
     window: list[tuple[int, list[int]]]
+    events: list[tuple[int, str, str, int, int]] = []
 
 
 _saved_encoder = msgspec.msgpack.Encoder()
@@ -147,6 +150,8 @@ class Aggregator:
     dropped_boots: dict[str, int] = field(default_factory=dict)
     dropped_retired: int = 0
     window: dict[int, list[int]] = field(default_factory=dict)
+    # Counted events by (kind, route, method, status): rate-limit verdicts, and the like.
+    events: dict[tuple[int, str, str, int], int] = field(default_factory=dict)
     # Not saved: the newest sampled request per histogram bucket.
     exemplars: dict[HttpKey, list[Exemplar | None]] = field(default_factory=dict)
     # Bumped on every change, so a saver can tell whether there is anything new to save.
@@ -181,7 +186,7 @@ class Aggregator:
                         sampled = []
                     sampled.append((key, i, duration_us, trace_id))
             else:
-                self._add_ws(kind, status, size, samples, window)
+                self._add_other(kind, route, method, status, size, samples, window)
         self.samples["http"] += http_samples
         self.bytes_in["http"] += http_bytes
         if sampled is not None:
@@ -191,7 +196,16 @@ class Aggregator:
         self.entries += 1
         self.generation += 1
 
-    def _add_ws(self, kind: int, status: int, size: int, samples: int, window: list[int]) -> None:
+    def _add_other(
+        self,
+        kind: int,
+        route: str,
+        method: str,
+        status: int,
+        size: int,
+        samples: int,
+        window: list[int],
+    ) -> None:
         if kind == Kind.WS_MESSAGE:
             window[_WSMSG] += 1
             status = status if status in _STATUSES else _OTHER_CODE
@@ -203,6 +217,12 @@ class Aggregator:
         elif kind == Kind.WS_CLOSE:
             code = status if status in _CLOSE_CODES else _OTHER_CODE
             self.ws_closes[code] = self.ws_closes.get(code, 0) + 1
+        elif kind in _EVENT_KINDS:
+            key = (kind, route, method, status)
+            if key not in self.events and len(self.events) >= self.max_series:
+                self.overflow["events"] = self.overflow.get("events", 0) + 1
+                key = (kind, OVERFLOW, method, status)
+            self.events[key] = self.events.get(key, 0) + 1
         else:
             self.unknown_records += 1
 
@@ -328,6 +348,7 @@ class Aggregator:
             dropped_boots=list(self.dropped_boots.items()),
             dropped_retired=self.dropped_retired,
             window=list(self.window.items()),
+            events=[(k, r, m, s, n) for (k, r, m, s), n in self.events.items()],
         )
         return _saved_encoder.encode(saved)
 
@@ -365,6 +386,7 @@ class Aggregator:
             dropped_boots=dict(saved.dropped_boots),
             dropped_retired=saved.dropped_retired,
             window=dict(saved.window),
+            events={(k, r, m, s): n for k, r, m, s, n in saved.events},
         )
 
 

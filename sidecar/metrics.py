@@ -15,6 +15,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from shared.telemetry import Heartbeat
+from shared.telemetry import Kind as TelemetryKind
 
 from .aggregate import DURATION_BUCKETS_S, Aggregator, HttpKey
 from .appkeys import CONSUMER, HEARTBEAT, METRICS, SETTINGS
@@ -32,7 +33,7 @@ from .exposition import (
 from .health import HeartbeatWatch
 from .process import own_process
 
-__all__ = ("MetricsView", "metrics_handler")
+__all__ = ("MetricsView", "business_families", "metrics_handler")
 
 _HEARTBEAT_REFRESH_TIMEOUT = 0.5
 
@@ -62,7 +63,7 @@ class MetricsView:
         max_series: int,
     ) -> list[Family]:
         out = list(self._http(aggregator))
-        out.extend(_business(aggregator, heartbeat))
+        out.extend(business_families(aggregator, heartbeat))
         out.extend(_telemetry(aggregator, consumer, max_series=max_series))
         out.extend(_service(heartbeat, heartbeat_age_s))
         out.extend(_own_process())
@@ -102,7 +103,7 @@ def _family(name: str, kind: Kind, help_text: str, *samples: tuple[str, float]) 
     return Family(name, kind, help_text, list(samples))
 
 
-def _business(aggregator: Aggregator, heartbeat: Heartbeat | None) -> Iterator[Family]:
+def business_families(aggregator: Aggregator, heartbeat: Heartbeat | None) -> Iterator[Family]:
     yield _family(
         "metrics_ingested",
         "counter",
@@ -162,6 +163,26 @@ def _business(aggregator: Aggregator, heartbeat: Heartbeat | None) -> Iterator[F
         "counter",
         "WebSocket connections closed, by close code (0: outside the valid range).",
         *((f'code="{c}"', n) for c, n in sorted(aggregator.ws_closes.items())),
+    )
+    yield _family(
+        "rate_limit_rejections",
+        "counter",
+        "Requests and WebSocket messages over a rate-limit policy, by policy, route and mode"
+        " (enforced: refused with 429; shadow: let through, counted only).",
+        *(
+            (
+                label_text(
+                    (
+                        ("policy", policy),
+                        ("route", route),
+                        ("mode", "enforced" if status == 429 else "shadow"),
+                    )
+                ),
+                n,
+            )
+            for (kind, route, policy, status), n in sorted(aggregator.events.items())
+            if kind == TelemetryKind.RATE_LIMITED
+        ),
     )
     yield _family(
         "pulsecal_ingest_received_bytes",

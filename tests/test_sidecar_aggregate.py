@@ -16,6 +16,7 @@ from sidecar.aggregate import (
     percentile_from_buckets,
 )
 from sidecar.exposition import Family, Histogram, label_text, render, wants_openmetrics
+from sidecar.metrics import business_families
 
 from .sidecar_support import PROMTOOL_BIN, http_record, series_values
 
@@ -143,6 +144,35 @@ def test_dropped_totals_of_many_restarts_are_kept_while_the_state_stays_bounded(
 
     assert aggregator.dropped_total == 100
     assert len(aggregator.dropped_boots) <= 16
+
+
+def test_rate_limit_verdicts_are_counted_by_policy_route_and_mode_and_survive_a_restart() -> None:
+    aggregator = Aggregator(max_series=100)
+    ppg, ws = "/ingestion/ppg", "/ingestion/ws"
+    aggregator.add_batch(
+        batch(
+            [
+                (Kind.RATE_LIMITED, ppg, "ingest", 429, 0, 0, 0, None),
+                (Kind.RATE_LIMITED, ppg, "ingest", 429, 0, 0, 0, None),
+                (Kind.RATE_LIMITED, ws, "ingest", 429, 0, 0, 0, None),
+                (Kind.RATE_LIMITED, "unmatched", "api", 200, 0, 0, 0, None),
+            ]
+        )
+    )
+
+    restored = Aggregator.from_bytes(aggregator.to_bytes(), max_series=100)
+    text = render(business_families(restored, None), openmetrics=False).decode()
+
+    assert restored.events == aggregator.events
+    assert (
+        'rate_limit_rejections_total{policy="ingest",route="/ingestion/ppg",mode="enforced"} 2'
+        in text
+    )
+    assert (
+        'rate_limit_rejections_total{policy="ingest",route="/ingestion/ws",mode="enforced"} 1'
+        in text
+    )
+    assert 'rate_limit_rejections_total{policy="api",route="unmatched",mode="shadow"} 1' in text
 
 
 def test_the_saved_state_restores_every_total_and_the_position() -> None:
