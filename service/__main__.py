@@ -9,6 +9,7 @@ from loguru import logger
 
 from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
+from shared.tracing import Tracing, setup_tracing
 
 from .app import create_app, drain
 from .appkeys import INGEST
@@ -16,10 +17,12 @@ from .appkeys import INGEST
 __all__ = ("main", "serve")
 
 
-async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
+async def serve(
+    settings: Settings, *, host: str = "0.0.0.0", tracing: Tracing | None = None
+) -> None:
     """Run until SIGTERM/SIGINT, then drain: stop accepting, finish and flush, close sockets."""
     install_loop_handler(asyncio.get_running_loop())
-    app = create_app(settings)
+    app = create_app(settings, tracing=tracing)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -50,12 +53,15 @@ def main() -> None:
     settings = load_settings_or_exit(os.environ, "pulsecal-service")
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program="pulsecal-service"):
+        tracing = setup_tracing(settings, service_name="pulsecal-api")
         try:
             import uvloop
         except ImportError:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, tracing=tracing))
         else:
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, tracing=tracing))
+        finally:
+            tracing.shutdown()  # exports what is queued, within the exporter's timeout
 
 
 if __name__ == "__main__":

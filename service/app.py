@@ -4,12 +4,13 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, WSCloseCode, web
 from loguru import logger
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -20,10 +21,20 @@ from shared.keys import Keys
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, encode_heartbeat
+from shared.tracing import Tracing
 from shared.version import build_version
 
 from . import probes
-from .appkeys import CHECKER, HTTP_CLIENT, INGEST, PG_POOL, REDIS_AUX, REDIS_DATA, SETTINGS
+from .appkeys import (
+    CHECKER,
+    HTTP_CLIENT,
+    INGEST,
+    PG_POOL,
+    REDIS_AUX,
+    REDIS_DATA,
+    SETTINGS,
+    TRACING,
+)
 from .edge import UNMATCHED, instrumented, not_found
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
 from .keepalive import keep_alive
@@ -51,9 +62,17 @@ async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
+    app[TRACING].instrument_redis(app[REDIS_AUX])
     yield
     app[REDIS_DATA].close()
     await app[REDIS_AUX].aclose()
+
+
+def _traced_connection(tracing: Tracing) -> Callable[[AsyncConnection[Any]], Awaitable[None]]:
+    async def configure(connection: AsyncConnection[Any]) -> None:
+        tracing.instrument_postgres(connection)
+
+    return configure
 
 
 async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
@@ -65,6 +84,7 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
         open=False,
         timeout=settings.health_check_timeout_ms / 1000,
         kwargs={"connect_timeout": max(1, settings.health_check_timeout_ms // 1000)},
+        configure=_traced_connection(app[TRACING]),
     )
     await pool.open(wait=False)
     app[PG_POOL] = pool
@@ -74,7 +94,8 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
     timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    async with ClientSession(timeout=timeout) as session:
+    trace_configs = app[TRACING].client_trace_configs()
+    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
         app[HTTP_CLIENT] = session
         yield
 
@@ -194,6 +215,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         api_policy=api_policy,
         ingest_policy=ingest_policy,
         ws_close_after=settings.rate_limit_ws_close_after,
+        tracing=app[TRACING],
     )
     app[INGEST] = state
     checker = HealthChecker(
@@ -318,9 +340,11 @@ async def _drain_now(app: web.Application) -> None:
     await drain(app, grace=0)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
+    """The service. ``tracing`` is the process's (``setup_tracing``); none: not traced."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
     app.on_shutdown.append(_drain_now)
     router = app.router
@@ -336,6 +360,7 @@ def create_app(settings: Settings) -> web.Application:
         ("/health/startup", probes.startup),
         ("/health", probes.health),
     ):
-        router.add_get(path, instrumented(path, probe))
+        # Never limited, never traced: probes would fill the traces with noise.
+        router.add_get(path, instrumented(path, probe, traced=False))
     router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found, policy=api_policy))
     return app

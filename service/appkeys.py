@@ -6,9 +6,11 @@ from redis.asyncio import Redis
 
 from shared.health import HealthChecker
 from shared.settings import Settings
+from shared.tracing import Tracing
 
 from .resp import RespConnection
 from .state import IngestState
+from .workerstate import WorkerState
 
 __all__ = (
     "CHECKER",
@@ -18,6 +20,7 @@ __all__ = (
     "REDIS_AUX",
     "REDIS_DATA",
     "SETTINGS",
+    "WORKER",
 )
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,3 +32,6 @@ PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)
 INGEST = web.AppKey("ingest", IngestState)
 CHECKER = web.AppKey("checker", HealthChecker)
+TRACING = web.AppKey("tracing", Tracing)
+# pulsecal-worker's own (it uses SETTINGS, PG_POOL, REDIS_AUX, HTTP_CLIENT, CHECKER too).
+WORKER = web.AppKey("worker", WorkerState)

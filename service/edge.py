@@ -12,8 +12,9 @@ from aiohttp import web
 from loguru import logger
 
 from shared.telemetry import Kind
+from shared.tracing import TRACEPARENT
 
-from .appkeys import INGEST
+from .appkeys import INGEST, TRACING
 from .errors import error_response
 from .ratelimit import Policy, RateLimitUnavailableError, over_limit_record, rate_limit_headers
 
@@ -25,14 +26,25 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def instrumented(route: str, handler: Handler, *, policy: Policy | None = None) -> Handler:
+def instrumented(
+    route: str, handler: Handler, *, policy: Policy | None = None, traced: bool = True
+) -> Handler:
     """``handler`` timed and recorded under ``route``, its refusals in the JSON error shape,
-    behind ``policy``'s rate limit per client IP (no policy: never limited)."""
+    behind ``policy``'s rate limit per client IP (no policy: never limited), and traced when
+    sampled (``traced``)."""
+
+    async def limited(request: web.Request) -> web.StreamResponse:
+        return await _limited(request, route, handler, policy)
 
     async def instrumented_handler(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        tracing = request.app[TRACING]
+        trace_id = None
         try:
-            response = await _limited(request, route, handler, policy)
+            if traced and tracing.decide(request.headers.get(TRACEPARENT)):
+                response, trace_id = await tracing.serve(request, limited)
+            else:
+                response = await _limited(request, route, handler, policy)
         except web.HTTPException as e:
             headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
             response = error_response(e.status, e.reason, headers=headers)
@@ -49,7 +61,7 @@ def instrumented(route: str, handler: Handler, *, policy: Policy | None = None) 
                 int((time.perf_counter() - started) * 1e6),
                 request.content_length or 0,
                 0,
-                None,
+                trace_id,
             )
         )
         return response

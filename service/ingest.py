@@ -11,8 +11,10 @@ from typing import Any
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 from loguru import logger
+from opentelemetry.trace import Link, SpanKind
 
 from shared.telemetry import Kind
+from shared.tracing import TRACEPARENT, format_traceparent, links_from
 from shared.wire import BatchError, decode_batch
 
 from .appkeys import INGEST
@@ -100,8 +102,13 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     state = request.app[INGEST]
     samples = 0
+    trace_id = None
     try:
-        response, samples = await _ingest_http(state, request)
+        # Decided here, before any instrumentation runs: an unsampled request pays nothing more.
+        if state.tracing.decide(request.headers.get(TRACEPARENT)):
+            response, samples, trace_id = await _traced_http(state, request)
+        else:
+            response, samples = await _ingest_http(state, request, traced=False)
     except Exception:  # noqa: BLE001 - the edge answers 500 and logs; it never crashes
         logger.exception("unhandled error on POST {}", HTTP_ROUTE)
         response = error_response(500, "internal error")
@@ -114,13 +121,54 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
             int((time.perf_counter() - started) * 1e6),
             request.content_length or 0,
             samples,
-            None,
+            trace_id,
         )
     )
     return response
 
 
-async def _ingest_http(state: IngestState, request: web.Request) -> tuple[web.Response, int]:
+async def _traced_http(
+    state: IngestState, request: web.Request
+) -> tuple[web.StreamResponse, int, str | None]:
+    """A sampled request: the aiohttp-server instrumentation around it, its write as a span."""
+    samples = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal samples
+        response, samples = await _ingest_http(state, request, traced=True)
+        return response
+
+    response, trace_id = await state.tracing.serve(request, handler)
+    return response, samples, trace_id
+
+
+async def _store(
+    state: IngestState, device_id: str, seq: int, payload: bytes, *, traced: bool
+) -> WriteResult:
+    """The group-committed write; for a sampled batch, a client span that the stored entry
+    names as its parent, so the worker's span of it joins the trace."""
+    if not traced:
+        return await state.writer.submit(device_id, seq, payload)
+    with state.tracing.tracer.start_as_current_span(
+        "EVALSHA readings",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "db.system": "redis",
+            "db.operation": "EVALSHA",
+            "messaging.system": "redis",
+            "messaging.operation": "publish",
+            "messaging.destination.name": "readings",
+        },
+    ) as span:
+        trace = format_traceparent(span.get_span_context()).encode()
+        result = await state.writer.submit(device_id, seq, payload, trace)
+        span.set_attribute("pulsecal.write.stored", result[0] == 1)
+        return result
+
+
+async def _ingest_http(
+    state: IngestState, request: web.Request, *, traced: bool
+) -> tuple[web.Response, int]:
     """(response, samples stored)."""
     # Decided before the body is read: a request that started before shutdown is finished.
     if state.draining:
@@ -153,7 +201,7 @@ async def _ingest_http(state: IngestState, request: web.Request) -> tuple[web.Re
         if state.backlog.exceeded:
             return _unavailable(state, _BACKLOG_EXCEEDED), 0
         try:
-            result = await state.writer.submit(device_id, batch.seq, body)
+            result = await _store(state, device_id, batch.seq, body, traced=traced)
         except StoreUnavailableError as e:
             return _unavailable(state, f"cannot store the batch now: {e}"), 0
     finally:
@@ -198,7 +246,9 @@ def _ws_error(
     return msgspec.json.encode({"error": error, "seq": seq}).decode()
 
 
-async def _ws_message(state: IngestState, device_id: str, data: str) -> tuple[str, int, int]:
+async def _ws_message(
+    state: IngestState, device_id: str, data: str, *, traced: bool
+) -> tuple[str, int, int]:
     """(reply, status, samples stored) for one text message."""
     try:
         batch = decode_batch(data)
@@ -213,7 +263,7 @@ async def _ws_message(state: IngestState, device_id: str, data: str) -> tuple[st
     if (refusal := _refusal(state)) is not None:
         return _ws_error(503, refusal, batch.seq, retry_after=state.retry_after), 503, 0
     try:
-        result = await state.writer.submit(device_id, batch.seq, data.encode())
+        result = await _store(state, device_id, batch.seq, data.encode(), traced=traced)
     except StoreUnavailableError as e:
         reply = _ws_error(
             503, f"cannot store the batch now: {e}", batch.seq, retry_after=state.retry_after
@@ -231,6 +281,20 @@ async def _ws_message(state: IngestState, device_id: str, data: str) -> tuple[st
     if result[0] == 1:
         return f'{{"ack":{batch.seq}}}', 202, len(batch.ppg)
     return f'{{"ack":{batch.seq},"duplicate":true}}', 202, 0
+
+
+async def _traced_ws_message(
+    state: IngestState, device_id: str, data: str, links: list[Link]
+) -> tuple[str, int, int, str]:
+    with state.tracing.tracer.start_as_current_span(
+        f"WS {WS_ROUTE}",
+        kind=SpanKind.SERVER,
+        links=links,
+        attributes={"http.route": WS_ROUTE, "messaging.operation": "receive"},
+    ) as span:
+        reply, status, samples = await _ws_message(state, device_id, data, traced=True)
+        span.set_attribute("pulsecal.ws.status", status)
+        return reply, status, samples, f"{span.get_span_context().trace_id:032x}"
 
 
 async def ingest_ws(request: web.Request) -> web.StreamResponse:
@@ -254,14 +318,25 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
     peer = Peer(request.transport)
     state.websockets[ws] = peer
     refused_in_a_row = 0
+    # Each sampled message is a trace of its own, linked to the handshake's if it had one.
+    traceparent = request.headers.get(TRACEPARENT)
+    handshake = links_from([traceparent]) if traceparent is not None else []
     try:
         async for msg in ws:
             peer.heard = True
             if msg.type is WSMsgType.TEXT:
                 started = time.perf_counter()
                 state.batches_in_flight += 1
+                trace_id = None
                 try:
-                    reply, status, samples = await _ws_message(state, device_id, msg.data)
+                    if state.tracing.decide(None):
+                        reply, status, samples, trace_id = await _traced_ws_message(
+                            state, device_id, msg.data, handshake
+                        )
+                    else:
+                        reply, status, samples = await _ws_message(
+                            state, device_id, msg.data, traced=False
+                        )
                     if ws.closed:
                         break
                     await ws.send_str(reply)
@@ -285,7 +360,7 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
                         int((time.perf_counter() - started) * 1e6),
                         len(msg.data),
                         samples,
-                        None,
+                        trace_id,
                     )
                 )
             elif msg.type is WSMsgType.PING:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from shared.tracing import Tracing
+
 from .keepalive import Peer
 from .ratelimit import Policy, RateLimiter, TrustedProxies
 from .store import BacklogMonitor, ReadingsWriter
@@ -32,6 +34,7 @@ class IngestState:
     ingest_policy: Policy | None
     # Refused WebSocket messages in a row before the socket is closed with 1008.
     ws_close_after: int
+    tracing: Tracing
     # Open device sockets, with what the keep-alive sweeper knows of each.
     websockets: dict[web.WebSocketResponse, Peer] = field(default_factory=dict)
     draining: bool = False

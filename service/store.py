@@ -36,7 +36,10 @@ __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 #
 # KEYS: the stream, then per batch its seen-set and one GCRA cell per policy window.
 # ARGV: window, keep, ttl, received ms, window count, shadow, (limit, period ms) per window,
-# then per batch its seq and payload. Reply: five integers per batch (see WriteResult).
+# then per batch its seq, payload and traceparent ('' when not sampled). An entry holds the
+# body (d), the time it was received in ms (r) and, for a sampled request, the traceparent
+# of the span that wrote it (t), so a consumer continues the trace.
+# Reply: five integers per batch (see WriteResult).
 _WRITE_BATCH_LUA = (
     "#!lua\n"
     + GCRA_LUA
@@ -61,9 +64,14 @@ for i = 0, (#KEYS - 1) / stride - 1 do
   end
   local stored = -1
   if verdict ~= 2 then
-    local seq = ARGV[items + 2 * i]
+    local seq = ARGV[items + 3 * i]
     if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
-      redis.call('XADD', stream, '*', 'd', ARGV[items + 2 * i + 1], 'r', received)
+      local trace = ARGV[items + 3 * i + 2]
+      if trace == '' then
+        redis.call('XADD', stream, '*', 'd', ARGV[items + 3 * i + 1], 'r', received)
+      else
+        redis.call('XADD', stream, '*', 'd', ARGV[items + 3 * i + 1], 'r', received, 't', trace)
+      end
       local held = redis.call('ZCARD', seen)
       if held == 1 or held > window then
         redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
@@ -98,6 +106,7 @@ class _Pending:
     seq: int
     payload: bytes
     future: asyncio.Future[WriteResult]
+    trace: bytes
 
 
 # Redis names scripts by their SHA-1; nothing here relies on it as a secure hash.
@@ -160,12 +169,15 @@ class ReadingsWriter:
     def healthy(self) -> bool:
         return self.last_success >= self.last_failure
 
-    def submit(self, device_id: str, seq: int, payload: bytes) -> asyncio.Future[WriteResult]:
-        """Queue a batch; the future holds what Redis decided for it (``WriteResult``)."""
+    def submit(
+        self, device_id: str, seq: int, payload: bytes, trace: bytes = b""
+    ) -> asyncio.Future[WriteResult]:
+        """Queue a batch; the future holds what Redis decided for it (``WriteResult``).
+        ``trace``: the traceparent to store with it, for a sampled request."""
         if len(self._pending) >= self._max_pending:
             raise StoreUnavailableError("write queue full")
         future: asyncio.Future[WriteResult] = self._loop.create_future()
-        self._pending.append(_Pending(device_id, seq, payload, future))
+        self._pending.append(_Pending(device_id, seq, payload, future, trace))
         self._idle.clear()
         self._wakeup.set()
         return future
@@ -221,6 +233,7 @@ class ReadingsWriter:
             keys += self._device_cells(item.device_id)
             args.append(b"%d" % item.seq)
             args.append(item.payload)
+            args.append(item.trace)
         return encode_command([b"EVALSHA", _WRITE_BATCH_SHA, b"%d" % len(keys), *keys, *args])
 
     async def _execute(self, command: bytes) -> list[int]:

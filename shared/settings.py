@@ -178,6 +178,35 @@ class Settings:
     metrics_enabled: bool = _env("METRICS_ENABLED", True, _bool)
     tracing_enabled: bool = _env("TRACING_ENABLED", False, _bool)
     jaeger_endpoint: str | None = _env("JAEGER_ENDPOINT", None, _optional(_url("http", "https")))
+    # The standard OpenTelemetry variables (README, "Tracing"). The traces endpoint wins over
+    # the base endpoint (+ /v1/traces), which wins over JAEGER_ENDPOINT.
+    otel_exporter_otlp_traces_endpoint: str | None = _env(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None, _optional(_url("http", "https"))
+    )
+    otel_exporter_otlp_endpoint: str | None = _env(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", None, _optional(_url("http", "https"))
+    )
+    otel_exporter_otlp_timeout_ms: int = _env(
+        "OTEL_EXPORTER_OTLP_TIMEOUT", 5000, _int_in(10, 600_000)
+    )
+    otel_traces_sampler: str = _env(
+        "OTEL_TRACES_SAMPLER",
+        "parentbased_traceidratio",
+        _choice(
+            "always_on",
+            "always_off",
+            "traceidratio",
+            "parentbased_always_on",
+            "parentbased_always_off",
+            "parentbased_traceidratio",
+        ),
+    )
+    otel_traces_sampler_arg: float = _env("OTEL_TRACES_SAMPLER_ARG", 0.01, _float_in(0.0, 1.0))
+    otel_bsp_max_queue_size: int = _env("OTEL_BSP_MAX_QUEUE_SIZE", 2048, _int_in(1, 1_000_000))
+    otel_bsp_schedule_delay_ms: int = _env("OTEL_BSP_SCHEDULE_DELAY", 2000, _int_in(1, 600_000))
+    otel_bsp_max_export_batch_size: int = _env(
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, _int_in(1, 1_000_000)
+    )
 
     # Rate limiting (README, "Rate limiting"). A *_BURST_MAX of 0 turns that window off.
     rate_limit_enabled: bool = _env("RATE_LIMIT_ENABLED", True, _bool)
@@ -216,6 +245,37 @@ class Settings:
     backlog_check_interval: float = _env("BACKLOG_CHECK_INTERVAL", 1.0, _float_in(0.01, 60))
     idempotency_window: int = _env("IDEMPOTENCY_WINDOW", 128, _int_in(1, 100_000))
     idempotency_ttl: int = _env("IDEMPOTENCY_TTL", 86_400, _int_in(1, 30 * 86_400))
+
+    # The worker, its alert rules and analysis queue, the operator API (README, "Worker").
+    worker_port: int = _env("WORKER_PORT", 3002, _PORT)
+    worker_batch: int = _env("WORKER_BATCH", 500, _int_in(1, 100_000))
+    worker_block_ms: int = _env("WORKER_BLOCK_MS", 1000, _int_in(1, 60_000))
+    worker_claim_idle: float = _env("WORKER_CLAIM_IDLE", 60.0, _float_in(0.05, 86_400))
+    worker_dead_letter_after: int = _env("WORKER_DEAD_LETTER_AFTER", 5, _int_in(1, 1000))
+    worker_retry_max: float = _env("WORKER_RETRY_MAX", 5.0, _float_in(0.01, 600))
+    worker_trim_interval: float = _env("WORKER_TRIM_INTERVAL", 5.0, _float_in(0.01, 3600))
+    dead_letter_maxlen: int = _env("DEAD_LETTER_MAXLEN", 100_000, _int_in(10, 100_000_000))
+    readings_partitions_ahead: int = _env("READINGS_PARTITIONS_AHEAD", 7, _int_in(1, 366))
+    admin_token: str | None = dataclasses.field(
+        default=None, repr=False, metadata={"env": "ADMIN_TOKEN", "parse": _optional(_text)}
+    )
+    alert_hr_high: float = _env("ALERT_HR_HIGH", 120.0, _float_in(1, 400))
+    alert_hr_low: float = _env("ALERT_HR_LOW", 40.0, _float_in(0, 400))
+    alert_hr_duration: float = _env("ALERT_HR_DURATION", 60.0, _float_in(0, 86_400))
+    alert_spo2_low: float = _env("ALERT_SPO2_LOW", 90.0, _float_in(0, 100))
+    alert_spo2_duration: float = _env("ALERT_SPO2_DURATION", 30.0, _float_in(0, 86_400))
+    alert_max_gap: float = _env("ALERT_MAX_GAP", 10.0, _float_in(0, 3600))
+    alert_silence_after: float = _env("ALERT_SILENCE_AFTER", 120.0, _float_in(0, 30 * 86_400))
+    analysis_window: float = _env("ANALYSIS_WINDOW", 30.0, _float_in(1, 3600))
+    analysis_grace: float = _env("ANALYSIS_GRACE", 2.0, _float_in(0, 600))
+    analysis_concurrency: int = _env("ANALYSIS_CONCURRENCY", 4, _int_in(1, 1000))
+    analysis_timeout: float = _env("ANALYSIS_TIMEOUT", 10.0, _float_in(0.01, 600))
+    analysis_retries: int = _env("ANALYSIS_RETRIES", 3, _int_in(0, 100))
+    analysis_backoff: float = _env("ANALYSIS_BACKOFF", 0.5, _float_in(0.001, 600))
+    analysis_backoff_max: float = _env("ANALYSIS_BACKOFF_MAX", 10.0, _float_in(0.001, 3600))
+    analysis_breaker_failures: int = _env("ANALYSIS_BREAKER_FAILURES", 5, _int_in(1, 10_000))
+    analysis_breaker_reset: float = _env("ANALYSIS_BREAKER_RESET", 15.0, _float_in(0.01, 3600))
+    analysis_max_age: float = _env("ANALYSIS_MAX_AGE", 600.0, _float_in(1, 30 * 86_400))
     retry_after: int = _env("RETRY_AFTER", 1, _int_in(1, 3600))
     ws_heartbeat: float = _env("WS_HEARTBEAT", 30.0, _float_in(1, 3600))
     shutdown_timeout: float = _env("SHUTDOWN_TIMEOUT", 10.0, _float_in(0, 300))

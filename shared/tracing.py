@@ -1,0 +1,478 @@
+"""OpenTelemetry tracing, set up once per process, that costs an unsampled request ~nothing.
+
+The aiohttp-server instrumentation as it ships builds attributes and a span context for
+every request before the sampler says no (over 100 µs here). So the process decides first,
+itself, with the same rule the SDK's sampler applies: an incoming ``traceparent``'s sampled
+flag (parent-based samplers), else the trace-id ratio on a trace id drawn here. Only a
+sampled request enters the instrumentation, which then gets that trace id (``_PresetIds``)
+and so reaches the same verdict; an unsampled one costs a random draw and a comparison.
+
+Spans leave through a bounded batch queue to OTLP/HTTP (Jaeger ingests OTLP on 4318). A
+collector that is away costs dropped spans, which are counted (queue full, or an export that
+failed) and logged once per outage. Before export every span is reduced to an allow-list of
+attributes: no payload values, tokens, query strings or headers.
+"""
+
+import logging
+import random
+import threading
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import TraceConfig, web
+from loguru import logger
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanContext, TraceFlags
+from psycopg import AsyncConnection
+from redis.asyncio import Redis
+
+from .settings import Settings
+from .version import build_version
+
+__all__ = (
+    "TRACEPARENT",
+    "Tracing",
+    "format_traceparent",
+    "links_from",
+    "parse_traceparent",
+    "setup_tracing",
+)
+
+TRACEPARENT = "traceparent"
+_TRACE_ID_LIMIT = (1 << 64) - 1
+_LEGACY_JAEGER_PORT = 14268
+
+# What a span may carry to the collector. Everything else is dropped before export.
+_ALLOWED_ATTRIBUTES = frozenset(
+    {
+        "http.method",
+        "http.request.method",
+        "http.route",
+        "http.scheme",
+        "url.scheme",
+        "http.status_code",
+        "http.response.status_code",
+        "http.flavor",
+        "network.protocol.version",
+        "server.address",
+        "server.port",
+        "net.host.name",
+        "net.host.port",
+        "net.peer.name",
+        "net.peer.port",
+        "error.type",
+        "db.system",
+        "db.system.name",
+        "db.name",
+        "db.namespace",
+        "db.operation",
+        "db.operation.name",
+        "db.redis.database_index",
+        "messaging.system",
+        "messaging.operation",
+        "messaging.operation.type",
+        "messaging.destination.name",
+        "messaging.batch.message_count",
+        "exception.type",
+        "exception.escaped",
+        "exception.stacktrace",
+    }
+)
+# SQL is sent with placeholders, never values; Redis statements carry values, so not them.
+_SQL_SYSTEMS = frozenset({"postgresql"})
+_OWN_PREFIX = "pulsecal."
+
+
+def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
+    """(trace id, parent span id, sampled) of a W3C ``traceparent``, or None if invalid."""
+    if value is None or len(value) < 55:
+        return None
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    version, trace_hex, span_hex, flags_hex = parts[:4]
+    if len(trace_hex) != 32 or len(span_hex) != 16 or len(flags_hex) != 2:
+        return None
+    if version == "00" and len(parts) != 4:
+        return None
+    try:
+        trace_id, span_id, flags = int(trace_hex, 16), int(span_hex, 16), int(flags_hex, 16)
+    except ValueError:
+        return None
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace_id, span_id, bool(flags & 1)
+
+
+def format_traceparent(context: SpanContext) -> str:
+    flags = "01" if context.trace_flags.sampled else "00"
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
+
+
+def links_from(traceparents: Iterable[str]) -> list[Link]:
+    """Links to the sampled spans that wrote these batches (a consumer's span of a batch)."""
+    links = []
+    for value in traceparents:
+        parsed = parse_traceparent(value)
+        if parsed is not None and parsed[2]:
+            context = SpanContext(
+                parsed[0], parsed[1], is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+            )
+            links.append(Link(context))
+    return links
+
+
+class _PresetIds(IdGenerator):
+    """Random ids, except that the next root trace gets the id the fast decision drew."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+        self._local = threading.local()
+
+    def preset(self, trace_id: int) -> None:
+        self._local.trace_id = trace_id
+
+    def generate_span_id(self) -> int:
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        trace_id: int | None = getattr(self._local, "trace_id", None)
+        if trace_id is None:
+            return self._random.generate_trace_id()
+        self._local.trace_id = None
+        return trace_id
+
+
+def _sanitized_attributes(attributes: Any) -> dict[str, Any]:
+    if not attributes:
+        return {}
+    system = attributes.get("db.system") or attributes.get("db.system.name")
+    out = {
+        key: value
+        for key, value in attributes.items()
+        if key in _ALLOWED_ATTRIBUTES or key.startswith(_OWN_PREFIX)
+    }
+    if system in _SQL_SYSTEMS:
+        for key in ("db.statement", "db.query.text"):
+            if key in attributes:
+                out[key] = attributes[key]
+    return out
+
+
+def _sanitized(span: ReadableSpan) -> ReadableSpan:
+    events = [
+        type(event)(event.name, _sanitized_attributes(event.attributes), event.timestamp)
+        for event in span.events
+    ]
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=_sanitized_attributes(span.attributes),
+        events=events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class _CountingExporter(SpanExporter):
+    """Sanitizes, exports, and counts what was taken and what was lost."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+        self.taken = 0
+        self.exported = 0
+        self.failed = 0
+        self._failing = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.taken += len(spans)
+        try:
+            result = self._inner.export([_sanitized(span) for span in spans])
+        except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+            if self._failing:
+                self._failing = False
+                logger.info("tracing: the collector takes spans again")
+        else:
+            self.failed += len(spans)
+            if not self._failing:
+                self._failing = True
+                logger.warning("tracing: the collector is unreachable; spans are dropped")
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _BoundedBatch(SpanProcessor):
+    """The SDK's batch processor, with drops counted here instead of a warning per span."""
+
+    def __init__(self, exporter: _CountingExporter, settings: Settings) -> None:
+        self._exporter = exporter
+        self._max_queue = settings.otel_bsp_max_queue_size
+        self._inner = BatchSpanProcessor(
+            exporter,
+            max_queue_size=settings.otel_bsp_max_queue_size,
+            schedule_delay_millis=settings.otel_bsp_schedule_delay_ms,
+            max_export_batch_size=min(
+                settings.otel_bsp_max_export_batch_size, settings.otel_bsp_max_queue_size
+            ),
+        )
+        self.handed = 0
+        self.dropped = 0
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not span.context or not span.context.trace_flags.sampled:
+            return
+        if self.handed - self._exporter.taken >= self._max_queue:
+            self.dropped += 1
+            return
+        self.handed += 1
+        self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()  # type: ignore[no-untyped-call]  # the SDK leaves it untyped
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _endpoint(settings: Settings) -> str:
+    if settings.otel_exporter_otlp_traces_endpoint:
+        return settings.otel_exporter_otlp_traces_endpoint
+    if settings.otel_exporter_otlp_endpoint:
+        return settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+    if settings.jaeger_endpoint:
+        parts = urlsplit(settings.jaeger_endpoint)
+        if parts.port == _LEGACY_JAEGER_PORT or parts.path.rstrip("/").endswith("/api/traces"):
+            host = parts.hostname or "localhost"
+            fixed = urlunsplit((parts.scheme, f"{host}:4318", "/v1/traces", "", ""))
+            logger.warning(
+                "JAEGER_ENDPOINT={} is Jaeger's legacy Thrift collector (port 14268), which "
+                "the OTLP exporter cannot use; sending to {} (Jaeger's OTLP/HTTP port 4318). "
+                "Set OTEL_EXPORTER_OTLP_TRACES_ENDPOINT to silence this.",
+                settings.jaeger_endpoint,
+                fixed,
+            )
+            return fixed
+        return settings.jaeger_endpoint
+    return "http://localhost:4318/v1/traces"
+
+
+def _sampling(settings: Settings) -> tuple[Sampler, bool, str]:
+    """(SDK sampler, parent-based?, root rule: on, off or ratio)."""
+    name = settings.otel_traces_sampler
+    ratio = settings.otel_traces_sampler_arg
+    root_rule = name.removeprefix("parentbased_")
+    root: Sampler = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+    }[root_rule]
+    parent_based = name.startswith("parentbased_")
+    rule = {"always_on": "on", "always_off": "off", "traceidratio": "ratio"}[root_rule]
+    return (ParentBased(root) if parent_based else root), parent_based, rule
+
+
+@dataclass(slots=True, eq=False)
+class Tracing:
+    """A process's tracing: the fast sampling decision, the tracer, the export counters."""
+
+    provider: TracerProvider | None
+    parent_based: bool = True
+    rule: str = "off"
+    bound: int = 0
+    ids: _PresetIds | None = None
+    processor: _BoundedBatch | None = None
+    exporter: _CountingExporter | None = None
+    _middleware: Callable[..., Awaitable[web.StreamResponse]] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider is not None
+
+    @property
+    def dropped(self) -> int:
+        """Spans lost: the queue was full, or the collector did not take them."""
+        if self.processor is None or self.exporter is None:
+            return 0
+        return self.processor.dropped + self.exporter.failed
+
+    def decide(self, traceparent: str | None) -> bool:
+        """Would the SDK's sampler sample this request? Presets the trace id if it will."""
+        if self.provider is None:
+            return False
+        parent = parse_traceparent(traceparent) if traceparent is not None else None
+        if parent is not None:
+            if self.parent_based:
+                return parent[2]
+            trace_id = parent[0]
+        else:
+            trace_id = random.getrandbits(128) or 1
+        if self.rule == "ratio":
+            sampled = (trace_id & _TRACE_ID_LIMIT) < self.bound
+        else:
+            sampled = self.rule == "on"
+        if sampled and parent is None and self.ids is not None:
+            self.ids.preset(trace_id)
+        return sampled
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        provider = self.provider or trace.NoOpTracerProvider()
+        return provider.get_tracer("pulsecal", build_version())
+
+    async def serve(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> tuple[web.StreamResponse, str | None]:
+        """``handler`` inside the full aiohttp-server instrumentation: (response, trace id).
+        The response says which trace it was (``traceresponse``)."""
+        assert self._middleware is not None
+        context: SpanContext | None = None
+
+        async def traced(request: web.Request) -> web.StreamResponse:
+            nonlocal context
+            context = trace.get_current_span().get_span_context()
+            return await handler(request)
+
+        response = await self._middleware(request, traced)
+        if context is None or not context.is_valid:
+            return response, None
+        if not response.prepared:
+            response.headers["traceresponse"] = format_traceparent(context)
+        return response, f"{context.trace_id:032x}"
+
+    def current_traceparent(self) -> str | None:
+        context = trace.get_current_span().get_span_context()
+        return format_traceparent(context) if context.is_valid else None
+
+    # The clients a process makes are instrumented one by one (not by patching the
+    # libraries for the whole process), so only this process's own calls become spans.
+
+    def client_trace_configs(self) -> list[TraceConfig]:
+        """For an aiohttp ``ClientSession`` (the calls to the AI service)."""
+        if self.provider is None:
+            return []
+        from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+        config: TraceConfig = create_trace_config(tracer_provider=self.provider)
+        return [config]
+
+    def instrument_redis(self, client: Redis) -> None:
+        if self.provider is not None:
+            from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+            RedisInstrumentor.instrument_client(client, tracer_provider=self.provider)
+
+    def instrument_postgres(self, connection: AsyncConnection[Any]) -> None:
+        """For a pool's ``configure``: every connection it opens."""
+        if self.provider is not None:
+            from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+            PsycopgInstrumentor.instrument_connection(connection, tracer_provider=self.provider)
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def _server_middleware(provider: TracerProvider) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The aiohttp-server instrumentation's middleware, for the sampled requests only.
+
+    Its instrumentor would put it on every application of the process (all requests pay);
+    its module-level state (URL exclusions, semantic-convention mode) is set by
+    ``instrument()``, so that runs once and is undone at once: the state stays, the
+    application class is the plain one again.
+    """
+    from opentelemetry.instrumentation.aiohttp_server import (
+        AioHttpServerInstrumentor,
+        create_aiohttp_middleware,
+    )
+
+    instrumentor = AioHttpServerInstrumentor()
+    with warnings.catch_warnings():
+        # It subclasses web.Application to add itself, which aiohttp frowns upon; the
+        # subclass is dropped again right away.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        instrumentor.instrument(tracer_provider=provider)
+    instrumentor.uninstrument()
+    middleware: Callable[..., Awaitable[web.StreamResponse]] = create_aiohttp_middleware(
+        tracer_provider=provider
+    )
+    return middleware
+
+
+def setup_tracing(settings: Settings, *, service_name: str) -> Tracing:
+    """Tracing for this process, or a disabled one (``TRACING_ENABLED=false``)."""
+    if not settings.tracing_enabled:
+        return Tracing(provider=None)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    sampler, parent_based, rule = _sampling(settings)
+    ids = _PresetIds()
+    resource = Resource.create(
+        {
+            "service.name": service_name,
+            "service.version": build_version(),
+            "deployment.environment": settings.environment,
+            "deployment.environment.name": settings.environment,
+            "service.instance.id": settings.pod,
+            "k8s.pod.name": settings.pod,
+        }
+    )
+    provider = TracerProvider(resource=resource, sampler=sampler, id_generator=ids)
+    endpoint = _endpoint(settings)
+    exporter = _CountingExporter(
+        OTLPSpanExporter(endpoint=endpoint, timeout=settings.otel_exporter_otlp_timeout_ms / 1000)
+    )
+    processor = _BoundedBatch(exporter, settings)
+    provider.add_span_processor(processor)
+    # The exporter's own retries log each failed attempt; the outage is logged once above.
+    logging.getLogger("opentelemetry.exporter.otlp.proto.http").setLevel(logging.CRITICAL)
+
+    logger.info(
+        "tracing to {} as {} (sampler {}, ratio {})",
+        endpoint,
+        service_name,
+        settings.otel_traces_sampler,
+        settings.otel_traces_sampler_arg,
+    )
+    return Tracing(
+        provider=provider,
+        parent_based=parent_based,
+        rule=rule,
+        bound=round(settings.otel_traces_sampler_arg * (_TRACE_ID_LIMIT + 1)),
+        ids=ids,
+        processor=processor,
+        exporter=exporter,
+        _middleware=_server_middleware(provider),
+    )
