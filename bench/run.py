@@ -1484,6 +1484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         data: dict[str, Any] = {"machine": machine_info(args)}
         try:
             bench.redis = start_redis(bench.procs, workdir)
+            # Tracing is on in the service, at its default sampling, exporting to this sink.
+            sink_port = free_port()
+            bench.procs.start(
+                "otlp-sink",
+                pinned(LOAD_CORE, [py, str(PEERS / "otlp_sink.py"), str(sink_port)]),
+            )
             if with_service:
                 database = prepare_database(bench.procs, workdir, args.database_url)
                 register_devices(database.url, args.devices, bench.devices_file, args.service_src)
@@ -1520,6 +1526,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # Limiting stays on (its GCRA runs in every write) but must not refuse
                     # the harness's 32 devices, each far above a real device's 1000/min.
                     ("RATE_LIMIT_INGEST_MAX", "10000000"),
+                    ("TRACING_ENABLED", "true"),
+                    (
+                        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                        f"http://127.0.0.1:{sink_port}/v1/traces",
+                    ),
                     ("ENVIRONMENT", "production"),
                     *service_env(args.service_src).items(),
                 ),

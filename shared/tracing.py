@@ -13,6 +13,7 @@ failed) and logged once per outage. Before export every span is reduced to an al
 attributes: no payload values, tokens, query strings or headers.
 """
 
+import functools
 import logging
 import random
 import threading
@@ -303,7 +304,7 @@ def _sampling(settings: Settings) -> tuple[Sampler, bool, str]:
     return (ParentBased(root) if parent_based else root), parent_based, rule
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class Tracing:
     """A process's tracing: the fast sampling decision, the tracer, the export counters."""
 
@@ -346,7 +347,7 @@ class Tracing:
             self.ids.preset(trace_id)
         return sampled
 
-    @property
+    @functools.cached_property
     def tracer(self) -> trace.Tracer:
         provider = self.provider or trace.NoOpTracerProvider()
         return provider.get_tracer("pulsecal", build_version())
