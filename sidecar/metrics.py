@@ -9,16 +9,17 @@ worker exists; ``queue_depth`` is the readings backlog the service measures.
 import asyncio
 import hmac
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from shared.health import CheckResult
 from shared.telemetry import Heartbeat
 from shared.telemetry import Kind as TelemetryKind
 
 from .aggregate import DURATION_BUCKETS_S, Aggregator, HttpKey
-from .appkeys import CONSUMER, HEARTBEAT, METRICS, SETTINGS
+from .appkeys import CHECKER, CONSUMER, HEARTBEAT, METRICS, SETTINGS
 from .consumer import TelemetryConsumer
 from .exposition import (
     OPENMETRICS,
@@ -33,7 +34,7 @@ from .exposition import (
 from .health import HeartbeatWatch
 from .process import own_process
 
-__all__ = ("MetricsView", "business_families", "metrics_handler")
+__all__ = ("MetricsView", "business_families", "health_families", "metrics_handler")
 
 _HEARTBEAT_REFRESH_TIMEOUT = 0.5
 
@@ -410,6 +411,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
     openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
     view = app[METRICS]
 
+    checks = app[CHECKER].results
+
     def build(aggregator: Aggregator) -> bytes:
         families = view.families(
             aggregator,
@@ -418,10 +421,28 @@ async def metrics_handler(request: web.Request) -> web.Response:
             heartbeat_age_s=None if latest is None else watch.age_s(latest, now),
             max_series=settings.metrics_max_series,
         )
+        families.extend(health_families(checks))
         return render(families, openmetrics=openmetrics)
 
     body = await consumer.save_after(build)
     return web.Response(body=body, headers={"Content-Type": OPENMETRICS if openmetrics else TEXT})
+
+
+def health_families(checks: Mapping[str, CheckResult]) -> Iterator[Family]:
+    """The aggregated health's checks as gauges: what ``DatabaseDown`` and the like alert on."""
+    ordered = sorted(checks.items())
+    yield _family(
+        "pulsecal_health_check_up",
+        "gauge",
+        "1 if the health check passed at its last run, else 0, by check.",
+        *((label_text((("check", name),)), int(result.up)) for name, result in ordered),
+    )
+    yield _family(
+        "pulsecal_health_check_duration_seconds",
+        "gauge",
+        "How long the health check took at its last run, by check.",
+        *((label_text((("check", name),)), result.duration_ms / 1000) for name, result in ordered),
+    )
 
 
 async def _refresh_heartbeat(watch: HeartbeatWatch) -> None:

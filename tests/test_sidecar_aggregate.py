@@ -7,6 +7,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 
+from shared.health import CheckResult
 from shared.telemetry import Kind, Record, TelemetryBatch
 from sidecar.aggregate import (
     DURATION_BUCKETS_S,
@@ -16,7 +17,7 @@ from sidecar.aggregate import (
     percentile_from_buckets,
 )
 from sidecar.exposition import Family, Histogram, label_text, render, wants_openmetrics
-from sidecar.metrics import business_families
+from sidecar.metrics import business_families, health_families
 
 from .sidecar_support import PROMTOOL_BIN, http_record, series_values
 
@@ -298,3 +299,16 @@ def test_label_values_are_escaped() -> None:
     text = render([family], openmetrics=False).decode()
 
     assert series_values(text) == {("http_requests_total", frozenset({("route", route)})): 1}
+
+
+def test_health_checks_are_exported_as_up_gauges() -> None:
+    checks = {
+        "database": CheckResult(up=False, checked_at=1.0, duration_ms=12.5, error="refused"),
+        "redis": CheckResult(up=True, checked_at=1.0, duration_ms=0.4),
+    }
+
+    text = render(health_families(checks), openmetrics=False).decode()
+
+    assert 'pulsecal_health_check_up{check="database"} 0' in text.splitlines()
+    assert 'pulsecal_health_check_up{check="redis"} 1' in text.splitlines()
+    assert 'pulsecal_health_check_duration_seconds{check="database"} 0.0125' in text.splitlines()
