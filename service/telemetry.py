@@ -7,6 +7,8 @@ counted. The count travels with every batch and heartbeat.
 """
 
 import asyncio
+import contextlib
+import math
 import os
 import time
 import uuid
@@ -49,12 +51,15 @@ class Telemetry:
         buffer_max: int,
         stream_maxlen: int,
         flush_interval: float,
+        stream_ttl: int = 0,
     ) -> None:
         self._redis = redis
         self._stream = keys.telemetry(pod)
         self._buffer_max = buffer_max
         self._stream_maxlen = stream_maxlen
         self._flush_interval = flush_interval
+        self._stream_ttl = stream_ttl
+        self._expire_refreshed = -math.inf
         self._buffer: list[Record] = []
         self.boot_id = uuid.uuid4().hex
         self.dropped = 0
@@ -93,6 +98,13 @@ class Telemetry:
         if self._failing:
             logger.info("telemetry flush recovered")
         self._failing = False
+        # A replaced pod's stream must not stay forever: it expires once nothing is written
+        # to it for the TTL (long enough for any sidecar outage), refreshed once a minute.
+        now = time.monotonic()
+        if self._stream_ttl and now - self._expire_refreshed > 60:
+            self._expire_refreshed = now
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.expire(self._stream, self._stream_ttl)
 
     async def run(self) -> None:
         while True:

@@ -7,8 +7,9 @@ import signal
 from aiohttp import web
 from loguru import logger
 
-from shared.logs import setup_logging
+from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
+from shared.tracing import Tracing, setup_tracing
 
 from .app import create_app
 
@@ -17,9 +18,12 @@ __all__ = ("main", "serve")
 PROGRAM = "pulsecal-sidecar"
 
 
-async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
+async def serve(
+    settings: Settings, *, host: str = "0.0.0.0", tracing: Tracing | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; the cleanup then saves the telemetry checkpoint."""
-    app = create_app(settings)
+    install_loop_handler(asyncio.get_running_loop())
+    app = create_app(settings, tracing=tracing)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, settings.sidecar_port, reuse_address=True)
@@ -44,13 +48,17 @@ async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
 
 def main() -> None:
     settings = load_settings_or_exit(os.environ, PROGRAM)
-    setup_logging(settings, program=PROGRAM)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+    # Leaving the block flushes Logstash and logs an exception that ends the process.
+    with setup_logging(settings, program=PROGRAM):
+        tracing = setup_tracing(settings, service_name=PROGRAM)
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(settings, tracing=tracing))
+        else:
+            uvloop.run(serve(settings, tracing=tracing))
+        finally:
+            tracing.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from shared.health import HealthChecker
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
+from shared.tracing import Tracing
 
 from .appkeys import (
     CHECKER,
@@ -30,6 +31,7 @@ from .appkeys import (
     REDIS,
     SETTINGS,
     STARTED_AT,
+    TRACING,
 )
 from .consumer import TelemetryConsumer
 from .dashboard import dashboard, dashboard_live
@@ -53,6 +55,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
+    app[TRACING].instrument_redis(app[REDIS])
     yield
     await app[REDIS].aclose()
 
@@ -69,7 +72,8 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
     timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    async with ClientSession(timeout=timeout) as session:
+    trace_configs = app[TRACING].client_trace_configs()
+    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
         app[HTTP_CLIENT] = session
         yield
 
@@ -137,9 +141,11 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
+    """The sidecar. ``tracing``: the process's (its Redis and HTTP clients); none: untraced."""
     app = web.Application()
     app[SETTINGS] = settings
+    app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     app[STARTED_AT] = time.time()
     aiohttp_jinja2.setup(
         app,

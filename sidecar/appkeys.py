@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 
 from shared.health import HealthChecker
 from shared.settings import Settings
+from shared.tracing import Tracing
 
 if TYPE_CHECKING:
     from .consumer import TelemetryConsumer
@@ -23,6 +24,7 @@ __all__ = (
     "REDIS",
     "SETTINGS",
     "STARTED_AT",
+    "TRACING",
 )
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -30,6 +32,7 @@ STARTED_AT = web.AppKey("started_at", float)
 REDIS = web.AppKey("redis", Redis)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)
 CHECKER = web.AppKey("checker", HealthChecker)
+TRACING = web.AppKey("tracing", Tracing)
 # Forward references: those modules' handlers import this one.
 POSTGRES: web.AppKey["PostgresProbe"] = web.AppKey("postgres")
 HEARTBEAT: web.AppKey["HeartbeatWatch"] = web.AppKey("heartbeat")

@@ -6,11 +6,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from service.app import create_app
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.telemetry import BATCH_FIELD, Kind, Record, decode_batch, decode_heartbeat
 
-from .conftest import Device
+from .conftest import AiohttpClient, Device
 
 Client = TestClient[web.Request, web.Application]
 
@@ -76,3 +77,16 @@ async def test_records_beyond_the_buffer_bound_are_dropped_and_counted(
     last = decode_batch(entries[-1][1][BATCH_FIELD])
 
     assert last.dropped_total == telemetry.dropped > 0
+
+
+async def test_the_telemetry_stream_expires_when_the_pod_is_gone(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis, keys: Keys
+) -> None:
+    client = await aiohttp_client(create_app(settings))
+    await client.post("/ingestion/ppg", json=device.batch(1), headers=device.headers)
+
+    async with asyncio.timeout(5):
+        while (ttl := await redis.ttl(keys.telemetry(settings.pod))) < 0:
+            await asyncio.sleep(0.02)
+
+    assert 0 < ttl <= settings.sidecar_state_ttl
