@@ -7,7 +7,7 @@ import signal
 from aiohttp import web
 from loguru import logger
 
-from shared.logs import install_loop_handler, setup_logging
+from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
 
@@ -18,11 +18,15 @@ __all__ = ("main", "serve")
 
 
 async def serve(
-    settings: Settings, *, host: str = "0.0.0.0", tracing: Tracing | None = None
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",
+    tracing: Tracing | None = None,
+    logs: Logs | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain: stop accepting, finish and flush, close sockets."""
     install_loop_handler(asyncio.get_running_loop())
-    app = create_app(settings, tracing=tracing)
+    app = create_app(settings, tracing=tracing, logs=logs)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -52,14 +56,14 @@ async def serve(
 def main() -> None:
     settings = load_settings_or_exit(os.environ, "pulsecal-service")
     # Leaving the block flushes Logstash and logs an exception that ends the process.
-    with setup_logging(settings, program="pulsecal-service"):
+    with setup_logging(settings, program="pulsecal-service") as logs:
         tracing = setup_tracing(settings, service_name="pulsecal-api")
         try:
             import uvloop
         except ImportError:
-            asyncio.run(serve(settings, tracing=tracing))
+            asyncio.run(serve(settings, tracing=tracing, logs=logs))
         else:
-            uvloop.run(serve(settings, tracing=tracing))
+            uvloop.run(serve(settings, tracing=tracing, logs=logs))
         finally:
             tracing.shutdown()  # exports what is queued, within the exporter's timeout
 

@@ -18,17 +18,19 @@ from redis.retry import Retry
 
 from shared.health import Check, HealthChecker, disk_check, threshold_check
 from shared.keys import Keys
+from shared.logs import Logs
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, encode_heartbeat
 from shared.tracing import Tracing
 from shared.version import build_version
 
-from . import probes
+from . import alerts_api, probes
 from .appkeys import (
     CHECKER,
     HTTP_CLIENT,
     INGEST,
+    LOGS,
     PG_POOL,
     REDIS_AUX,
     REDIS_DATA,
@@ -200,6 +202,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             buffer_max=settings.telemetry_buffer_max,
             stream_maxlen=settings.telemetry_stream_maxlen,
             flush_interval=settings.telemetry_flush_interval,
+            stream_ttl=settings.sidecar_state_ttl,
         ),
         loop_lag=LoopLagMonitor(),
         max_body_bytes=settings.max_body_bytes,
@@ -229,6 +232,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     version = build_version()
     pool = app[PG_POOL]
 
+    logs = app.get(LOGS)
+
     def heartbeat() -> Heartbeat:
         rss, heap = process_memory()
         pool_stats = pool.get_stats()
@@ -257,6 +262,9 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             backlog=state.backlog.backlog,
             backlog_exceeded=state.backlog.exceeded,
             telemetry_dropped=state.telemetry.dropped,
+            spans_dropped=state.tracing.dropped,
+            log_lines_dropped=logs.logstash_dropped if logs is not None else 0,
+            rate_limit_fallbacks=state.limiter.fallback_decisions,
             tokens_loaded=len(tokens),
             db_pool={
                 "size": pool_stats.get("pool_size", 0),
@@ -340,10 +348,15 @@ async def _drain_now(app: web.Application) -> None:
     await drain(app, grace=0)
 
 
-def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
-    """The service. ``tracing`` is the process's (``setup_tracing``); none: not traced."""
+def create_app(
+    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+) -> web.Application:
+    """The service. ``tracing`` and ``logs`` are the process's (``setup_tracing``,
+    ``setup_logging``): without them it is not traced and reports no Logstash drops."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    if logs is not None:
+        app[LOGS] = logs
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
     app.on_shutdown.append(_drain_now)
@@ -362,5 +375,9 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.App
     ):
         # Never limited, never traced: probes would fill the traces with noise.
         router.add_get(path, instrumented(path, probe, traced=False))
+    router.add_get(
+        alerts_api.ALERTS_ROUTE,
+        instrumented(alerts_api.ALERTS_ROUTE, alerts_api.get_alerts, policy=api_policy),
+    )
     router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found, policy=api_policy))
     return app

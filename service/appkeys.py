@@ -5,6 +5,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from shared.health import HealthChecker
+from shared.logs import Logs
 from shared.settings import Settings
 from shared.tracing import Tracing
 
@@ -16,6 +17,7 @@ __all__ = (
     "CHECKER",
     "HTTP_CLIENT",
     "INGEST",
+    "LOGS",
     "PG_POOL",
     "REDIS_AUX",
     "REDIS_DATA",
@@ -33,5 +35,7 @@ HTTP_CLIENT = web.AppKey("http_client", ClientSession)
 INGEST = web.AppKey("ingest", IngestState)
 CHECKER = web.AppKey("checker", HealthChecker)
 TRACING = web.AppKey("tracing", Tracing)
+# Only when the process set logging up (not in tests): for the Logstash drop count.
+LOGS = web.AppKey("logs", Logs)
 # pulsecal-worker's own (it uses SETTINGS, PG_POOL, REDIS_AUX, HTTP_CLIENT, CHECKER too).
 WORKER = web.AppKey("worker", WorkerState)

@@ -46,6 +46,118 @@ MIGRATIONS: Sequence[tuple[int, str, LiteralString]] = (
         CREATE INDEX devices_updated_at ON devices (updated_at);
         """,
     ),
+    # The worker's tables (README, "Worker"). readings is partitioned by day on ts; rows
+    # outside every daily partition land in readings_default, and
+    # readings_ensure_partitions moves them into a day's partition when it creates it.
+    (
+        2,
+        "readings, partitioned by day, and each device's latest reading",
+        """
+        CREATE TABLE readings (
+            device_id    text NOT NULL,
+            seq          bigint NOT NULL,
+            ts           timestamptz NOT NULL,
+            rate_hz      real NOT NULL,
+            ppg          double precision[] NOT NULL,
+            hr           real,
+            spo2         real,
+            received_at  timestamptz NOT NULL,
+            persisted_at timestamptz NOT NULL DEFAULT now()
+        ) PARTITION BY RANGE (ts);
+        CREATE UNIQUE INDEX readings_device_ts_seq ON readings (device_id, ts, seq);
+        CREATE TABLE readings_default PARTITION OF readings DEFAULT;
+
+        CREATE FUNCTION readings_ensure_partitions(first_day date, days integer)
+        RETURNS integer LANGUAGE plpgsql AS $$
+        DECLARE
+            day date;
+            lo timestamptz;
+            hi timestamptz;
+            part text;
+            created integer := 0;
+        BEGIN
+            PERFORM pg_advisory_xact_lock(7265002);
+            FOR i IN 0 .. days - 1 LOOP
+                day := first_day + i;
+                part := 'readings_' || to_char(day, 'YYYYMMDD');
+                CONTINUE WHEN to_regclass(part) IS NOT NULL;
+                lo := day::timestamp AT TIME ZONE 'UTC';
+                hi := (day + 1)::timestamp AT TIME ZONE 'UTC';
+                EXECUTE format(
+                    'CREATE TABLE %I (LIKE readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                    part);
+                EXECUTE format(
+                    'INSERT INTO %I SELECT * FROM readings_default WHERE ts >= %L AND ts < %L',
+                    part, lo, hi);
+                EXECUTE format(
+                    'DELETE FROM readings_default WHERE ts >= %L AND ts < %L', lo, hi);
+                EXECUTE format(
+                    'ALTER TABLE readings ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                    part, lo, hi);
+                created := created + 1;
+            END LOOP;
+            RETURN created;
+        END
+        $$;
+        SELECT readings_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, 9);
+
+        CREATE TABLE device_status (
+            device_id        text PRIMARY KEY,
+            last_ts          timestamptz NOT NULL,
+            last_received_at timestamptz NOT NULL,
+            hr               real,
+            spo2             real
+        ) WITH (fillfactor = 70);
+        """,
+    ),
+    (
+        3,
+        "alerts: at most one open per device and rule",
+        """
+        CREATE TABLE alerts (
+            id            bigserial PRIMARY KEY,
+            device_id     text NOT NULL,
+            rule          text NOT NULL,
+            metric        text NOT NULL,
+            above         boolean NOT NULL,
+            threshold     double precision NOT NULL,
+            value         double precision,
+            message       text NOT NULL,
+            started_at    timestamptz NOT NULL,
+            opened_at     timestamptz NOT NULL DEFAULT now(),
+            cleared_at    timestamptz,
+            cleared_value double precision
+        );
+        CREATE UNIQUE INDEX alerts_open ON alerts (device_id, rule) WHERE cleared_at IS NULL;
+        CREATE INDEX alerts_opened_at ON alerts (opened_at);
+        CREATE INDEX alerts_device_opened_at ON alerts (device_id, opened_at);
+        """,
+    ),
+    (
+        4,
+        "analyses: one result per device window",
+        """
+        CREATE TABLE analyses (
+            id             bigserial PRIMARY KEY,
+            device_id      text NOT NULL,
+            window_start   timestamptz NOT NULL,
+            window_end     timestamptz NOT NULL,
+            status         text NOT NULL,
+            samples        integer NOT NULL,
+            heart_rate_bpm real,
+            hrv_rmssd_ms   real,
+            hrv_sdnn_ms    real,
+            beats          integer,
+            quality        real,
+            error          text,
+            attempts       integer NOT NULL,
+            duration_ms    real,
+            created_at     timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (device_id, window_start)
+        );
+        CREATE INDEX analyses_created_at ON analyses (created_at);
+        """,
+    ),
 )
 
 # Any constant works; it only serialises concurrent upgrades.

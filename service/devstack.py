@@ -96,8 +96,67 @@ def _extra_processes(*, bin_dir: Path, settings: Settings) -> list[ProcessSpec]:
                 f"dashboard {url}/  (health of every component, traffic charts)",
                 f"metrics   {url}/metrics{metrics_note}  (and {url}/health)",
             ),
-        )
+        ),
+        *_worker_processes(bin_dir=bin_dir, settings=settings),
     ]
+
+
+def _worker_processes(*, bin_dir: Path, settings: Settings) -> list[ProcessSpec]:
+    """The analysis service, the worker and the worker pod's own sidecar.
+
+    The worker is a pod of its own (``<pod>-worker``): its telemetry and heartbeat go to its
+    sidecar, as in Kubernetes. ``AI_SERVICE_URL``, when set, replaces the reference analysis
+    service. Busy default ports (8000, ``WORKER_PORT``) are replaced by free ones.
+    """
+    specs: list[ProcessSpec] = []
+    ai_url = settings.ai_service_url
+    if ai_url is None:
+        ai_port = 8000 if _port_is_free(8000) else _free_port()
+        ai_url = f"http://127.0.0.1:{ai_port}"
+        specs.append(
+            ProcessSpec(
+                name="analysis",
+                argv=[_script(bin_dir, "pulsecal-analysis")],
+                ready_url=f"{ai_url}/health",
+                env={"PORT": str(ai_port)},
+                announce=(f"analysis  {ai_url}  (POST /analyze: the reference AI service)",),
+            )
+        )
+    worker_port = settings.worker_port
+    if not _port_is_free(worker_port):
+        worker_port = _free_port()
+    sidecar_port = _free_port()
+    worker_pod = f"{settings.pod}-worker"
+    specs += [
+        ProcessSpec(
+            name="worker",
+            argv=[_script(bin_dir, "pulsecal-worker")],
+            ready_url=f"http://127.0.0.1:{worker_port}/health/startup",
+            env={
+                "WORKER_PORT": str(worker_port),
+                "POD_NAME": worker_pod,
+                "AI_SERVICE_URL": ai_url,
+            },
+            announce=(
+                f"worker    http://127.0.0.1:{worker_port}/health  (readings -> Postgres,"
+                " alerts, analyses)",
+            ),
+        ),
+        ProcessSpec(
+            name="worker-sidecar",
+            argv=[_script(bin_dir, "pulsecal-sidecar")],
+            ready_url=f"http://127.0.0.1:{sidecar_port}/health/liveness",
+            env={
+                "SIDECAR_PORT": str(sidecar_port),
+                "POD_NAME": worker_pod,
+                "AI_SERVICE_URL": ai_url,
+            },
+            announce=(
+                f"worker's  http://127.0.0.1:{sidecar_port}/  (its sidecar: dashboard, /metrics)",
+            ),
+        ),
+    ]
+    return specs
 
 
 @dataclass(slots=True)

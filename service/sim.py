@@ -39,6 +39,10 @@ _STOP_GRACE = 3.0
 # rather than building an unbounded backlog and then flooding the service.
 _MAX_BACKLOG_SECONDS = 300.0
 _BACKOFF_FIRST = 0.5
+# Devices with episodes (--abnormal-fraction): one episode of 90 s in every 3 minutes.
+_EPISODE_CYCLE = 180.0
+_EPISODE_START = 60.0
+_EPISODE_END = 150.0
 _BACKOFF_CAP = 15.0
 _PROGRESS_TTY_INTERVAL = 1.0
 _PROGRESS_LOG_INTERVAL = 5.0
@@ -61,6 +65,7 @@ class SimOptions:
     batch_seconds: float = 1.0
     duration: float = 0.0
     quiet: bool = False
+    abnormal_fraction: float = 0.25
 
     @property
     def samples_per_batch(self) -> int:
@@ -92,7 +97,14 @@ class PpgSignal:
     artifacts are added. Values are 18-bit ADC counts, as an optical front end reports.
     """
 
-    def __init__(self, *, rate_hz: float, character: random.Random, noise: random.Random) -> None:
+    def __init__(
+        self,
+        *,
+        rate_hz: float,
+        character: random.Random,
+        noise: random.Random,
+        episodes: bool = False,
+    ) -> None:
         rng = character
         self._rng = noise
         self._dt = 1.0 / rate_hz
@@ -114,6 +126,12 @@ class PpgSignal:
         self._artifact_offset = 0.0
         self._spo2_rest = rng.uniform(95.5, 99.0)
         self._spo2 = self._spo2_rest
+        # A device with episodes spends part of every cycle in tachycardia or desaturation,
+        # past the worker's default alert thresholds for longer than their durations.
+        self._episodes = episodes
+        self._elapsed = rng.uniform(0.0, _EPISODE_CYCLE)
+        self._episode_hr = rng.uniform(140.0, 160.0) if rng.random() < 0.5 else None
+        self._episode_spo2 = 86.0 if self._episode_hr is None else None
 
     @property
     def resting_hr(self) -> float:
@@ -133,11 +151,14 @@ class PpgSignal:
         rng, dt = self._rng, self._dt
         # Ornstein-Uhlenbeck steps: a mean-reverting walk with a time constant and a spread.
         hr_pull, hr_kick = dt / 30.0, 4.0 * math.sqrt(2.0 * dt / 30.0)
+        target_hr, target_spo2, spo2_tau = self._targets(count * dt)
+        if target_hr != self._resting_hr:
+            hr_pull = dt / 10.0
         drift_pull, drift_kick = dt / 20.0, 0.4 * self._ac * math.sqrt(2.0 * dt / 20.0)
         samples: list[int] = []
         hr_sum = 0.0
         for _ in range(count):
-            self._slow_hr += (self._resting_hr - self._slow_hr) * hr_pull + hr_kick * rng.gauss()
+            self._slow_hr += (target_hr - self._slow_hr) * hr_pull + hr_kick * rng.gauss()
             self._resp_phase += 2.0 * math.pi * self._resp_hz * dt
             breath = math.sin(self._resp_phase)
             hr = min(180.0, max(40.0, self._slow_hr + self._rsa_bpm * breath))
@@ -157,10 +178,19 @@ class PpgSignal:
             )
             value += self._artifact(dt)
             samples.append(round(value))
-        self._spo2 += (self._spo2_rest - self._spo2) * (count * dt / 60.0) + rng.gauss(0.0, 0.1)
+        self._spo2 += (target_spo2 - self._spo2) * (count * dt / spo2_tau) + rng.gauss(0.0, 0.1)
         self._spo2 = min(100.0, max(85.0, self._spo2))
         mean_hr = hr_sum / count + rng.gauss(0.0, 0.8)
         return samples, round(min(400.0, max(0.0, mean_hr)), 1), round(self._spo2, 1)
+
+    def _targets(self, seconds: float) -> tuple[float, float, float]:
+        """Heart rate and SpO2 to drift towards now, and SpO2's time constant."""
+        self._elapsed = (self._elapsed + seconds) % _EPISODE_CYCLE
+        if not self._episodes or not _EPISODE_START <= self._elapsed < _EPISODE_END:
+            return self._resting_hr, self._spo2_rest, 60.0
+        hr = self._resting_hr if self._episode_hr is None else self._episode_hr
+        spo2 = self._spo2_rest if self._episode_spo2 is None else self._episode_spo2
+        return hr, spo2, 20.0
 
     def _artifact(self, dt: float) -> float:
         # About one motion artifact a minute: a step and heavy noise for up to 1.5 s.
@@ -518,6 +548,7 @@ class _Device:
         reporter: _Reporter,
         first_seq: int,
         clock_origin: tuple[float, int],
+        episodes: bool = False,
     ) -> None:
         self.device_id = device_id
         self._link = link
@@ -529,7 +560,10 @@ class _Device:
         # A device keeps its heart rate and pulse shape from run to run; its noise differs.
         self._rng = random.Random(f"{device_id}:{first_seq}")
         self._signal = PpgSignal(
-            rate_hz=options.rate_hz, character=random.Random(device_id), noise=self._rng
+            rate_hz=options.rate_hz,
+            character=random.Random(device_id),
+            noise=self._rng,
+            episodes=episodes,
         )
         self._backoff = _Backoff(rng=self._rng)
 
@@ -636,6 +670,7 @@ async def run(options: SimOptions, *, out: TextIO | None = None, err: TextIO | N
     loop = asyncio.get_running_loop()
     device_ids = sorted(options.devices)
     ws_flags = [_uses_ws(i, options.ws_fraction) for i in range(len(device_ids))]
+    abnormal = options.abnormal_fraction
     stats = _Stats(
         started=loop.time(), ws_devices=sum(ws_flags), http_devices=len(ws_flags) - sum(ws_flags)
     )
@@ -688,6 +723,8 @@ async def run(options: SimOptions, *, out: TextIO | None = None, err: TextIO | N
                     reporter=reporter,
                     first_seq=first_seq,
                     clock_origin=clock_origin,
+                    # Counted from the end, so they do not all use the same transport.
+                    episodes=_uses_ws(len(device_ids) - 1 - len(device_tasks), abnormal),
                 )
                 device_tasks.append(asyncio.create_task(device.run(stop), name=device_id))
             report_task = asyncio.create_task(_report(reporter, stop))
@@ -764,6 +801,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress or error lines, only the final summary"
     )
+    parser.add_argument(
+        "--abnormal-fraction",
+        type=_fraction,
+        default=0.25,
+        help="share of devices with episodes of tachycardia or low SpO2 that cross the"
+        " worker's alert thresholds (default 0.25)",
+    )
     return parser
 
 
@@ -792,6 +836,7 @@ def _options(argv: Sequence[str] | None) -> SimOptions:
         batch_seconds=args.batch_seconds,
         duration=args.duration,
         quiet=args.quiet,
+        abnormal_fraction=args.abnormal_fraction,
     )
     if not 1 <= options.samples_per_batch <= MAX_SAMPLES:
         parser.error(

@@ -125,6 +125,11 @@ class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
     samples_persisted: int = 0
     alerts_open: int = 0
     ai_circuit: str = "closed"
+    # Every process's: spans lost (collector away or queue full), log lines Logstash missed.
+    # The service's: rate-limit decisions made per process while Redis was away.
+    spans_dropped: int = 0
+    log_lines_dropped: int = 0
+    rate_limit_fallbacks: int = 0
 
 
 _batch_encoder = msgspec.msgpack.Encoder()

@@ -349,6 +349,17 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
         "Group-commit writes made by this service process.",
         ("", hb.write_batches),
     )
+    # Totals of this process instance (they restart with it, like any process counter).
+    for name, help_text, value in (
+        ("spans_dropped", "Trace spans lost: collector away or queue full.", hb.spans_dropped),
+        ("log_lines_dropped", "Log lines Logstash never got.", hb.log_lines_dropped),
+        (
+            "rate_limit_fallbacks",
+            "Rate-limit decisions made per process while Redis was away.",
+            hb.rate_limit_fallbacks,
+        ),
+    ):
+        yield _family(f"pulsecal_service_{name}", "counter", help_text, ("", value))
 
 
 def _own_process() -> Iterator[Family]:
