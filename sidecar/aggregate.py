@@ -61,7 +61,9 @@ _CLOSE_CODES = range(1000, 5000)
 _OTHER_CODE = 0
 _STATUSES = range(100, 600)
 # Record kinds that are only counted, by (kind, route, method, status).
-_EVENT_KINDS = frozenset({Kind.RATE_LIMITED})
+_EVENT_KINDS = frozenset(
+    {Kind.RATE_LIMITED, Kind.ALERT, Kind.ANALYSIS, Kind.PERSIST, Kind.DEAD_LETTER}
+)
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "OTHER"})
 
 # The dashboard's window: 90 buckets of 10 s, keyed by when the service sent the batch.

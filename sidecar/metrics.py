@@ -2,8 +2,9 @@
 
 ``http_request_errors_total`` counts every response with status >= 400 (labelled with the
 status, so an alert can select ``status=~"5.."``), as the original system's interceptor did.
-The business counters (alerts, AI analyses) and ``queue_jobs_active`` stay at 0 until the
-worker exists; ``queue_depth`` is the readings backlog the service measures.
+The business counters (alerts, AI analyses) come from the worker's records and
+``queue_jobs_active`` from its heartbeat, so they are 0 beside the service; ``queue_depth`` is
+the analysis jobs waiting beside a worker, the readings backlog beside the service.
 """
 
 import asyncio
@@ -104,6 +105,69 @@ def _family(name: str, kind: Kind, help_text: str, *samples: tuple[str, float]) 
     return Family(name, kind, help_text, list(samples))
 
 
+WORKER_PROGRAM = "pulsecal-worker"
+ALERT_RULES = ("hr_high", "hr_low", "spo2_low", "silence")
+
+
+def _worker_counters(aggregator: Aggregator) -> Iterator[Family]:
+    """The business counters, from the worker's records (0 beside the service)."""
+    opened = dict.fromkeys(ALERT_RULES, 0)
+    cleared = dict.fromkeys(ALERT_RULES, 0)
+    analyses = {"completed": 0, "failed": 0, "skipped": 0}
+    dead: dict[str, int] = {}
+    persisted: dict[int, int] = {}
+    for (kind, route, method, status), n in aggregator.events.items():
+        if kind == TelemetryKind.ALERT:
+            into = opened if method == "open" else cleared
+            into[route] = into.get(route, 0) + n
+        elif kind == TelemetryKind.ANALYSIS:
+            outcome = "completed" if status == 200 else "skipped" if status < 400 else "failed"
+            analyses[outcome] += n
+        elif kind == TelemetryKind.DEAD_LETTER:
+            dead[route] = dead.get(route, 0) + n
+        elif kind == TelemetryKind.PERSIST:
+            persisted[status] = persisted.get(status, 0) + n
+    yield _family(
+        "alerts_created",
+        "counter",
+        "Alerts opened by the worker, by rule.",
+        *((label_text((("rule", rule),)), n) for rule, n in sorted(opened.items())),
+    )
+    yield _family(
+        "pulsecal_alerts_cleared",
+        "counter",
+        "Alerts cleared by the worker, by rule.",
+        *((label_text((("rule", rule),)), n) for rule, n in sorted(cleared.items())),
+    )
+    yield _family(
+        "ai_analysis_completed", "counter", "AI analyses completed.", ("", analyses["completed"])
+    )
+    yield _family(
+        "ai_analysis_failed",
+        "counter",
+        "AI analyses failed (refused by the AI, or out of retries).",
+        ("", analyses["failed"]),
+    )
+    yield _family(
+        "pulsecal_ai_analysis_skipped",
+        "counter",
+        "Analysis windows skipped (too little data to send).",
+        ("", analyses["skipped"]),
+    )
+    yield _family(
+        "pulsecal_dead_letters",
+        "counter",
+        "Readings entries moved to the dead-letter stream, by reason.",
+        *((label_text((("reason", r),)), n) for r, n in sorted(dead.items())),
+    )
+    yield _family(
+        "pulsecal_worker_commits",
+        "counter",
+        "Groups of readings the worker tried to commit to Postgres, by status.",
+        *((label_text((("status", st),)), n) for st, n in sorted(persisted.items())),
+    )
+
+
 def business_families(aggregator: Aggregator, heartbeat: Heartbeat | None) -> Iterator[Family]:
     yield _family(
         "metrics_ingested",
@@ -111,18 +175,7 @@ def business_families(aggregator: Aggregator, heartbeat: Heartbeat | None) -> It
         "PPG samples accepted, by transport.",
         *((f'transport="{t}"', n) for t, n in aggregator.samples.items()),
     )
-    yield _family(
-        "alerts_created", "counter", "Alerts created (0 until the worker exists).", ("", 0)
-    )
-    yield _family(
-        "ai_analysis_completed",
-        "counter",
-        "AI analyses completed (0 until the worker exists).",
-        ("", 0),
-    )
-    yield _family(
-        "ai_analysis_failed", "counter", "AI analyses failed (0 until the worker exists).", ("", 0)
-    )
+    yield from _worker_counters(aggregator)
     yield _family(
         "websocket_connections_active",
         "gauge",
@@ -135,14 +188,20 @@ def business_families(aggregator: Aggregator, heartbeat: Heartbeat | None) -> It
         "WebSocket messages received, by the status they were answered with.",
         *((f'status="{s}"', n) for s, n in sorted(aggregator.ws_messages.items())),
     )
+    worker = heartbeat is not None and heartbeat.program == WORKER_PROGRAM
     yield _family(
-        "queue_jobs_active", "gauge", "Queue jobs in progress (0 until the worker exists).", ("", 0)
+        "queue_jobs_active",
+        "gauge",
+        "Analysis jobs this worker is running (0 beside the service).",
+        ("", heartbeat.queue_jobs_active if heartbeat else 0),
     )
+    # Beside a worker: analysis jobs waiting (the same in every worker pod: take the max).
+    # Beside the service: the readings backlog it guards (largest lag + pending of any group).
     yield _family(
         "queue_depth",
         "gauge",
-        "Readings batches waiting for the persistence workers (from the service's heartbeat).",
-        ("", heartbeat.backlog if heartbeat else 0),
+        "Jobs waiting: analysis jobs beside a worker, readings batches beside the service.",
+        ("", (heartbeat.queue_depth if worker else heartbeat.backlog) if heartbeat else 0),
     )
     in_use = 0
     if heartbeat is not None:
@@ -349,6 +408,8 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
         "Group-commit writes made by this service process.",
         ("", hb.write_batches),
     )
+    if hb.program == WORKER_PROGRAM:
+        yield from _worker_gauges(hb)
     # Totals of this process instance (they restart with it, like any process counter).
     for name, help_text, value in (
         ("spans_dropped", "Trace spans lost: collector away or queue full.", hb.spans_dropped),
@@ -360,6 +421,29 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
         ),
     ):
         yield _family(f"pulsecal_service_{name}", "counter", help_text, ("", value))
+
+
+def _worker_gauges(hb: Heartbeat) -> Iterator[Family]:
+    for name, help_text, value in (
+        (
+            "readings_lag",
+            "Readings batches not yet persisted (undelivered + unacked).",
+            hb.readings_lag,
+        ),
+        ("dead_letters", "Entries in the dead-letter stream.", hb.dead_letters),
+        ("alerts_open", "Alerts open now.", hb.alerts_open),
+        (
+            "ai_circuit_open",
+            "1 while the AI circuit breaker is open.",
+            int(hb.ai_circuit != "closed"),
+        ),
+    ):
+        yield _family(f"pulsecal_worker_{name}", "gauge", help_text, ("", value))
+    for name, help_text, value in (
+        ("rows_persisted", "Rows this worker process inserted.", hb.rows_persisted),
+        ("samples_persisted", "PPG samples this worker process inserted.", hb.samples_persisted),
+    ):
+        yield _family(f"pulsecal_worker_{name}", "counter", help_text, ("", value))
 
 
 def _own_process() -> Iterator[Family]:

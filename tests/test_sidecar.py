@@ -67,8 +67,8 @@ async def test_requests_the_service_answers_appear_in_metrics(
     assert total(text, "http_request_duration_seconds_count", route="/ingestion/ppg") == 6
     assert total(text, "metrics_ingested_total", transport="http") == 20
     await eventually(lambda: _has(sidecar, "websocket_messages_total", 1, status="202"), within=3)
+    assert '\nalerts_created_total{rule="hr_high"} 0' in text
     for seed_metric in (
-        "alerts_created_total",
         "ai_analysis_completed_total",
         "ai_analysis_failed_total",
         "websocket_connections_active",

@@ -312,3 +312,33 @@ def test_health_checks_are_exported_as_up_gauges() -> None:
     assert 'pulsecal_health_check_up{check="database"} 0' in text.splitlines()
     assert 'pulsecal_health_check_up{check="redis"} 1' in text.splitlines()
     assert 'pulsecal_health_check_duration_seconds{check="database"} 0.0125' in text.splitlines()
+
+
+def test_the_worker_s_records_become_the_business_counters() -> None:
+    aggregator = Aggregator(max_series=100)
+    aggregator.add_batch(
+        batch(
+            [
+                (Kind.ALERT, "hr_high", "open", 0, 0, 0, 0, None),
+                (Kind.ALERT, "hr_high", "open", 0, 0, 0, 0, None),
+                (Kind.ALERT, "hr_high", "clear", 0, 0, 0, 0, None),
+                (Kind.ALERT, "silence", "open", 0, 0, 0, 0, None),
+                (Kind.ANALYSIS, "/analyze", "POST", 200, 900, 1, 1500, None),
+                (Kind.ANALYSIS, "/analyze", "POST", 500, 900, 4, 1500, None),
+                (Kind.ANALYSIS, "/analyze", "POST", 422, 900, 1, 1500, None),
+                (Kind.ANALYSIS, "/analyze", "POST", 204, 0, 0, 0, None),
+                (Kind.DEAD_LETTER, "undecodable", "", 0, 0, 0, 0, None),
+            ]
+        )
+    )
+
+    lines = render(business_families(aggregator, None), openmetrics=False).decode().splitlines()
+
+    assert 'alerts_created_total{rule="hr_high"} 2' in lines
+    assert 'alerts_created_total{rule="silence"} 1' in lines
+    assert 'alerts_created_total{rule="spo2_low"} 0' in lines
+    assert 'pulsecal_alerts_cleared_total{rule="hr_high"} 1' in lines
+    assert "ai_analysis_completed_total 1" in lines
+    assert "ai_analysis_failed_total 2" in lines
+    assert "pulsecal_ai_analysis_skipped_total 1" in lines
+    assert 'pulsecal_dead_letters_total{reason="undecodable"} 1' in lines
