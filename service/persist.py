@@ -35,6 +35,7 @@ from typing import Annotated, Any, cast
 import msgspec
 import psycopg
 from loguru import logger
+from opentelemetry.trace import SpanKind
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -42,6 +43,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
 from shared.telemetry import Kind
+from shared.tracing import Tracing, links_from, remote_context
 from shared.wire import DEVICE_ID_PATTERN, MAX_SAMPLES, MAX_SEQ, TS_MAX_MS, TS_MIN_MS
 
 from .alerts import AlertChange, AlertEvaluator, update_device_status
@@ -125,6 +127,8 @@ class Row:
     ts_ms: int
     samples: int
     line: bytes
+    # The traceparent of the sampled request that wrote it (field ``t``), if any.
+    trace: bytes | None = None
 
 
 class UndecodableError(ValueError):
@@ -168,7 +172,7 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
         _optional(batch.spo2),
         received,
     )
-    return Row(entry_id, batch.device_id, batch.ts, samples, line)
+    return Row(entry_id, batch.device_id, batch.ts, samples, line, fields.get(b"t"))
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -252,8 +256,10 @@ class ReadingsPersister:
         telemetry: Telemetry,
         on_alert: Callable[[AlertChange], None],
         on_persisted: Callable[[list[Row]], Awaitable[None]] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._redis = redis
+        self._tracing = tracing if tracing is not None else Tracing(provider=None)
         self._pool = pool
         self._stream = keys.readings
         self._dead = keys.readings_dead
@@ -421,6 +427,29 @@ class ReadingsPersister:
         return result
 
     async def _persist(self, rows: list[Row], entries: dict[bytes, _Entry]) -> None:
+        """Commit ``rows``; a group holding sampled batches is a span of their traces."""
+        traces = [row.trace.decode() for row in rows if row.trace] if self._tracing.enabled else []
+        if not traces:
+            await self._commit(rows, entries)
+            return
+        # A child of the first sampled batch's write (so the trace runs on across the
+        # stream into Postgres), linked to the others the same commit stored.
+        with self._tracing.tracer.start_as_current_span(
+            "persist readings",
+            context=remote_context(traces[0]),
+            kind=SpanKind.CONSUMER,
+            links=links_from(traces[1:]),
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation": "process",
+                "messaging.destination.name": "readings",
+                "messaging.batch.message_count": len(rows),
+                "db.system": "postgresql",
+            },
+        ):
+            await self._commit(rows, entries)
+
+    async def _commit(self, rows: list[Row], entries: dict[bytes, _Entry]) -> None:
         delay = 0.05
         failing_since: float | None = None
         while True:

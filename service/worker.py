@@ -34,15 +34,16 @@ from shared.health import (
     threshold_check,
 )
 from shared.keys import Keys
-from shared.logs import install_loop_handler, setup_logging
+from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, Kind, encode_heartbeat
+from shared.tracing import Tracing, setup_tracing
 from shared.version import build_version
 
 from .alerts import AlertChange, AlertEvaluator, SilenceWatcher, count_open_alerts, rules_from
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
-from .appkeys import CHECKER, HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, WORKER
+from .appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING, WORKER
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from .workerstate import WorkerState
@@ -66,6 +67,7 @@ async def _redis_client(app: web.Application) -> AsyncIterator[None]:
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
+    app[TRACING].instrument_redis(app[REDIS_AUX])
     yield
     await app[REDIS_AUX].aclose()
 
@@ -77,6 +79,12 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
 
 async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    tracing = app[TRACING]
+
+    async def configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        await _configure(conn)
+        tracing.instrument_postgres(conn)
+
     pool: AsyncConnectionPool = AsyncConnectionPool(
         settings.database_url,
         min_size=1,
@@ -84,7 +92,7 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
         max_size=3 + settings.analysis_concurrency,
         open=False,
         timeout=settings.health_check_timeout_ms / 1000,
-        configure=_configure,
+        configure=configure,
         check=AsyncConnectionPool.check_connection,
         kwargs={"connect_timeout": max(1, settings.health_check_timeout_ms // 1000)},
     )
@@ -96,7 +104,8 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
     timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    async with ClientSession(timeout=timeout) as session:
+    trace_configs = app[TRACING].client_trace_configs()
+    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
         app[HTTP_CLIENT] = session
         yield
 
@@ -229,6 +238,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         telemetry=telemetry,
         on_alert=on_alert,
         on_persisted=None if scheduler is None else scheduler.on_persisted,
+        tracing=app[TRACING],
     )
     state = WorkerState(
         persister=persister,
@@ -257,6 +267,9 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         redis, streams, interval=settings.worker_trim_interval, on_measure=on_measure
     )
     version = build_version()
+
+    tracing = app[TRACING]
+    logs = app.get(LOGS)
 
     def heartbeat() -> Heartbeat:
         rss, heap = process_memory()
@@ -289,6 +302,8 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
             samples_persisted=persister.samples,
             alerts_open=state.alerts_open,
             ai_circuit="closed" if runner is None else runner.breaker.state,
+            spans_dropped=tracing.dropped,
+            log_lines_dropped=logs.logstash_dropped if logs is not None else 0,
         )
 
     background: dict[str, Coroutine[Any, Any, None]] = {
@@ -395,9 +410,15 @@ async def health(request: web.Request) -> web.Response:
     return _respond(request, dict(request.app[CHECKER].results))
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(
+    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+) -> web.Application:
+    """The worker. ``tracing`` and ``logs``: the process's (see ``service.app.create_app``)."""
     app = web.Application()
     app[SETTINGS] = settings
+    app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
+    if logs is not None:
+        app[LOGS] = logs
     app.cleanup_ctx.extend([_redis_client, _postgres_pool, _http_client, _worker])
     for path, probe in (
         ("/health/liveness", liveness),
@@ -409,10 +430,16 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
+async def serve(
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",
+    tracing: Tracing | None = None,
+    logs: Logs | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT; then finish the round in hand and stop."""
     install_loop_handler(asyncio.get_running_loop())
-    app = create_app(settings)
+    app = create_app(settings, tracing=tracing, logs=logs)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, settings.worker_port, reuse_address=True)
@@ -432,13 +459,16 @@ async def serve(settings: Settings, *, host: str = "0.0.0.0") -> None:
 
 def main() -> None:
     settings = load_settings_or_exit(os.environ, PROGRAM)
-    with setup_logging(settings, program=PROGRAM):
+    with setup_logging(settings, program=PROGRAM) as logs:
+        tracing = setup_tracing(settings, service_name=PROGRAM)
         try:
             import uvloop
         except ImportError:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, tracing=tracing, logs=logs))
         else:
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, tracing=tracing, logs=logs))
+        finally:
+            tracing.shutdown()
 
 
 if __name__ == "__main__":

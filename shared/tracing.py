@@ -38,7 +38,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
@@ -51,6 +51,7 @@ __all__ = (
     "format_traceparent",
     "links_from",
     "parse_traceparent",
+    "remote_context",
     "setup_tracing",
 )
 
@@ -123,6 +124,16 @@ def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
 def format_traceparent(context: SpanContext) -> str:
     flags = "01" if context.trace_flags.sampled else "00"
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags}"
+
+
+def remote_context(traceparent: str) -> Context | None:
+    """A context whose parent is the remote span ``traceparent`` names (None: invalid)."""
+    parsed = parse_traceparent(traceparent)
+    if parsed is None:
+        return None
+    flags = TraceFlags(TraceFlags.SAMPLED if parsed[2] else TraceFlags.DEFAULT)
+    parent = SpanContext(parsed[0], parsed[1], is_remote=True, trace_flags=flags)
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 def links_from(traceparents: Iterable[str]) -> list[Link]:

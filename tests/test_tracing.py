@@ -14,6 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from redis.asyncio import Redis
 
+from service import worker
 from service.app import create_app
 from service.appkeys import INGEST
 from shared.keys import Keys
@@ -22,6 +23,7 @@ from shared.telemetry import Kind
 from shared.tracing import Tracing, _endpoint, parse_traceparent, setup_tracing
 
 from .conftest import AiohttpClient, Device
+from .worker_support import eventually, stored_counts, worker_settings
 
 URL = "/ingestion/ppg"
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -312,3 +314,33 @@ def test_tracing_off_decides_nothing(settings: Settings) -> None:
 
     assert not tracing.enabled
     assert tracing.decide(SAMPLED) is False
+
+
+async def test_the_worker_continues_the_trace_across_the_readings_stream(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    device: Device,
+    receiver: Receiver,
+    tracings: list[Tracing],
+) -> None:
+    tracing = setup_tracing(traced_settings(settings, receiver.url), service_name="pulsecal-api")
+    tracings.append(tracing)
+    service = await aiohttp_client(create_app(settings, tracing=tracing))
+    response = await service.post(
+        URL, json=device.batch(1), headers={**device.headers, "traceparent": SAMPLED}
+    )
+    await aiohttp_client(worker.create_app(worker_settings(settings), tracing=tracing))
+
+    await eventually(lambda: _stored(settings.database_url, device.device_id), within=10)
+    await flushed(tracing)
+
+    assert response.status == 202
+    write = next(s for s in receiver.spans if s["name"] == "EVALSHA readings")
+    persist = next(s for s in receiver.spans if s["name"] == "persist readings")
+    assert persist["trace_id"] == write["trace_id"] == SAMPLED.split("-")[1]
+    assert persist["parent_span_id"] == write["span_id"]
+    assert persist["attributes"]["messaging.destination.name"] == "readings"
+
+
+async def _stored(database_url: str, device_id: str) -> bool:
+    return bool(await stored_counts(database_url, [device_id]))
