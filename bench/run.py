@@ -1433,6 +1433,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run pulsecal-service/-admin from this checkout (e.g. a `git worktree` of another\n"
         "commit) instead of the installed working tree",
     )
+    p.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a variable of the service (repeatable), e.g. TRACING_ENABLED=false to see\n"
+        "what one feature costs; the run is then not the reference configuration",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
     if args.quick:
@@ -1533,6 +1541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ),
                     ("ENVIRONMENT", "production"),
                     *service_env(args.service_src).items(),
+                    *(tuple(v.split("=", 1)) for v in args.service_env),
                 ),
             )
             http_specs = [bare_http, *([service] if with_service else []), conventional]

@@ -358,7 +358,10 @@ def create_app(
     if logs is not None:
         app[LOGS] = logs
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
-    app.cleanup_ctx.extend([_redis_clients, _postgres_pool, _http_client, _ingest])
+    # The span export first, so it stops last: the spans of the shutdown leave too.
+    app.cleanup_ctx.extend(
+        [app[TRACING].export_ctx, _redis_clients, _postgres_pool, _http_client, _ingest]
+    )
     app.on_shutdown.append(_drain_now)
     router = app.router
     # Rate-limit policies are declared with the routes: ingestion is limited per device

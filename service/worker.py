@@ -419,7 +419,9 @@ def create_app(
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     if logs is not None:
         app[LOGS] = logs
-    app.cleanup_ctx.extend([_redis_client, _postgres_pool, _http_client, _worker])
+    app.cleanup_ctx.extend(
+        [app[TRACING].export_ctx, _redis_client, _postgres_pool, _http_client, _worker]
+    )
     for path, probe in (
         ("/health/liveness", liveness),
         ("/health/readiness", readiness),

@@ -153,7 +153,7 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.App
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    app.cleanup_ctx.extend([_redis, _postgres, _http_client, _health])
+    app.cleanup_ctx.extend([app[TRACING].export_ctx, _redis, _postgres, _http_client, _health])
     router = app.router
     if settings.metrics_enabled:
         app.cleanup_ctx.append(_telemetry)

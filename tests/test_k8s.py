@@ -38,9 +38,8 @@ HADOLINT = Path(sys.executable).with_name("hadolint")
 
 Manifest = dict[str, Any]
 
-# Programs whose console scripts another issue is adding (the worker and the analysis
-# service, issue 7): the manifests may run them before setup.cfg declares them.
-PENDING_PROGRAMS = frozenset({"pulsecal-worker", "pulsecal-analysis"})
+# Programs the manifests may run before setup.cfg declares them (none now).
+PENDING_PROGRAMS: frozenset[str] = frozenset()
 # Variables the manifests set that are not Settings fields: read by the OpenTelemetry SDK, or
 # only expanded into other variables.
 EXTRA_VARIABLES = frozenset({"POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES"})
@@ -369,7 +368,7 @@ def test_probes_ask_paths_the_programs_serve_on_the_ports_they_listen_on(
                 )
             checked += 1
     # The worker's and the analysis service's paths are asked of the running programs in
-    # tests/test_ops.py (they are being built in another issue).
+    # tests/test_ops.py.
     assert checked >= 10
 
 

@@ -260,7 +260,7 @@ def _layout_regex(layout: str) -> re.Pattern[str]:
     return re.compile(text)
 
 
-# --- probes of the programs being built in issue 7, asked of the running programs ------------
+# --- probes of the worker and the analysis service, asked of the running programs ----------
 
 
 async def _answers(url: str) -> int | None:
@@ -282,9 +282,6 @@ async def _answers(url: str) -> int | None:
             variable,
             paths,
             id=binary.name,
-            marks=pytest.mark.skipif(
-                not binary.exists(), reason=f"{binary.name} is not installed yet (issue 7)"
-            ),
         )
         for binary, variable, paths in (
             (

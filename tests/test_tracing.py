@@ -106,8 +106,7 @@ def tracings() -> Iterator[list[Tracing]]:
 
 
 async def flushed(tracing: Tracing) -> None:
-    assert tracing.provider is not None
-    await asyncio.to_thread(tracing.provider.force_flush)
+    await tracing.flush()
 
 
 async def test_a_sampled_request_is_traced_through_the_write_into_the_stream(
