@@ -1,6 +1,5 @@
 """Tracing: spans reach a real OTLP/HTTP receiver, sampled requests only, sanitized."""
 
-import asyncio
 import gzip
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
