@@ -6,9 +6,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
-from urllib.parse import urlsplit
 
-from aiohttp import ClientSession, ClientTimeout, WSCloseCode, web
+from aiohttp import WSCloseCode, web
 from loguru import logger
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -16,7 +15,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.health import Check, HealthChecker, disk_check, threshold_check
+from shared.health import HealthChecker
 from shared.keys import Keys
 from shared.logs import Logs
 from shared.settings import Settings
@@ -28,7 +27,6 @@ from shared.version import build_version
 from . import alerts_api, probes
 from .appkeys import (
     CHECKER,
-    HTTP_CLIENT,
     INGEST,
     LOGS,
     PG_POOL,
@@ -41,6 +39,7 @@ from .edge import UNMATCHED, instrumented, not_found
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
 from .keepalive import keep_alive
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
+from .resources import health_checks, http_client, static_details
 from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
@@ -92,60 +91,6 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
     app[PG_POOL] = pool
     yield
     await pool.close()
-
-
-async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    trace_configs = app[TRACING].client_trace_configs()
-    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
-        app[HTTP_CLIENT] = session
-        yield
-
-
-def _health_checks(app: web.Application) -> dict[str, Check]:
-    settings = app[SETTINGS]
-    pool = app[PG_POOL]
-    redis = app[REDIS_AUX]
-    session = app[HTTP_CLIENT]
-
-    async def database() -> None:
-        async with pool.connection() as conn:
-            await conn.execute("SELECT 1")
-
-    async def redis_ping() -> None:
-        await redis.ping()
-
-    async def ai_services() -> dict[str, Any]:
-        if settings.ai_service_url is None:
-            return {"configured": False}
-        url = settings.ai_service_url.rstrip("/") + "/health"
-        async with session.get(url) as response:
-            response.raise_for_status()
-        return {}
-
-    mb = 1024 * 1024
-    return {
-        "database": database,
-        "redis": redis_ping,
-        "ai-services": ai_services,
-        "memory_heap": threshold_check(
-            lambda: process_memory()[1] // mb, settings.memory_heap_threshold_mb, "MB"
-        ),
-        "memory_rss": threshold_check(
-            lambda: process_memory()[0] // mb, settings.memory_rss_threshold_mb, "MB"
-        ),
-        "disk": disk_check(settings.log_dir, settings.disk_threshold_percent),
-    }
-
-
-def _static_details(settings: Settings) -> dict[str, dict[str, Any]]:
-    redis = urlsplit(settings.redis_url)
-    details: dict[str, dict[str, Any]] = {
-        "redis": {"host": redis.hostname or "localhost", "port": redis.port or 6379}
-    }
-    if settings.ai_service_url is not None:
-        details["ai-services"] = {"url": settings.ai_service_url}
-    return details
 
 
 def _policies(settings: Settings) -> tuple[Policy | None, Policy | None]:
@@ -222,10 +167,10 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     )
     app[INGEST] = state
     checker = HealthChecker(
-        _health_checks(app),
+        health_checks(app),
         timeout=settings.health_check_timeout_ms / 1000,
         interval=settings.health_check_interval,
-        static_details=_static_details(settings),
+        static_details=static_details(settings),
     )
     app[CHECKER] = checker
     refresher = TokenRefresher(tokens, app[PG_POOL], interval=settings.token_refresh_interval)
@@ -360,7 +305,7 @@ def create_app(
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     # The span export first, so it stops last: the spans of the shutdown leave too.
     app.cleanup_ctx.extend(
-        [app[TRACING].export_ctx, _redis_clients, _postgres_pool, _http_client, _ingest]
+        [app[TRACING].export_ctx, _redis_clients, _postgres_pool, http_client, _ingest]
     )
     app.on_shutdown.append(_drain_now)
     router = app.router

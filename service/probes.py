@@ -5,8 +5,7 @@ import time
 
 from aiohttp import web
 
-from shared.health import CheckResult, render_health
-from shared.version import build_version
+from shared.health import CheckResult, health_response, now_result
 
 from .appkeys import CHECKER, INGEST
 
@@ -16,17 +15,10 @@ _SERVICE_ID = "pulsecal-api"
 
 
 def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Response:
-    status, body, content_type = render_health(
-        results,
-        accept=request.headers.get("Accept", ""),
-        version=build_version(),
-        service_id=_SERVICE_ID,
-    )
-    return web.Response(status=status, body=body, content_type=content_type)
+    return health_response(request, results, service_id=_SERVICE_ID)
 
 
-def _state(up: bool, error: str | None = None, **details: object) -> CheckResult:
-    return CheckResult(up=up, checked_at=time.time(), duration_ms=0.0, details=details, error=error)
+_state = now_result
 
 
 async def liveness(request: web.Request) -> web.Response:

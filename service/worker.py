@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import psycopg
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import web
 from loguru import logger
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
@@ -25,14 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from shared.health import (
-    Check,
-    CheckResult,
-    HealthChecker,
-    disk_check,
-    render_health,
-    threshold_check,
-)
+from shared.health import CheckResult, HealthChecker, health_response, now_result
 from shared.keys import Keys
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
@@ -45,6 +38,7 @@ from .alerts import AlertChange, AlertEvaluator, SilenceWatcher, count_open_aler
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
 from .appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING, WORKER
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
+from .resources import health_checks, http_client, static_details
 from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from .workerstate import WorkerState
 
@@ -100,49 +94,6 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
     app[PG_POOL] = pool
     yield
     await pool.close()
-
-
-async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    trace_configs = app[TRACING].client_trace_configs()
-    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
-        app[HTTP_CLIENT] = session
-        yield
-
-
-def _health_checks(app: web.Application) -> dict[str, Check]:
-    settings = app[SETTINGS]
-    pool = app[PG_POOL]
-    redis = app[REDIS_AUX]
-    session = app[HTTP_CLIENT]
-
-    async def database() -> None:
-        async with pool.connection() as conn:
-            await conn.execute("SELECT 1")
-
-    async def redis_ping() -> None:
-        await redis.ping()
-
-    async def ai_services() -> dict[str, Any]:
-        if settings.ai_service_url is None:
-            return {"configured": False}
-        async with session.get(settings.ai_service_url.rstrip("/") + "/health") as response:
-            response.raise_for_status()
-        return {"url": settings.ai_service_url}
-
-    mb = 1024 * 1024
-    return {
-        "database": database,
-        "redis": redis_ping,
-        "ai-services": ai_services,
-        "memory_heap": threshold_check(
-            lambda: process_memory()[1] // mb, settings.memory_heap_threshold_mb, "MB"
-        ),
-        "memory_rss": threshold_check(
-            lambda: process_memory()[0] // mb, settings.memory_rss_threshold_mb, "MB"
-        ),
-        "disk": disk_check(settings.log_dir, settings.disk_threshold_percent),
-    }
 
 
 async def _maintain_partitions(state: WorkerState, pool: AsyncConnectionPool, ahead: int) -> None:
@@ -249,9 +200,10 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     )
     app[WORKER] = state
     checker = HealthChecker(
-        _health_checks(app),
+        health_checks(app),
         timeout=settings.health_check_timeout_ms / 1000,
         interval=settings.health_check_interval,
+        static_details=static_details(settings),
     )
     app[CHECKER] = checker
 
@@ -356,17 +308,10 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
 
 
 def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Response:
-    status, body, content_type = render_health(
-        results,
-        accept=request.headers.get("Accept", ""),
-        version=build_version(),
-        service_id=_SERVICE_ID,
-    )
-    return web.Response(status=status, body=body, content_type=content_type)
+    return health_response(request, results, service_id=_SERVICE_ID)
 
 
-def _state(up: bool, error: str | None = None, **details: object) -> CheckResult:
-    return CheckResult(up=up, checked_at=time.time(), duration_ms=0.0, details=details, error=error)
+_state = now_result
 
 
 async def liveness(request: web.Request) -> web.Response:
@@ -420,7 +365,7 @@ def create_app(
     if logs is not None:
         app[LOGS] = logs
     app.cleanup_ctx.extend(
-        [app[TRACING].export_ctx, _redis_client, _postgres_pool, _http_client, _worker]
+        [app[TRACING].export_ctx, _redis_client, _postgres_pool, http_client, _worker]
     )
     for path, probe in (
         ("/health/liveness", liveness),

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from aiohttp import web
+
+from .version import build_version
 
 __all__ = (
     "HEALTH_JSON",
@@ -22,6 +25,8 @@ __all__ = (
     "CheckResult",
     "HealthChecker",
     "disk_check",
+    "health_response",
+    "now_result",
     "render_health",
     "threshold_check",
 )
@@ -180,3 +185,21 @@ def _iso(epoch: float) -> str:
     if epoch <= 0:
         return "1970-01-01T00:00:00Z"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def health_response(
+    request: web.Request, results: Mapping[str, CheckResult], *, service_id: str
+) -> web.Response:
+    """``results`` answered in the seed's shape, or ``application/health+json`` if asked."""
+    status, body, content_type = render_health(
+        results,
+        accept=request.headers.get("Accept", ""),
+        version=build_version(),
+        service_id=service_id,
+    )
+    return web.Response(status=status, body=body, content_type=content_type)
+
+
+def now_result(up: bool, error: str | None = None, **details: object) -> CheckResult:
+    """A result known right now, without running a check (probe state, process facts)."""
+    return CheckResult(up=up, checked_at=time.time(), duration_ms=0.0, details=details, error=error)

@@ -16,10 +16,16 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.health import Check, CheckFailedError, CheckResult, disk_check, render_health
+from shared.health import (
+    Check,
+    CheckFailedError,
+    CheckResult,
+    disk_check,
+    health_response,
+    now_result,
+)
 from shared.settings import Settings
 from shared.telemetry import Heartbeat, decode_heartbeat
-from shared.version import build_version
 
 from .appkeys import CHECKER, STARTED_AT
 from .process import own_process
@@ -204,23 +210,13 @@ def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def _respond(request: web.Request, results: Mapping[str, CheckResult]) -> web.Response:
-    status, body, content_type = render_health(
-        results,
-        accept=request.headers.get("Accept", ""),
-        version=build_version(),
-        service_id=SERVICE_ID,
-    )
-    return web.Response(status=status, body=body, content_type=content_type)
+    return health_response(request, results, service_id=SERVICE_ID)
 
 
 async def liveness(request: web.Request) -> web.Response:
     """The sidecar answers: nothing else, so a dependency outage never restarts it."""
     uptime = round(time.time() - request.app[STARTED_AT], 1)
-    details = {"pid": os.getpid(), "uptime_s": uptime}
-    return _respond(
-        request,
-        {"process": CheckResult(up=True, checked_at=time.time(), duration_ms=0.0, details=details)},
-    )
+    return _respond(request, {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)})
 
 
 async def health(request: web.Request) -> web.Response:

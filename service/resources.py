@@ -1,0 +1,70 @@
+"""What the service and the worker both keep on their application: the HTTP client (the AI
+service's calls) and the dependency checks behind their health probes."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+from shared.health import Check, disk_check, threshold_check
+from shared.settings import Settings
+
+from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
+from .telemetry import process_memory
+
+__all__ = ("health_checks", "http_client", "static_details")
+
+
+async def http_client(app: web.Application) -> AsyncIterator[None]:
+    timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
+    trace_configs = app[TRACING].client_trace_configs()
+    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
+        app[HTTP_CLIENT] = session
+        yield
+
+
+def health_checks(app: web.Application) -> dict[str, Check]:
+    settings = app[SETTINGS]
+    pool = app[PG_POOL]
+    redis = app[REDIS_AUX]
+    session = app[HTTP_CLIENT]
+
+    async def database() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def redis_ping() -> None:
+        await redis.ping()
+
+    async def ai_services() -> dict[str, Any]:
+        if settings.ai_service_url is None:
+            return {"configured": False}
+        url = settings.ai_service_url.rstrip("/") + "/health"
+        async with session.get(url) as response:
+            response.raise_for_status()
+        return {}
+
+    mb = 1024 * 1024
+    return {
+        "database": database,
+        "redis": redis_ping,
+        "ai-services": ai_services,
+        "memory_heap": threshold_check(
+            lambda: process_memory()[1] // mb, settings.memory_heap_threshold_mb, "MB"
+        ),
+        "memory_rss": threshold_check(
+            lambda: process_memory()[0] // mb, settings.memory_rss_threshold_mb, "MB"
+        ),
+        "disk": disk_check(settings.log_dir, settings.disk_threshold_percent),
+    }
+
+
+def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
+    redis = urlsplit(settings.redis_url)
+    details: dict[str, dict[str, Any]] = {
+        "redis": {"host": redis.hostname or "localhost", "port": redis.port or 6379}
+    }
+    if settings.ai_service_url is not None:
+        details["ai-services"] = {"url": settings.ai_service_url}
+    return details
