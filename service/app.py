@@ -4,12 +4,11 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from aiohttp import WSCloseCode, web
 from loguru import logger
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -69,13 +68,6 @@ async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
     await app[REDIS_AUX].aclose()
 
 
-def _traced_connection(tracing: Tracing) -> Callable[[AsyncConnection[Any]], Awaitable[None]]:
-    async def configure(connection: AsyncConnection[Any]) -> None:
-        tracing.instrument_postgres(connection)
-
-    return configure
-
-
 async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     pool: AsyncConnectionPool = AsyncConnectionPool(
@@ -85,7 +77,7 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
         open=False,
         timeout=settings.health_check_timeout_ms / 1000,
         kwargs={"connect_timeout": max(1, settings.health_check_timeout_ms // 1000)},
-        configure=_traced_connection(app[TRACING]),
+        configure=app[TRACING].instrument_postgres,
     )
     await pool.open(wait=False)
     app[PG_POOL] = pool

@@ -33,8 +33,7 @@ def instrumented(
     behind ``policy``'s rate limit per client IP (no policy: never limited), and traced when
     sampled (``traced``)."""
 
-    async def limited(request: web.Request) -> web.StreamResponse:
-        return await _limited(request, route, handler, policy)
+    limited = handler if policy is None else _rate_limited(route, handler, policy)
 
     async def instrumented_handler(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -44,7 +43,7 @@ def instrumented(
             if traced and tracing.decide(request.headers.get(TRACEPARENT)):
                 response, trace_id = await tracing.serve(request, limited)
             else:
-                response = await _limited(request, route, handler, policy)
+                response = await limited(request)
         except web.HTTPException as e:
             headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
             response = error_response(e.status, e.reason, headers=headers)
@@ -69,26 +68,27 @@ def instrumented(
     return instrumented_handler
 
 
-async def _limited(
-    request: web.Request, route: str, handler: Handler, policy: Policy | None
-) -> web.StreamResponse:
-    if policy is None:
-        return await handler(request)
-    state = request.app[INGEST]
-    try:
-        decision = await state.limiter.check(policy, state.proxies.client_ip(request))
-    except RateLimitUnavailableError as e:
-        return error_response(503, str(e), headers={"Retry-After": str(state.retry_after)})
-    if decision.over:
-        state.telemetry.record(over_limit_record(route, policy, decision))
-    headers = rate_limit_headers(policy, decision)
-    if not decision.allowed:
-        details = {"policy": policy.name, "window": decision.window.name}
-        return error_response(429, "rate limit exceeded", details, headers=headers)
-    response = await handler(request)
-    if not response.prepared:
-        response.headers.update(headers)
-    return response
+def _rate_limited(route: str, handler: Handler, policy: Policy) -> Handler:
+    """``handler`` behind ``policy``, per client IP, its headers on the answer."""
+
+    async def rate_limited(request: web.Request) -> web.StreamResponse:
+        state = request.app[INGEST]
+        try:
+            decision = await state.limiter.check(policy, state.proxies.client_ip(request))
+        except RateLimitUnavailableError as e:
+            return error_response(503, str(e), headers={"Retry-After": str(state.retry_after)})
+        if decision.over:
+            state.telemetry.record(over_limit_record(route, policy, decision))
+        headers = rate_limit_headers(policy, decision)
+        if not decision.allowed:
+            details = {"policy": policy.name, "window": decision.window.name}
+            return error_response(429, "rate limit exceeded", details, headers=headers)
+        response = await handler(request)
+        if not response.prepared:
+            response.headers.update(headers)
+        return response
+
+    return rate_limited
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

@@ -5,7 +5,7 @@ import time
 
 from aiohttp import web
 
-from shared.health import CheckResult, health_response, now_result
+from shared.health import CheckResult, health_response, now_result, startup_results
 
 from .appkeys import CHECKER, INGEST
 
@@ -18,14 +18,11 @@ def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Respo
     return health_response(request, results, service_id=_SERVICE_ID)
 
 
-_state = now_result
-
-
 async def liveness(request: web.Request) -> web.Response:
     """The process answers: nothing else (a dependency outage must not restart the pod)."""
     state = request.app[INGEST]
     uptime = (time.time_ns() // 1_000_000 - state.started_ms) / 1000
-    return _respond(request, {"process": _state(True, pid=os.getpid(), uptime_s=uptime)})
+    return _respond(request, {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)})
 
 
 def _readiness_results(request: web.Request) -> dict[str, CheckResult]:
@@ -36,13 +33,15 @@ def _readiness_results(request: web.Request) -> dict[str, CheckResult]:
     # (the checker re-checks every second while something is down) makes it ready again.
     redis_ok = redis.up and (writer.healthy or redis.checked_at > writer.last_failure)
     return {
-        "redis": redis if redis_ok == redis.up else _state(False, "the last write to Redis failed"),
-        "device_tokens": _state(
+        "redis": redis
+        if redis_ok == redis.up
+        else now_result(False, "the last write to Redis failed"),
+        "device_tokens": now_result(
             state.tokens.loaded,
             None if state.tokens.loaded else "not loaded yet",
             tokens=len(state.tokens),
         ),
-        "ingestion": _state(not state.draining, "shutting down" if state.draining else None),
+        "ingestion": now_result(not state.draining, "shutting down" if state.draining else None),
     }
 
 
@@ -54,10 +53,7 @@ async def startup(request: web.Request) -> web.Response:
     state = request.app[INGEST]
     results = _readiness_results(request)
     del results["ingestion"]
-    # Startup only has to succeed once; after that the readiness probe takes over.
-    state.started = state.started or all(r.up for r in results.values())
-    if state.started:
-        results = {name: _state(True) for name in results}
+    state.started, results = startup_results(results, started=state.started)
     return _respond(request, results)
 
 

@@ -25,7 +25,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from shared.health import CheckResult, HealthChecker, health_response, now_result
+from shared.health import (
+    CheckResult,
+    HealthChecker,
+    health_response,
+    now_result,
+    startup_results,
+)
 from shared.keys import Keys
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
@@ -77,7 +83,7 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
 
     async def configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
         await _configure(conn)
-        tracing.instrument_postgres(conn)
+        await tracing.instrument_postgres(conn)
 
     pool: AsyncConnectionPool = AsyncConnectionPool(
         settings.database_url,
@@ -311,13 +317,10 @@ def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Respo
     return health_response(request, results, service_id=_SERVICE_ID)
 
 
-_state = now_result
-
-
 async def liveness(request: web.Request) -> web.Response:
     state = request.app[WORKER]
     uptime = (time.time_ns() // 1_000_000 - state.started_ms) / 1000
-    return _respond(request, {"process": _state(True, pid=os.getpid(), uptime_s=uptime)})
+    return _respond(request, {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)})
 
 
 def _readiness_results(request: web.Request) -> dict[str, CheckResult]:
@@ -328,12 +331,12 @@ def _readiness_results(request: web.Request) -> dict[str, CheckResult]:
         "redis": results["redis"],
         "database": results["database"]
         if persister.db_ok
-        else _state(False, "the last write to Postgres failed"),
-        "consumer_group": _state(
+        else now_result(False, "the last write to Postgres failed"),
+        "consumer_group": now_result(
             persister.group_ready, None if persister.group_ready else "not created yet"
         ),
-        "schema": _state(state.schema_ready, None if state.schema_ready else "not checked yet"),
-        "worker": _state(not state.draining, "shutting down" if state.draining else None),
+        "schema": now_result(state.schema_ready, None if state.schema_ready else "not checked yet"),
+        "worker": now_result(not state.draining, "shutting down" if state.draining else None),
     }
 
 
@@ -345,9 +348,7 @@ async def startup(request: web.Request) -> web.Response:
     state = request.app[WORKER]
     results = _readiness_results(request)
     del results["worker"]
-    state.started = state.started or all(r.up for r in results.values())
-    if state.started:
-        results = {name: _state(True) for name in results}
+    state.started, results = startup_results(results, started=state.started)
     return _respond(request, results)
 
 

@@ -28,6 +28,7 @@ __all__ = (
     "health_response",
     "now_result",
     "render_health",
+    "startup_results",
     "threshold_check",
 )
 
@@ -203,3 +204,12 @@ def health_response(
 def now_result(up: bool, error: str | None = None, **details: object) -> CheckResult:
     """A result known right now, without running a check (probe state, process facts)."""
     return CheckResult(up=up, checked_at=time.time(), duration_ms=0.0, details=details, error=error)
+
+
+def startup_results(
+    results: Mapping[str, CheckResult], *, started: bool
+) -> tuple[bool, dict[str, CheckResult]]:
+    """(started, what the startup probe answers). Startup only has to succeed once: from
+    then on it answers up, and the readiness probe takes over."""
+    started = started or all(r.up for r in results.values())
+    return started, ({name: now_result(True) for name in results} if started else dict(results))

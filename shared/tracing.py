@@ -428,8 +428,8 @@ class Tracing:
 
             RedisInstrumentor.instrument_client(client, tracer_provider=self.provider)
 
-    def instrument_postgres(self, connection: AsyncConnection[Any]) -> None:
-        """For a pool's ``configure``: every connection it opens."""
+    async def instrument_postgres(self, connection: AsyncConnection[Any]) -> None:
+        """A pool's ``configure`` (async, as the pool wants it): every connection it opens."""
         if self.provider is not None:
             from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 

@@ -97,6 +97,24 @@ class _Process:
             if path.exists()
         )
 
+    async def wait_answering(self, url: str) -> None:
+        """Until ``url`` answers 200; fails at once if the process exits meanwhile."""
+        async with (
+            ClientSession(timeout=ClientTimeout(total=1)) as session,
+            asyncio.timeout(READY_DEADLINE),
+        ):
+            while True:
+                if self.returncode is not None:
+                    name = Path(self._argv[0]).name
+                    raise RuntimeError(f"{name} exited ({self.returncode}):\n{self.output()}")
+                try:
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                except (ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.05)
+
 
 class RedisServer(_Process):
     """A redis-server of the test's own whose every acknowledged write survives ``kill -9``."""
@@ -169,23 +187,7 @@ class ServiceProcess(_Process):
 
     async def wait_started(self) -> None:
         """Until ``/health/startup`` answers 200."""
-        async with (
-            ClientSession(timeout=ClientTimeout(total=1)) as session,
-            asyncio.timeout(READY_DEADLINE),
-        ):
-            while not await self._started(session):
-                if self.returncode is not None:
-                    raise RuntimeError(
-                        f"pulsecal-service exited ({self.returncode}):\n{self.output()}"
-                    )
-                await asyncio.sleep(0.05)
-
-    async def _started(self, session: ClientSession) -> bool:
-        try:
-            async with session.get(f"{self.url}/health/startup") as response:
-                return response.status == 200
-        except (ClientError, TimeoutError):
-            return False
+        await self.wait_answering(f"{self.url}/health/startup")
 
 
 class RedisProxy:

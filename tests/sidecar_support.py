@@ -166,22 +166,7 @@ class SidecarProcess(_Process):
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def wait_live(self) -> None:
-        async with (
-            ClientSession(timeout=ClientTimeout(total=1)) as session,
-            asyncio.timeout(READY_DEADLINE),
-        ):
-            while True:
-                if self.returncode is not None:
-                    raise RuntimeError(
-                        f"pulsecal-sidecar exited ({self.returncode}):\n{self.output()}"
-                    )
-                try:
-                    async with session.get(f"{self.url}/health/liveness") as response:
-                        if response.status == 200:
-                            return
-                except (ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.05)
+        await self.wait_answering(f"{self.url}/health/liveness")
 
 
 class PrometheusServer(_Process):

@@ -1,14 +1,14 @@
 """Tracing: spans reach a real OTLP/HTTP receiver, sampled requests only, sanitized."""
 
 import gzip
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from redis.asyncio import Redis
@@ -24,9 +24,11 @@ from shared.tracing import Tracing, _endpoint, parse_traceparent, setup_tracing
 from .conftest import AiohttpClient, Device
 from .worker_support import eventually, stored_counts, worker_settings
 
+Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ppg"
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+CLOSED_COLLECTOR = "http://127.0.0.1:9/v1/traces"
 
 
 @dataclass
@@ -104,22 +106,41 @@ def tracings() -> Iterator[list[Tracing]]:
         tracing.shutdown()
 
 
+TracedService = Callable[..., Awaitable[tuple[Tracing, Client]]]
+
+
+@pytest.fixture
+def traced_service(
+    aiohttp_client: AiohttpClient, settings: Settings, tracings: list[Tracing]
+) -> TracedService:
+    """The service traced to ``endpoint``, ``changes`` applied to its tracing settings."""
+
+    async def start(
+        endpoint: str, *, app_settings: Settings | None = None, **changes: Any
+    ) -> tuple[Tracing, Client]:
+        tracing = setup_tracing(
+            traced_settings(settings, endpoint, **changes), service_name="pulsecal-api"
+        )
+        tracings.append(tracing)
+        client = await aiohttp_client(create_app(app_settings or settings, tracing=tracing))
+        return tracing, client
+
+    return start
+
+
 async def flushed(tracing: Tracing) -> None:
     await tracing.flush()
 
 
 async def test_a_sampled_request_is_traced_through_the_write_into_the_stream(
-    aiohttp_client: AiohttpClient,
+    traced_service: TracedService,
     settings: Settings,
     device: Device,
     receiver: Receiver,
-    tracings: list[Tracing],
     redis: Redis,
     keys: Keys,
 ) -> None:
-    tracing = setup_tracing(traced_settings(settings, receiver.url), service_name="pulsecal-api")
-    tracings.append(tracing)
-    client = await aiohttp_client(create_app(settings, tracing=tracing))
+    tracing, client = await traced_service(receiver.url)
 
     response = await client.post(
         URL, json=device.batch(1), headers={**device.headers, "traceparent": SAMPLED}
@@ -148,18 +169,11 @@ async def test_a_sampled_request_is_traced_through_the_write_into_the_stream(
 
 
 async def test_spans_carry_no_tokens_headers_or_payload_values(
-    aiohttp_client: AiohttpClient,
-    settings: Settings,
+    traced_service: TracedService,
     device: Device,
     receiver: Receiver,
-    tracings: list[Tracing],
 ) -> None:
-    tracing = setup_tracing(
-        traced_settings(settings, receiver.url, otel_traces_sampler="always_on"),
-        service_name="pulsecal-api",
-    )
-    tracings.append(tracing)
-    client = await aiohttp_client(create_app(settings, tracing=tracing))
+    tracing, client = await traced_service(receiver.url, otel_traces_sampler="always_on")
     batch = device.batch(1, ppg=[123.456789] * 8)
 
     await client.post(URL, json=batch, headers=device.headers)
@@ -182,20 +196,13 @@ async def test_spans_carry_no_tokens_headers_or_payload_values(
 
 
 async def test_an_unsampled_request_makes_no_span_and_no_trace_in_the_stream(
-    aiohttp_client: AiohttpClient,
-    settings: Settings,
+    traced_service: TracedService,
     device: Device,
     receiver: Receiver,
-    tracings: list[Tracing],
     redis: Redis,
     keys: Keys,
 ) -> None:
-    tracing = setup_tracing(
-        traced_settings(settings, receiver.url, otel_traces_sampler_arg=1.0),
-        service_name="pulsecal-api",
-    )
-    tracings.append(tracing)
-    client = await aiohttp_client(create_app(settings, tracing=tracing))
+    tracing, client = await traced_service(receiver.url, otel_traces_sampler_arg=1.0)
 
     response = await client.post(
         URL, json=device.batch(1), headers={**device.headers, "traceparent": UNSAMPLED}
@@ -211,22 +218,16 @@ async def test_an_unsampled_request_makes_no_span_and_no_trace_in_the_stream(
 
 
 async def test_the_sampling_ratio_is_honoured(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, tracings: list[Tracing]
+    traced_service: TracedService, settings: Settings, device: Device
 ) -> None:
-    # A closed port: nothing needs to arrive for the decision to be counted.
-    tracing = setup_tracing(
-        traced_settings(
-            settings,
-            "http://127.0.0.1:9/v1/traces",
-            otel_traces_sampler_arg=0.25,
-            otel_exporter_otlp_timeout_ms=200,
-        ),
-        service_name="pulsecal-api",
+    # A closed port: nothing needs to arrive for the decision to be counted. Records stay
+    # in the buffer, where the test counts them.
+    _, client = await traced_service(
+        CLOSED_COLLECTOR,
+        app_settings=replace(settings, telemetry_flush_interval=3600),
+        otel_traces_sampler_arg=0.25,
+        otel_exporter_otlp_timeout_ms=200,
     )
-    tracings.append(tracing)
-    # Records stay in the buffer, where the test counts them.
-    kept = replace(settings, telemetry_flush_interval=3600)
-    client = await aiohttp_client(create_app(kept, tracing=tracing))
     requests = 400
 
     for seq in range(requests):
@@ -240,20 +241,14 @@ async def test_the_sampling_ratio_is_honoured(
 
 
 async def test_an_unreachable_collector_costs_dropped_spans_not_requests(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, tracings: list[Tracing]
+    traced_service: TracedService, device: Device
 ) -> None:
-    tracing = setup_tracing(
-        traced_settings(
-            settings,
-            "http://127.0.0.1:9/v1/traces",
-            otel_traces_sampler="always_on",
-            otel_exporter_otlp_timeout_ms=200,
-            otel_bsp_max_queue_size=16,
-        ),
-        service_name="pulsecal-api",
+    tracing, client = await traced_service(
+        CLOSED_COLLECTOR,
+        otel_traces_sampler="always_on",
+        otel_exporter_otlp_timeout_ms=200,
+        otel_bsp_max_queue_size=16,
     )
-    tracings.append(tracing)
-    client = await aiohttp_client(create_app(settings, tracing=tracing))
 
     statuses = [
         (await client.post(URL, json=device.batch(seq), headers=device.headers)).status
@@ -266,18 +261,11 @@ async def test_an_unreachable_collector_costs_dropped_spans_not_requests(
 
 
 async def test_each_sampled_websocket_message_is_a_span_of_its_own(
-    aiohttp_client: AiohttpClient,
-    settings: Settings,
+    traced_service: TracedService,
     device: Device,
     receiver: Receiver,
-    tracings: list[Tracing],
 ) -> None:
-    tracing = setup_tracing(
-        traced_settings(settings, receiver.url, otel_traces_sampler="always_on"),
-        service_name="pulsecal-api",
-    )
-    tracings.append(tracing)
-    client = await aiohttp_client(create_app(settings, tracing=tracing))
+    tracing, client = await traced_service(receiver.url, otel_traces_sampler="always_on")
 
     async with client.ws_connect(
         "/ingestion/ws", headers={**device.headers, "traceparent": SAMPLED}
@@ -315,15 +303,13 @@ def test_tracing_off_decides_nothing(settings: Settings) -> None:
 
 
 async def test_the_worker_continues_the_trace_across_the_readings_stream(
+    traced_service: TracedService,
     aiohttp_client: AiohttpClient,
     settings: Settings,
     device: Device,
     receiver: Receiver,
-    tracings: list[Tracing],
 ) -> None:
-    tracing = setup_tracing(traced_settings(settings, receiver.url), service_name="pulsecal-api")
-    tracings.append(tracing)
-    service = await aiohttp_client(create_app(settings, tracing=tracing))
+    tracing, service = await traced_service(receiver.url)
     response = await service.post(
         URL, json=device.batch(1), headers={**device.headers, "traceparent": SAMPLED}
     )

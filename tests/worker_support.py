@@ -20,13 +20,12 @@ from typing import Any
 
 import msgspec
 import psycopg
-from aiohttp import ClientError, ClientSession, ClientTimeout
 from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.settings import Settings
 
-from .procs import _SETTINGS_ENV, READY_DEADLINE, _Process, free_port
+from .procs import _SETTINGS_ENV, _Process, free_port
 
 __all__ = (
     "PostgresCluster",
@@ -124,22 +123,7 @@ class WorkerProcess(_Process):
         return [line for line in self.output().splitlines() if f'"level":"{level}"' in line]
 
     async def wait_started(self) -> None:
-        async with (
-            ClientSession(timeout=ClientTimeout(total=1)) as session,
-            asyncio.timeout(READY_DEADLINE),
-        ):
-            while True:
-                if self.returncode is not None:
-                    raise RuntimeError(
-                        f"pulsecal-worker exited ({self.returncode}):\n{self.output()}"
-                    )
-                try:
-                    async with session.get(f"{self.url}/health/startup") as response:
-                        if response.status == 200:
-                            return
-                except (ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.05)
+        await self.wait_answering(f"{self.url}/health/startup")
 
 
 class PostgresCluster:
