@@ -38,7 +38,7 @@ from .edge import UNMATCHED, instrumented, not_found
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
 from .keepalive import keep_alive
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
-from .resources import health_checks, http_client, static_details
+from .resources import health_checks, http_client, pool_stats, static_details
 from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
@@ -173,7 +173,6 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
 
     def heartbeat() -> Heartbeat:
         rss, heap = process_memory()
-        pool_stats = pool.get_stats()
         writer = state.writer
         return Heartbeat(
             pod=pod,
@@ -203,11 +202,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             log_lines_dropped=logs.logstash_dropped if logs is not None else 0,
             rate_limit_fallbacks=state.limiter.fallback_decisions,
             tokens_loaded=len(tokens),
-            db_pool={
-                "size": pool_stats.get("pool_size", 0),
-                "available": pool_stats.get("pool_available", 0),
-                "waiting": pool_stats.get("requests_waiting", 0),
-            },
+            db_pool=pool_stats(pool),
         )
 
     # Serve only once the tokens are known; if Postgres is down, start anyway and keep

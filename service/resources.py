@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, web
+from psycopg_pool import AsyncConnectionPool
 
 from shared.health import Check, disk_check, threshold_check
 from shared.settings import Settings
@@ -13,7 +14,7 @@ from shared.settings import Settings
 from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
 from .telemetry import process_memory
 
-__all__ = ("health_checks", "http_client", "static_details")
+__all__ = ("health_checks", "http_client", "pool_stats", "static_details")
 
 
 async def http_client(app: web.Application) -> AsyncIterator[None]:
@@ -68,3 +69,13 @@ def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
     if settings.ai_service_url is not None:
         details["ai-services"] = {"url": settings.ai_service_url}
     return details
+
+
+def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
+    """The Postgres pool as the heartbeat reports it: size, available, waiting."""
+    stats = pool.get_stats()
+    return {
+        "size": stats.get("pool_size", 0),
+        "available": stats.get("pool_available", 0),
+        "waiting": stats.get("requests_waiting", 0),
+    }

@@ -44,7 +44,7 @@ from .alerts import AlertChange, AlertEvaluator, SilenceWatcher, count_open_aler
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
 from .appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING, WORKER
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
-from .resources import health_checks, http_client, static_details
+from .resources import health_checks, http_client, pool_stats, static_details
 from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from .workerstate import WorkerState
 
@@ -231,7 +231,6 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
 
     def heartbeat() -> Heartbeat:
         rss, heap = process_memory()
-        pool_stats = pool.get_stats()
         return Heartbeat(
             pod=pod,
             program=PROGRAM,
@@ -247,11 +246,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
             loop_lag_ms=round(state.loop_lag.take() * 1000, 3),
             redis_ok=checker.results["redis"].up,
             telemetry_dropped=telemetry.dropped,
-            db_pool={
-                "size": pool_stats.get("pool_size", 0),
-                "available": pool_stats.get("pool_available", 0),
-                "waiting": pool_stats.get("requests_waiting", 0),
-            },
+            db_pool=pool_stats(pool),
             queue_depth=state.queue_depth,
             queue_jobs_active=0 if runner is None else runner.active,
             readings_lag=persister.backlog,

@@ -4,7 +4,10 @@ import os
 import resource
 import sys
 
-__all__ = ("listen_port", "raise_fd_limit")
+import uvloop
+from aiohttp import web
+
+__all__ = ("listen_port", "raise_fd_limit", "serve_bare")
 
 
 def listen_port(default: int = 3001) -> int:
@@ -22,3 +25,15 @@ def raise_fd_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+async def _startup(_request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def serve_bare(app: web.Application) -> None:
+    """Serve a bare peer with uvloop, its readiness answered at ``/health/startup``."""
+    raise_fd_limit()
+    uvloop.install()
+    app.router.add_get("/health/startup", _startup)
+    web.run_app(app, host="127.0.0.1", port=listen_port(), access_log=None, print=None)

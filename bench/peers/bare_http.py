@@ -5,8 +5,7 @@ No auth, validation, storage, metrics or logs. Run: ``python bench/peers/bare_ht
 """
 
 import orjson
-import uvloop
-from _common import listen_port, raise_fd_limit
+from _common import serve_bare
 from aiohttp import web
 
 
@@ -16,21 +15,10 @@ async def ingest(request: web.Request) -> web.Response:
     return web.Response(status=202, body=orjson.dumps(reply), content_type="application/json")
 
 
-async def startup(_request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
-def make_app() -> web.Application:
+def main() -> None:
     app = web.Application()
     app.router.add_post("/ingestion/ppg", ingest)
-    app.router.add_get("/health/startup", startup)
-    return app
-
-
-def main() -> None:
-    raise_fd_limit()
-    uvloop.install()
-    web.run_app(make_app(), host="127.0.0.1", port=listen_port(), access_log=None, print=None)
+    serve_bare(app)
 
 
 if __name__ == "__main__":
