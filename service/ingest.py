@@ -17,6 +17,7 @@ from shared.telemetry import Kind
 from shared.tracing import TRACEPARENT, format_traceparent, links_from
 from shared.wire import BatchError, decode_batch
 
+from .acks import AckResponse
 from .appkeys import INGEST
 from .errors import error_body, error_response
 from .keepalive import Peer
@@ -26,6 +27,7 @@ from .ratelimit import (
     decision_from_reply,
     over_limit_record,
     rate_limit_headers,
+    rate_limit_lines,
 )
 from .state import IngestState
 from .store import StoreUnavailableError, WriteResult
@@ -143,13 +145,11 @@ async def _traced_http(
     return response, samples, trace_id
 
 
-async def _store(
-    state: IngestState, device_id: str, seq: int, payload: bytes, *, traced: bool
+async def _traced_store(
+    state: IngestState, device_id: str, seq: int, payload: bytes
 ) -> WriteResult:
-    """The group-committed write; for a sampled batch, a client span that the stored entry
+    """The group-committed write of a sampled batch: a client span that the stored entry
     names as its parent, so the worker's span of it joins the trace."""
-    if not traced:
-        return await state.writer.submit(device_id, seq, payload)
     with state.tracing.tracer.start_as_current_span(
         "EVALSHA readings",
         kind=SpanKind.PRODUCER,
@@ -169,7 +169,7 @@ async def _store(
 
 async def _ingest_http(
     state: IngestState, request: web.Request, *, traced: bool
-) -> tuple[web.Response, int]:
+) -> tuple[web.StreamResponse, int]:
     """(response, samples stored)."""
     # Decided before the body is read: a request that started before shutdown is finished.
     if state.draining:
@@ -202,29 +202,35 @@ async def _ingest_http(
         if state.backlog.exceeded:
             return _unavailable(state, _BACKLOG_EXCEEDED), 0
         try:
-            result = await _store(state, device_id, batch.seq, body, traced=traced)
+            # The writer's future itself is awaited: no coroutine frame more to resume.
+            if traced:
+                result = await _traced_store(state, device_id, batch.seq, body)
+            else:
+                result = await state.writer.submit(device_id, batch.seq, body)
         except StoreUnavailableError as e:
             return _unavailable(state, f"cannot store the batch now: {e}"), 0
     finally:
         state.batches_in_flight -= 1
-    decision = _verdict(state, HTTP_ROUTE, result)
-    headers = None
-    if decision is not None:
-        assert state.ingest_policy is not None
-        headers = rate_limit_headers(state.ingest_policy, decision)
-        if not decision.allowed:
-            details = {"policy": state.ingest_policy.name, "window": decision.window.name}
-            return error_response(429, "rate limit exceeded", details, headers=headers), 0
-    stored = result[0] == 1
+    stored, verdict, window, remaining, reset = result
+    extra = b""
+    if verdict != 0:
+        policy = state.ingest_policy
+        assert policy is not None
+        if verdict != 1:
+            decision = _verdict(state, HTTP_ROUTE, result)
+            assert decision is not None
+            if not decision.allowed:
+                headers = rate_limit_headers(policy, decision)
+                details = {"policy": policy.name, "window": decision.window.name}
+                return error_response(429, "rate limit exceeded", details, headers=headers), 0
+        extra = rate_limit_lines(policy, window, remaining, reset)
     samples = len(batch.ppg)
-    response = web.Response(
-        status=202,
-        body=b'{"accepted":%d,"seq":%d,"duplicate":%s}'
-        % (samples, batch.seq, b"false" if stored else b"true"),
-        content_type="application/json",
-        headers=headers,
+    body = b'{"accepted":%d,"seq":%d,"duplicate":%s}' % (
+        samples,
+        batch.seq,
+        b"false" if stored == 1 else b"true",
     )
-    return response, samples if stored else 0
+    return AckResponse(body, extra), samples if stored == 1 else 0
 
 
 def _seq_of(data: str) -> int | None:
@@ -264,7 +270,11 @@ async def _ws_message(
     if (refusal := _refusal(state)) is not None:
         return _ws_error(503, refusal, batch.seq, retry_after=state.retry_after), 503, 0
     try:
-        result = await _store(state, device_id, batch.seq, data.encode(), traced=traced)
+        payload = data.encode()
+        if traced:
+            result = await _traced_store(state, device_id, batch.seq, payload)
+        else:
+            result = await state.writer.submit(device_id, batch.seq, payload)
     except StoreUnavailableError as e:
         reply = _ws_error(
             503, f"cannot store the batch now: {e}", batch.seq, retry_after=state.retry_after

@@ -44,6 +44,7 @@ __all__ = (
     "decision_from_reply",
     "over_limit_record",
     "rate_limit_headers",
+    "rate_limit_lines",
 )
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -77,6 +78,9 @@ class Policy:
     header: str = field(init=False, repr=False, compare=False)
     # What the Lua scripts take after the window count: limit and period (ms) per window.
     args: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    # Per window, the header lines of an answer that do not change from one request to the
+    # next (see rate_limit_lines).
+    fixed_lines: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -87,6 +91,12 @@ class Policy:
         for w in self.windows:
             args += [b"%d" % w.limit, repr(w.period_ms).encode()]
         object.__setattr__(self, "args", tuple(args))
+        fixed = tuple(
+            f"RateLimit-Policy: {header}\r\nX-RateLimit-Limit: {w.limit}\r\n"
+            f'RateLimit: "{w.name}";'.encode()
+            for w in self.windows
+        )
+        object.__setattr__(self, "fixed_lines", fixed)
 
 
 def _seconds(value: float) -> int:
@@ -198,6 +208,19 @@ def rate_limit_headers(policy: Policy, decision: Decision) -> dict[str, str]:
     if not decision.allowed:
         headers["Retry-After"] = str(reset)
     return headers
+
+
+def rate_limit_lines(policy: Policy, window: int, remaining: int, reset_ms: int) -> bytes:
+    """The headers of ``rate_limit_headers`` for an allowed request, as CRLF-terminated
+    header lines for ``AckResponse``, from the write script's reply (``window`` 1-based)."""
+    reset = max(1, -(-reset_ms // 1000))
+    return b"%sr=%d;t=%d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % (
+        policy.fixed_lines[window - 1],
+        remaining,
+        reset,
+        remaining,
+        reset,
+    )
 
 
 class RateLimitUnavailableError(Exception):

@@ -2,13 +2,17 @@
 
 import asyncio
 from dataclasses import replace
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 import msgspec
 import psycopg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from service.acks import _header_lines
 from service.app import create_app
 from service.appkeys import INGEST
 from service.devices import revoke_device
@@ -239,3 +243,100 @@ async def test_idempotency_covers_the_last_window_of_seqs_per_device(
     # The set is trimmed below the window whenever it outgrows it, and it expires.
     assert await redis.zcard(keys.seen(device.device_id)) <= 3
     assert 0 < await redis.ttl(keys.seen(device.device_id)) <= settings.idempotency_ttl
+
+
+# The 202 is written from bytes (service/acks.py), not by aiohttp's Response: these pin its
+# wire form against what HTTP clients rely on.
+
+
+async def _exchange(
+    client: Client, device: Device, seq: int, *, version: str = "1.1", connection: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes, dict[str, str], bytes]:
+    """Send one request on a raw socket: (reader, writer, status line, headers, body)."""
+    assert client.server.host is not None
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    return (reader, writer, *await _roundtrip(reader, writer, device, seq, version, connection))
+
+
+async def _roundtrip(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    device: Device,
+    seq: int,
+    version: str,
+    connection: str,
+) -> tuple[bytes, dict[str, str], bytes]:
+    body = msgspec.json.encode(device.batch(seq))
+    head = [
+        f"POST {URL} HTTP/{version}",
+        "Host: localhost",
+        f"Authorization: Bearer {device.token}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    if connection:
+        head.append(f"Connection: {connection}")
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    status = await reader.readline()
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        assert name.lower() not in headers, f"header {name} sent twice"
+        headers[name.lower()] = value.strip()
+    return status, headers, await reader.readexactly(int(headers["content-length"]))
+
+
+async def test_ack_on_the_wire_is_well_formed_and_keeps_the_connection(
+    client: Client, device: Device
+) -> None:
+    reader, writer, status, headers, body = await _exchange(client, device, 1)
+    try:
+        assert status == b"HTTP/1.1 202 Accepted\r\n"
+        assert headers["content-type"] == "application/json"
+        assert msgspec.json.decode(body) == {"accepted": 4, "seq": 1, "duplicate": False}
+        assert "connection" not in headers  # HTTP/1.1 keeps the connection by default
+        sent = parsedate_to_datetime(headers["date"])
+        assert abs((sent - datetime.now(UTC)).total_seconds()) < 5
+        # The same connection takes the next request.
+        status, _, body = await _roundtrip(reader, writer, device, 2, "1.1", "")
+        assert status.startswith(b"HTTP/1.1 202")
+        assert msgspec.json.decode(body)["seq"] == 2
+    finally:
+        writer.close()
+
+
+async def test_ack_honours_connection_close(client: Client, device: Device) -> None:
+    reader, writer, status, headers, _ = await _exchange(client, device, 1, connection="close")
+    try:
+        assert status.startswith(b"HTTP/1.1 202")
+        assert headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed it
+    finally:
+        writer.close()
+
+
+async def test_ack_to_http_10_clients(client: Client, device: Device) -> None:
+    reader, writer, status, headers, _ = await _exchange(client, device, 1, version="1.0")
+    try:
+        assert status == b"HTTP/1.0 202 Accepted\r\n"
+        assert "connection" not in headers  # HTTP/1.0 closes by default
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+
+    reader, writer, status, headers, _ = await _exchange(
+        client, device, 2, version="1.0", connection="keep-alive"
+    )
+    try:
+        assert headers["connection"] == "keep-alive"
+        status, _, _ = await _roundtrip(reader, writer, device, 3, "1.0", "keep-alive")
+        assert status.startswith(b"HTTP/1.0 202")
+    finally:
+        writer.close()
+
+
+def test_ack_refuses_header_values_that_would_split_the_response() -> None:
+    assert _header_lines({"traceresponse": "00-abc-def-01"}) == b"traceresponse: 00-abc-def-01\r\n"
+    with pytest.raises(ValueError, match="line break"):
+        _header_lines({"X-Note": "a\r\nSet-Cookie: b"})

@@ -17,7 +17,14 @@ from redis.asyncio import Redis
 
 from service.app import create_app
 from service.appkeys import INGEST
-from service.ratelimit import LocalLimiter, Policy, Window
+from service.ratelimit import (
+    LocalLimiter,
+    Policy,
+    Window,
+    decision_from_reply,
+    rate_limit_headers,
+    rate_limit_lines,
+)
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.telemetry import Kind
@@ -232,6 +239,22 @@ def test_the_local_limiter_is_the_same_gcra() -> None:
     assert [d.remaining for d in decisions] == [2, 1, 0, 0]
     assert 19 <= decisions[-1].retry_after <= 20
     assert other.allowed
+
+
+@pytest.mark.parametrize(
+    ("window", "remaining", "reset_ms"), [(1, 99, 600), (2, 0, 10_000), (2, 2, 1), (1, 5, 0)]
+)
+def test_ack_header_lines_are_the_headers_of_the_decision(
+    window: int, remaining: int, reset_ms: int
+) -> None:
+    policy = Policy("ingest", (Window("default", 100, 60), Window("burst", 3, 10)))
+    decision = decision_from_reply(policy, 1, window, remaining, reset_ms)
+
+    lines = rate_limit_lines(policy, window, remaining, reset_ms).decode()
+
+    assert lines.endswith("\r\n")
+    parsed = dict(line.split(": ", 1) for line in lines.removesuffix("\r\n").split("\r\n"))
+    assert parsed == rate_limit_headers(policy, decision)
 
 
 # Two replicas on one Redis, and Redis going away: real processes, a Redis of the test's own.
