@@ -11,6 +11,7 @@ accepted its batch.
 import asyncio
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -96,6 +97,11 @@ return out
 WriteResult = tuple[int, int, int, int, int]
 
 
+def _encode_args(args: Sequence[bytes]) -> bytes:
+    """``args`` as the bulk strings of a RESP array, without the array's header."""
+    return b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
+
+
 class StoreUnavailableError(Exception):
     """Redis did not accept the batch (down, slow, full, or our queue is full)."""
 
@@ -145,9 +151,17 @@ class ReadingsWriter:
             b"%d" % idempotency_ttl,
         )
         self._policy = policy
-        self._policy_args = policy.args if policy is not None else (b"0", b"0")
-        # A device's cells, encoded once: devices are few and write again and again.
-        self._cells: dict[str, list[bytes]] = {}
+        policy_args = policy.args if policy is not None else (b"0", b"0")
+        self._cells: dict[str, tuple[int, bytes]] = {}
+        # The arguments before the batches': the fixed ones, the time received (filled in
+        # per write: %d %s) and the policy's.
+        self._stream_part = _encode_args([self._stream_key])
+        self._fixed_part = (
+            _encode_args(self._fixed_args).replace(b"%", b"%%")
+            + b"$%d\r\n%s\r\n"
+            + _encode_args(policy_args).replace(b"%", b"%%")
+        )
+        self._fixed_count = len(self._fixed_args) + 1 + len(policy_args)
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._in_flight = 0
@@ -211,30 +225,51 @@ class ReadingsWriter:
         """Wait until everything submitted so far has been answered."""
         await self._idle.wait()
 
-    def _device_cells(self, device_id: str) -> list[bytes]:
+    def _device_keys(self, device_id: str) -> tuple[int, bytes]:
+        """A device's keys (its seen-set, then a GCRA cell per window), RESP-encoded once:
+        devices are few and write again and again. (count, encoded)."""
         cells = self._cells.get(device_id)
         if cells is None:
             if len(self._cells) >= 100_000:
                 self._cells.clear()
-            cells = [(self._seen_prefix + device_id.encode())]
+            keys = [self._seen_prefix + device_id.encode()]
             if self._policy is not None:
                 name = self._policy.name
-                cells += [
+                keys += [
                     self._keys.ingest_rate_limit(name, w.name, device_id).encode()
                     for w in self._policy.windows
                 ]
-            self._cells[device_id] = cells
+            cells = self._cells[device_id] = (len(keys), _encode_args(keys))
         return cells
 
     def _command(self, batch: list[_Pending]) -> bytes:
-        keys = [self._stream_key]
-        args = [*self._fixed_args, b"%d" % (time.time_ns() // 1_000_000), *self._policy_args]
+        """``EVALSHA`` of the write script for ``batch``, as RESP: the parts that do not
+        change are encoded once, a batch adds one formatted chunk per item."""
+        parts = [b"", self._stream_part]
+        nkeys = 1
         for item in batch:
-            keys += self._device_cells(item.device_id)
-            args.append(b"%d" % item.seq)
-            args.append(item.payload)
-            args.append(item.trace)
-        return encode_command([b"EVALSHA", _WRITE_BATCH_SHA, b"%d" % len(keys), *keys, *args])
+            count, encoded = self._device_keys(item.device_id)
+            nkeys += count
+            parts.append(encoded)
+        received = b"%d" % (time.time_ns() // 1_000_000)
+        parts.append(self._fixed_part % (len(received), received))
+        for item in batch:
+            seq = b"%d" % item.seq
+            payload = item.payload
+            trace = item.trace
+            parts.append(
+                b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                % (len(seq), seq, len(payload), payload, len(trace), trace)
+            )
+        nkeys_arg = b"%d" % nkeys
+        parts[0] = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            3 + nkeys + self._fixed_count + 3 * len(batch),
+            len(_WRITE_BATCH_SHA),
+            _WRITE_BATCH_SHA,
+            len(nkeys_arg),
+            nkeys_arg,
+        )
+        return b"".join(parts)
 
     async def _execute(self, command: bytes) -> list[int]:
         try:

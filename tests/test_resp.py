@@ -8,7 +8,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from service.ratelimit import Policy, Window
 from service.resp import RespConnection, encode_command
+from service.store import _WRITE_BATCH_SHA, ReadingsWriter, _Pending
+from shared.keys import Keys
 
 
 def command(*args: str) -> bytes:
@@ -59,3 +62,55 @@ async def test_a_dropped_connection_is_replaced_on_the_next_command() -> None:
     finally:
         await admin.aclose()
         conn.close()
+
+
+@pytest.mark.parametrize("windows", [(), (Window("default", 1000, 60), Window("burst", 50, 1))])
+async def test_the_write_command_is_the_evalsha_of_its_arguments(
+    windows: tuple[Window, ...],
+) -> None:
+    """The writer encodes its EVALSHA from cached parts: it must equal the plain encoding."""
+    keys = Keys("pre%fix:")
+    policy = Policy("ingest", windows) if windows else None
+    writer = ReadingsWriter(
+        RespConnection("redis://127.0.0.1:6379", connect_timeout=1),
+        keys,
+        max_batch=10,
+        max_pending=10,
+        max_in_flight=1,
+        timeout=1,
+        idempotency_window=128,
+        idempotency_ttl=3600,
+        policy=policy,
+    )
+    future = asyncio.get_running_loop().create_future()
+    batch = [
+        _Pending("dev-a", 7, b'{"x":"100%"}', future, b""),
+        _Pending("dev-b", 12345678901234, b"{}", future, b"00-" + b"1" * 32 + b"-" + b"2" * 16),
+        _Pending("dev-a", 8, b"[]", future, b""),
+    ]
+
+    command = writer._command(batch)
+
+    device_keys: list[bytes] = []
+    for item in batch:
+        device_keys.append(f"{keys.seen_prefix}{item.device_id}".encode())
+        device_keys += [
+            keys.ingest_rate_limit("ingest", w.name, item.device_id).encode() for w in windows
+        ]
+    received = command.split(b"\r\n")[2 * (3 + 1 + len(device_keys) + 3) + 2]
+    assert received.isdigit()
+    expected = [
+        b"EVALSHA",
+        _WRITE_BATCH_SHA,
+        b"%d" % (1 + len(device_keys)),
+        keys.readings.encode(),
+        *device_keys,
+        b"128",
+        b"112",
+        b"3600",
+        received,
+        *(policy.args if policy is not None else (b"0", b"0")),
+    ]
+    for item in batch:
+        expected += [b"%d" % item.seq, item.payload, item.trace]
+    assert command == encode_command(expected)
