@@ -46,6 +46,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
+from .otlp import SpanEncoder
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .version import build_version
@@ -57,6 +58,7 @@ __all__ = (
     "links_from",
     "parse_traceparent",
     "remote_context",
+    "sanitize_attributes",
     "setup_tracing",
 )
 
@@ -176,7 +178,8 @@ class _PresetIds(IdGenerator):
         return trace_id
 
 
-def _sanitized_attributes(attributes: Any) -> dict[str, Any]:
+def sanitize_attributes(attributes: Any) -> dict[str, Any]:
+    """The attributes that may leave the process: the allow-list, our own, SQL text."""
     if not attributes:
         return {}
     system = attributes.get("db.system") or attributes.get("db.system.name")
@@ -192,37 +195,17 @@ def _sanitized_attributes(attributes: Any) -> dict[str, Any]:
     return out
 
 
-def _sanitized(span: ReadableSpan) -> ReadableSpan:
-    events = [
-        type(event)(event.name, _sanitized_attributes(event.attributes), event.timestamp)
-        for event in span.events
-    ]
-    return ReadableSpan(
-        name=span.name,
-        context=span.context,
-        parent=span.parent,
-        resource=span.resource,
-        attributes=_sanitized_attributes(span.attributes),
-        events=events,
-        links=span.links,
-        kind=span.kind,
-        status=span.status,
-        start_time=span.start_time,
-        end_time=span.end_time,
-        instrumentation_scope=span.instrumentation_scope,
-    )
-
-
 class _LoopExport(SpanProcessor):
     """Sampled spans, queued (bounded) and sent from the event loop, a few at a time.
 
     The SDK's batch processor exports from a thread; encoding spans there (pure-Python
-    work, ~27 µs a span here) holds the GIL while the event loop waits for it after every
-    I/O call, which cost the service ~10 µs a request and a p99 of 18 ms under load. Here
-    ``on_end`` only appends; ``run`` (a task on the service's own loop) encodes a few spans
-    at a time, yielding in between, and posts up to ``max_batch`` in one request with
-    aiohttp, so the loop never waits on another thread, never stalls for long, and the
-    collector never makes a request wait.
+    work, ~27 µs a span here with the exporter's encoder) holds the GIL while the event loop
+    waits for it after every I/O call, which cost the service ~10 µs a request and a p99 of
+    18 ms under load. Here ``on_end`` only appends; ``run`` (a task on the service's own
+    loop) encodes a few spans at a time with ``SpanEncoder`` (shared/otlp.py, a few µs a
+    span), yielding in between, and posts up to ``max_batch`` in one request with aiohttp,
+    so the loop never waits on another thread, never stalls for long, and the collector
+    never makes a request wait.
     """
 
     def __init__(self, settings: Settings, endpoint: str) -> None:
@@ -232,6 +215,7 @@ class _LoopExport(SpanProcessor):
         self._delay = settings.otel_bsp_schedule_delay_ms / 1000
         self.timeout = settings.otel_exporter_otlp_timeout_ms / 1000
         self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._encoder = SpanEncoder(sanitize_attributes)
         self.dropped = 0
         self.exported = 0
         self.failed = 0
@@ -266,15 +250,11 @@ class _LoopExport(SpanProcessor):
             await self._send(session, batch)
 
     async def _send(self, session: ClientSession, spans: list[ReadableSpan]) -> None:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        # Encoded a few at a time, the loop free in between (~30 µs a span). Protobuf
-        # messages concatenate into one holding both's repeated fields, so one request
-        # still carries the whole batch.
+        # Encoded a few at a time, the loop free in between. Protobuf messages concatenate
+        # into one holding both's repeated fields, so one request still carries the batch.
         parts = []
         for i in range(0, len(spans), _ENCODE_SLICE):
-            chunk = spans[i : i + _ENCODE_SLICE]
-            parts.append(encode_spans([_sanitized(s) for s in chunk]).SerializePartialToString())
+            parts.append(self._encoder.encode(spans[i : i + _ENCODE_SLICE]))
             await asyncio.sleep(0)
         body = b"".join(parts)
         try:
