@@ -2,22 +2,30 @@
 
 import asyncio
 import ipaddress
+import math
 import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from aiohttp import ClientSession, WSMsgType, web
 from aiohttp.test_utils import TestClient
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from service.app import create_app
 from service.appkeys import INGEST
 from service.ratelimit import (
+    GCRA_LUA,
     LocalLimiter,
     Policy,
     Window,
@@ -29,7 +37,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from shared.telemetry import Kind
 
-from .conftest import AiohttpClient, Device, DeviceFactory
+from .conftest import REDIS_URL, AiohttpClient, Device, DeviceFactory
 from .procs import RedisServer, ServiceProcess, free_port
 
 Client = TestClient[web.Request, web.Application]
@@ -255,6 +263,69 @@ def test_ack_header_lines_are_the_headers_of_the_decision(
     assert lines.endswith("\r\n")
     parsed = dict(line.split(": ", 1) for line in lines.removesuffix("\r\n").split("\r\n"))
     assert parsed == rate_limit_headers(policy, decision)
+
+
+def _model_gcra(
+    tats: dict[int, float], windows: list[tuple[int, float]], shadow: bool, now: float
+) -> list[int]:
+    """GCRA as specified (read every cell, write them only if allowed): what the script must
+    decide, its cells' TATs in ``tats``."""
+    refused, wait, new = 0, 0.0, {}
+    for w, (limit, period) in enumerate(windows, 1):
+        interval = period / limit
+        tat = max(tats.get(w, now), now) + interval
+        over = tat - now - period
+        if over > 0 and over > wait:
+            refused, wait = w, over
+        new[w] = tat
+    if refused:
+        return [3 if shadow else 2, refused, 0, math.ceil(wait)]
+    best, remaining, reset = 1, None, 0
+    for w, (limit, period) in enumerate(windows, 1):
+        tats[w] = new[w]
+        ahead = new[w] - now
+        left = math.floor((period - ahead) / (period / limit) + 1e-9)
+        if remaining is None or left < remaining:
+            best, remaining, reset = w, left, math.ceil(ahead)
+    assert remaining is not None
+    return [1, best, remaining, reset]
+
+
+_GCRA_AT = (
+    GCRA_LUA
+    + """
+local nw = tonumber(ARGV[1])
+return {gcra(1, nw, tonumber(ARGV[2]), 3, tonumber(ARGV[3 + 2 * nw]))}
+"""
+)
+
+
+@given(
+    steps=st.lists(st.floats(min_value=0, max_value=400, allow_nan=False), max_size=40),
+    shadow=st.booleans(),
+)
+@hypothesis_settings(max_examples=60, deadline=None)
+def test_the_gcra_script_decides_as_the_algorithm_specifies(
+    steps: list[float], shadow: bool
+) -> None:
+    """The script's cells (written first as if idle, corrected or put back after) give the
+    decisions of plain GCRA over any sequence of request times, refusals included."""
+    windows = [(5, 1000.0), (2, 100.0)]
+    keys = [f"test:gcra:{uuid.uuid4().hex}:{w}" for w in (1, 2)]
+    args: list[Any] = [len(windows), int(shadow)]
+    for limit, period in windows:
+        args += [limit, period]
+    client = SyncRedis.from_url(REDIS_URL)
+    script = client.register_script(_GCRA_AT)
+    tats: dict[int, float] = {}
+    now = 1_000_000.0
+    try:
+        for step in steps:
+            now += step
+            assert script(keys=keys, args=[*args, now]) == _model_gcra(tats, windows, shadow, now)
+    finally:
+        client.delete(*keys)
+        client.close()
 
 
 # Two replicas on one Redis, and Redis going away: real processes, a Redis of the test's own.
