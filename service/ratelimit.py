@@ -125,45 +125,26 @@ class Decision:
 # (``limit, period_ms`` per window). Returns code (1 allowed, 2 refused, 3 over but let
 # through in shadow mode), the deciding window (1-based), remaining, and reset in ms.
 #
-# A cell holds its TAT and expires when the TAT is reached, so the cell of a client within
-# its rate is usually gone. Each cell is therefore written first as if it were (TAT = now +
-# interval), reading its old value in the same command (SET ... GET): one command per window
-# for such a client instead of a GET and a SET. When the old TAT was ahead of now the cell is
-# written again with the right one; a refused request puts every cell back as it was. TATs
-# are stored with 17 significant digits, so they read back exactly (Lua's tostring keeps 14:
-# a tenth of a millisecond at today's epoch, enough to refuse a request at the boundary).
+# Each cell holds its TAT (with 17 significant digits, so it reads back exactly: Lua's
+# tostring keeps 14, a tenth of a millisecond at today's epoch, enough to refuse a request at
+# the boundary) and expires when the TAT is reached.
 GCRA_LUA = """
 local function gcra(first, nw, shadow, params, now)
-  local olds, tats, guesses = {}, {}, {}
+  local tats = {}
   local refused, wait = 0, 0
   for w = 1, nw do
-    local key = KEYS[first + w - 1]
     local limit = tonumber(ARGV[params + 2 * w - 2])
     local period = tonumber(ARGV[params + 2 * w - 1])
-    local interval = period / limit
-    local guess = string.format('%.17g', now + interval)
-    local old = redis.call('SET', key, guess, 'PX', math.ceil(interval), 'GET')
-    local tat = tonumber(old) or now
+    local tat = tonumber(redis.call('GET', KEYS[first + w - 1])) or now
     if tat < now then tat = now end
-    local new_tat = tat + interval
+    local new_tat = tat + period / limit
     local over = new_tat - now - period
     if over > 0 and over > wait then
       refused, wait = w, over
     end
-    olds[w], tats[w], guesses[w] = old, new_tat, guess
+    tats[w] = new_tat
   end
   if refused > 0 then
-    for w = 1, nw do
-      local key = KEYS[first + w - 1]
-      local old = olds[w]
-      local ttl = 0
-      if old then ttl = math.ceil(tonumber(old) - now) end
-      if ttl > 0 then
-        redis.call('SET', key, old, 'PX', ttl)
-      else
-        redis.call('DEL', key)
-      end
-    end
     if shadow == 0 then return 2, refused, 0, math.ceil(wait) end
     return 3, refused, 0, math.ceil(wait)
   end
@@ -172,10 +153,7 @@ local function gcra(first, nw, shadow, params, now)
     local limit = tonumber(ARGV[params + 2 * w - 2])
     local period = tonumber(ARGV[params + 2 * w - 1])
     local ahead = tats[w] - now
-    local value = string.format('%.17g', tats[w])
-    if value ~= guesses[w] then
-      redis.call('SET', KEYS[first + w - 1], value, 'PX', math.ceil(ahead))
-    end
+    redis.call('SET', KEYS[first + w - 1], string.format('%.17g', tats[w]), 'PX', math.ceil(ahead))
     local left = math.floor((period - ahead) / (period / limit) + 1e-9)
     if remaining == nil or left < remaining then
       best, remaining, reset = w, left, math.ceil(ahead)

@@ -308,8 +308,8 @@ return {gcra(1, nw, tonumber(ARGV[2]), 3, tonumber(ARGV[3 + 2 * nw]))}
 def test_the_gcra_script_decides_as_the_algorithm_specifies(
     steps: list[float], shadow: bool
 ) -> None:
-    """The script's cells (written first as if idle, corrected or put back after) give the
-    decisions of plain GCRA over any sequence of request times, refusals included."""
+    """The script gives the decisions of GCRA computed exactly over any sequence of request
+    times, refusals and shadow mode included: its stored TATs read back unchanged."""
     windows = [(5, 1000.0), (2, 100.0)]
     keys = [f"test:gcra:{uuid.uuid4().hex}:{w}" for w in (1, 2)]
     args: list[Any] = [len(windows), int(shadow)]
