@@ -33,10 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import Link
 
-from shared.otlp import SpanEncoder
+from shared.otlp import SpanEncoder, sanitized_span
 from shared.settings import load_settings
 from shared.tracing import Tracing, sanitize_attributes, setup_tracing
 
@@ -74,24 +72,6 @@ def _tracing(ratio: float, sampler: str) -> Tracing:
     return setup_tracing(settings, service_name="bench")
 
 
-def _sanitized(span: ReadableSpan) -> ReadableSpan:
-    """The span as the exporter's encoder would need it: attributes reduced to the allow-list."""
-    return ReadableSpan(
-        name=span.name,
-        context=span.context,
-        parent=span.parent,
-        resource=span.resource,
-        attributes=sanitize_attributes(span.attributes),
-        events=[Event(e.name, sanitize_attributes(e.attributes), e.timestamp) for e in span.events],
-        links=[Link(link.context, sanitize_attributes(link.attributes)) for link in span.links],
-        kind=span.kind,
-        status=span.status,
-        start_time=span.start_time,
-        end_time=span.end_time,
-        instrumentation_scope=span.instrumentation_scope,
-    )
-
-
 def _encode_queued(tracing: Tracing) -> tuple[float, float]:
     """µs to sanitize and encode each queued span (the export task's work), with the
     service's encoder and with the exporter's; drops them."""
@@ -105,7 +85,9 @@ def _encode_queued(tracing: Tracing) -> tuple[float, float]:
     encoder.encode(spans)
     ours = time.perf_counter() - started
     started = time.perf_counter()
-    encode_spans([_sanitized(span) for span in spans]).SerializePartialToString()
+    encode_spans(
+        [sanitized_span(span, sanitize_attributes) for span in spans]
+    ).SerializePartialToString()
     theirs = time.perf_counter() - started
     n = max(1, len(spans))
     return ours / n * 1e6, theirs / n * 1e6

@@ -7,7 +7,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import (
     Link,
@@ -21,7 +21,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from shared.otlp import SpanEncoder
+from shared.otlp import SpanEncoder, sanitized_span
 from shared.tracing import sanitize_attributes
 
 
@@ -103,24 +103,7 @@ def _spans() -> list[ReadableSpan]:
 
 def _reference(spans: list[ReadableSpan], sanitize: Any) -> bytes:
     """What the exporter's encoder makes of the spans, reduced by ``sanitize`` first."""
-
-    def reduced(span: ReadableSpan) -> ReadableSpan:
-        return ReadableSpan(
-            name=span.name,
-            context=span.context,
-            parent=span.parent,
-            resource=span.resource,
-            attributes=sanitize(span.attributes),
-            events=[Event(e.name, sanitize(e.attributes), e.timestamp) for e in span.events],
-            links=[Link(link.context, sanitize(link.attributes)) for link in span.links],
-            kind=span.kind,
-            status=span.status,
-            start_time=span.start_time,
-            end_time=span.end_time,
-            instrumentation_scope=span.instrumentation_scope,
-        )
-
-    return encode_spans([reduced(s) for s in spans]).SerializeToString()
+    return encode_spans([sanitized_span(s, sanitize) for s in spans]).SerializeToString()
 
 
 def _everything(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
