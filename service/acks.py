@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11
 
-__all__ = ("AckResponse", "http_date")
+__all__ = ("AckResponse",)
 
 _HEAD_11 = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: "
 _HEAD_10 = b"HTTP/1.0 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: "
@@ -29,7 +29,7 @@ _date_second = -1
 _date_line = b""
 
 
-def http_date() -> bytes:
+def _http_date() -> bytes:
     """``Date: <IMF-fixdate>\\r\\n`` for now, formatted once per second."""
     global _date_second, _date_line
     now = int(time.time())
@@ -58,10 +58,6 @@ class AckResponse(web.StreamResponse):
         self._body_bytes = body
         self._extra = extra
 
-    @property
-    def body(self) -> bytes:
-        return self._body_bytes
-
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
             return None
@@ -82,7 +78,7 @@ class AckResponse(web.StreamResponse):
         if self._headers:  # set after construction, e.g. traceresponse on a sampled request
             extra += _header_lines(self._headers)
         transport.write(
-            b"%s%d\r\n%s%s%s\r\n%s" % (head, len(body), http_date(), connection, extra, body)
+            b"%s%d\r\n%s%s%s\r\n%s" % (head, len(body), _http_date(), connection, extra, body)
         )
         self._eof_sent = True
         # The writer waits only while the transport is paused (the client reads too slowly).

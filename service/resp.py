@@ -19,16 +19,16 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-__all__ = ("RespConnection", "encode_command")
+__all__ = ("RespConnection", "encode_bulk_strings", "encode_command")
+
+
+def encode_bulk_strings(args: Sequence[bytes]) -> bytes:
+    """``args`` as the bulk strings of a RESP array, without the array's header."""
+    return b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
 
 
 def encode_command(args: Sequence[bytes]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        out.append(b"$%d\r\n" % len(arg))
-        out.append(arg)
-        out.append(b"\r\n")
-    return b"".join(out)
+    return b"*%d\r\n%s" % (len(args), encode_bulk_strings(args))
 
 
 class _Protocol(asyncio.Protocol):

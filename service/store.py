@@ -11,7 +11,6 @@ accepted its batch.
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -21,7 +20,7 @@ from shared.keys import Keys
 from shared.tasks import cancel_and_wait
 
 from .ratelimit import GCRA_LUA, Policy
-from .resp import RespConnection, encode_command
+from .resp import RespConnection, encode_bulk_strings, encode_command
 
 __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 
@@ -97,11 +96,6 @@ return out
 WriteResult = tuple[int, int, int, int, int]
 
 
-def _encode_args(args: Sequence[bytes]) -> bytes:
-    """``args`` as the bulk strings of a RESP array, without the array's header."""
-    return b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
-
-
 class StoreUnavailableError(Exception):
     """Redis did not accept the batch (down, slow, full, or our queue is full)."""
 
@@ -153,14 +147,10 @@ class ReadingsWriter:
         self._policy = policy
         policy_args = policy.args if policy is not None else (b"0", b"0")
         self._cells: dict[str, tuple[int, bytes]] = {}
-        # The arguments before the batches': the fixed ones, the time received (filled in
-        # per write: %d %s) and the policy's.
-        self._stream_part = _encode_args([self._stream_key])
-        self._fixed_part = (
-            _encode_args(self._fixed_args).replace(b"%", b"%%")
-            + b"$%d\r\n%s\r\n"
-            + _encode_args(policy_args).replace(b"%", b"%%")
-        )
+        # Encoded once: the stream key, and the arguments around the time received.
+        self._stream_part = encode_bulk_strings([self._stream_key])
+        self._fixed_part = encode_bulk_strings(self._fixed_args)
+        self._policy_part = encode_bulk_strings(policy_args)
         self._fixed_count = len(self._fixed_args) + 1 + len(policy_args)
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
@@ -239,7 +229,7 @@ class ReadingsWriter:
                     self._keys.ingest_rate_limit(name, w.name, device_id).encode()
                     for w in self._policy.windows
                 ]
-            cells = self._cells[device_id] = (len(keys), _encode_args(keys))
+            cells = self._cells[device_id] = (len(keys), encode_bulk_strings(keys))
         return cells
 
     def _command(self, batch: list[_Pending]) -> bytes:
@@ -252,7 +242,11 @@ class ReadingsWriter:
             nkeys += count
             parts.append(encoded)
         received = b"%d" % (time.time_ns() // 1_000_000)
-        parts.append(self._fixed_part % (len(received), received))
+        parts += (
+            self._fixed_part,
+            b"$%d\r\n%s\r\n" % (len(received), received),
+            self._policy_part,
+        )
         for item in batch:
             seq = b"%d" % item.seq
             payload = item.payload
@@ -278,9 +272,7 @@ class ReadingsWriter:
             if not str(e).startswith("NOSCRIPT"):
                 raise
             # First use on this server (or after a restart / SCRIPT FLUSH): load and retry.
-            await self._redis.execute(
-                encode_command([b"SCRIPT", b"LOAD", _WRITE_BATCH_LUA.encode()])
-            )
+            await self._redis.execute(_LOAD_SCRIPT)
             result = await self._redis.execute(command)
         return result
 

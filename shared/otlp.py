@@ -110,8 +110,9 @@ _CACHED_ATTRIBUTES = 4096
 _SCALARS = (str, bool, int, float)
 
 
-def _dropped(tag: int, count: int) -> bytes:
-    return bytes((tag,)) + _varint(count) if count else b""
+def _uint(tag: int, value: int) -> bytes:
+    """A varint field (fields 1-15), left out when it holds 0."""
+    return bytes((tag,)) + _varint(value) if value else b""
 
 
 class SpanEncoder:
@@ -247,7 +248,7 @@ class SpanEncoder:
         parts.append(
             _field(
                 0x7A,
-                _string(0x12, status.description or "") + _dropped(0x18, status.status_code.value),
+                _string(0x12, status.description or "") + _uint(0x18, status.status_code.value),
             )
         )
         parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
