@@ -15,6 +15,18 @@
 const { fork } = require('node:child_process');
 const { performance } = require('node:perf_hooks');
 const WebSocket = require('ws');
+// ws masks each outgoing frame (1 KB here) in JavaScript unless bufferutil's native mask is
+// installed; with it the client spends ~10% less CPU per message (17 against 19 us here), and
+// it shares core 1 with Redis.
+const NATIVE_MASK = (() => {
+  if (process.env.WS_NO_BUFFER_UTIL) return false;
+  try {
+    require('bufferutil');
+    return true;
+  } catch {
+    return false;
+  }
+})();
 const { parseArgs, loadDevices, sampleVariants, Histogram, authHeaders } = require('./common');
 
 const DEFAULTS = {
@@ -191,6 +203,7 @@ function summarize(opts, parts, connectFailures, connected) {
     connect_failures: connectFailures.length,
     connect_failure_kinds: failureCounts,
     procs: opts.procs,
+    native_mask: NATIVE_MASK,
     warmup_s: opts.warmup,
     duration_s: opts.duration,
     sent,
@@ -278,6 +291,7 @@ async function main() {
     return;
   }
   const opts = parseArgs(process.argv.slice(2), DEFAULTS);
+  if (!NATIVE_MASK) process.stderr.write('load.js: bufferutil is not installed: masking in JavaScript\n');
   const summary = opts.procs > 1 ? await runParent(opts) : await runSingle(opts);
   process.stdout.write(`PULSECAL_WS_JSON ${JSON.stringify(summary)}\n`);
   const bad = summary.connected === 0 || summary.acked === 0;
