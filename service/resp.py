@@ -57,11 +57,18 @@ class _Protocol(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc or RedisConnectionError("connection closed by server")
+        lost = exc or RedisConnectionError("connection closed by server")
+        self.lost = self.lost or lost
+        self.fail(RedisConnectionError(f"connection lost: {lost}"))
+
+    def fail(self, error: Exception) -> None:
+        """The connection is unusable: every command waiting on it fails with a copy of
+        ``error``."""
+        self.lost = self.lost or error
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(RedisConnectionError(f"connection lost: {self.lost}"))
+                waiter.set_exception(type(error)(*error.args))
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         assert self.transport is not None
@@ -133,6 +140,15 @@ class RespConnection:
             if not isinstance(e, ResponseError):
                 self.close()
             raise
+
+    def abort(self, error: Exception) -> None:
+        """Drop the connection at once (nothing flushed), failing every command waiting on
+        it with ``error``; the next command reconnects."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.fail(error)
+            if protocol.transport is not None:
+                protocol.transport.abort()
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -100,12 +101,23 @@ class StoreUnavailableError(Exception):
     """Redis did not accept the batch (down, slow, full, or our queue is full)."""
 
 
+class Waiter(Protocol):
+    """What is told a batch's outcome: an ``asyncio.Future``, or an object that acts on it
+    at once (a WebSocket message answers from here, no task resumed)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: WriteResult, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True)
 class _Pending:
     device_id: str
     seq: int
     payload: bytes
-    future: asyncio.Future[WriteResult]
+    future: Waiter
     trace: bytes
 
 
@@ -153,7 +165,12 @@ class ReadingsWriter:
         self._policy_part = encode_bulk_strings(policy_args)
         self._fixed_count = len(self._fixed_args) + 1 + len(policy_args)
         self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
+        # Idle flushers wait on one future, made with the loop at hand (cheaper than an
+        # asyncio.Event, which looks the loop up on every wait).
+        self._wakeup: asyncio.Future[None] | None = None
+        # Per flusher, when its write left (loop time; 0 while idle): one watchdog times
+        # them all out instead of a timer armed and cancelled per write.
+        self._write_started = [0.0] * max_in_flight
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -178,38 +195,64 @@ class ReadingsWriter:
     ) -> asyncio.Future[WriteResult]:
         """Queue a batch; the future holds what Redis decided for it (``WriteResult``).
         ``trace``: the traceparent to store with it, for a sampled request."""
+        future: asyncio.Future[WriteResult] = self._loop.create_future()
+        self.submit_to(device_id, seq, payload, future, trace)
+        return future
+
+    def submit_to(
+        self, device_id: str, seq: int, payload: bytes, waiter: Waiter, trace: bytes = b""
+    ) -> None:
+        """Queue a batch whose outcome goes to ``waiter`` (called from the flusher's task)."""
         if len(self._pending) >= self._max_pending:
             raise StoreUnavailableError("write queue full")
-        future: asyncio.Future[WriteResult] = self._loop.create_future()
-        self._pending.append(_Pending(device_id, seq, payload, future, trace))
+        self._pending.append(_Pending(device_id, seq, payload, waiter, trace))
         self._idle.clear()
-        self._wakeup.set()
-        return future
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
 
     async def run(self) -> None:
         # One flusher per write allowed in flight, pipelined on the one connection (Redis
         # runs the scripts in the order sent); long-lived, so no task is made per batch.
-        flushers = [asyncio.create_task(self._flush()) for _ in range(self._max_in_flight)]
+        tasks = [asyncio.create_task(self._flush(i)) for i in range(self._max_in_flight)]
+        tasks.append(asyncio.create_task(self._watch()))
         try:
-            await asyncio.gather(*flushers)
+            await asyncio.gather(*tasks)
         finally:
-            await cancel_and_wait(flushers)
+            await cancel_and_wait(tasks)
 
-    async def _flush(self) -> None:
+    async def _flush(self, flusher: int) -> None:
+        loop = self._loop
         while True:
             if not self._pending:
                 if not self._in_flight:
                     self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup = self._wakeup
+                if wakeup is None:
+                    wakeup = self._wakeup = loop.create_future()
+                await wakeup
                 continue
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             self._in_flight += len(batch)
+            self._write_started[flusher] = loop.time()
             try:
                 await self._write(batch)
             finally:
+                self._write_started[flusher] = 0.0
                 self._in_flight -= len(batch)
+
+    async def _watch(self) -> None:
+        """A write unanswered for ``timeout`` drops the connection: it and every write in
+        flight behind it on the same connection fail at once (503), and the next write
+        reconnects. Checked four times per ``timeout``, so a write fails within 1.25 of it."""
+        loop = self._loop
+        while True:
+            await asyncio.sleep(self._timeout / 4)
+            overdue = loop.time() - self._timeout
+            if any(0.0 < started <= overdue for started in self._write_started):
+                self._redis.abort(TimeoutError(f"no reply from Redis within {self._timeout} s"))
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been answered."""
@@ -278,8 +321,7 @@ class ReadingsWriter:
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
-                results = await self._execute(self._command(batch))
+            results = await self._execute(self._command(batch))
         except (RedisError, OSError, TimeoutError) as e:
             self.failed += len(batch)
             self.last_failure = time.time()

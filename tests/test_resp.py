@@ -10,7 +10,7 @@ from redis.exceptions import ResponseError
 
 from service.ratelimit import Policy, Window
 from service.resp import RespConnection, encode_command
-from service.store import _WRITE_BATCH_SHA, ReadingsWriter, _Pending
+from service.store import _WRITE_BATCH_SHA, ReadingsWriter, StoreUnavailableError, _Pending
 from shared.keys import Keys
 
 
@@ -114,3 +114,50 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
     for item in batch:
         expected += [b"%d" % item.seq, item.payload, item.trace]
     assert command == encode_command(expected)
+
+
+async def test_a_write_unanswered_for_the_timeout_fails_and_the_next_reconnects() -> None:
+    """A server that takes the command and never answers (a frozen Redis): the writes in
+    flight fail with a timeout within 1.25 timeouts, and the connection is replaced."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(1 << 16):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    writer = ReadingsWriter(
+        RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=1),
+        Keys(f"test-{uuid.uuid4().hex}:"),
+        max_batch=1,
+        max_pending=10,
+        max_in_flight=2,
+        timeout=0.2,
+        idempotency_window=128,
+        idempotency_ttl=3600,
+    )
+    runner = asyncio.create_task(writer.run())
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        first = writer.submit("dev-a", 1, b"{}")
+        second = writer.submit("dev-a", 2, b"{}")
+        for future in (first, second):
+            with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+                await asyncio.wait_for(future, timeout=2)
+        elapsed = loop.time() - started
+
+        third = writer.submit("dev-a", 3, b"{}")
+        with pytest.raises(StoreUnavailableError, match="TimeoutError"):
+            await asyncio.wait_for(third, timeout=2)
+    finally:
+        runner.cancel()
+        server.close()
+        for connection in connections:
+            connection.close()
+
+    assert 0.2 <= elapsed < 0.2 * 1.25 + 0.1
+    assert len(connections) == 2  # the first one dropped, the third write on a new one
+    assert writer.failed == 3
