@@ -5,13 +5,17 @@ stored entry is the request body exactly as received (it has just been validated
 hot path never re-encodes samples.
 """
 
+import asyncio
+import contextlib
 import time
+from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 from loguru import logger
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, set_span_in_context
 
 from shared.telemetry import Kind
 from shared.tracing import TRACEPARENT, format_traceparent, links_from
@@ -31,6 +35,7 @@ from .ratelimit import (
 )
 from .state import IngestState
 from .store import StoreUnavailableError, WriteResult
+from .wsframes import TextSocket
 
 __all__ = ("HTTP_ROUTE", "WS_ROUTE", "ingest_http", "ingest_ws")
 
@@ -253,59 +258,272 @@ def _ws_error(
     return msgspec.json.encode({"error": error, "seq": seq}).decode()
 
 
-async def _ws_message(
-    state: IngestState, device_id: str, data: str, *, traced: bool
-) -> tuple[str, int, int]:
-    """(reply, status, samples stored) for one text message."""
-    try:
-        batch = decode_batch(data)
-    except BatchError as e:
-        status = 400 if e.kind == "malformed" else 422
-        return _ws_error(status, e.message, _seq_of(data), e.details), status, 0
-    if batch.device_id != device_id:
-        reply = _ws_error(
-            403, "the token is not for this device", batch.seq, {"field": "device_id"}
-        )
-        return reply, 403, 0
-    if (refusal := _refusal(state)) is not None:
-        return _ws_error(503, refusal, batch.seq, retry_after=state.retry_after), 503, 0
-    try:
-        payload = data.encode()
-        if traced:
-            result = await _traced_store(state, device_id, batch.seq, payload)
-        else:
-            result = await state.writer.submit(device_id, batch.seq, payload)
-    except StoreUnavailableError as e:
-        reply = _ws_error(
-            503, f"cannot store the batch now: {e}", batch.seq, retry_after=state.retry_after
-        )
-        return reply, 503, 0
-    # A WebSocket ack carries no rate-limit headers: only a verdict over the limit matters.
-    decision = _verdict(state, WS_ROUTE, result) if result[1] >= 2 else None
-    if decision is not None and not decision.allowed:
-        assert state.ingest_policy is not None
-        details = {"policy": state.ingest_policy.name, "window": decision.window.name}
-        reply = _ws_error(
-            429, "rate limit exceeded", batch.seq, details, retry_after=decision.retry_after
-        )
-        return reply, 429, 0
-    if result[0] == 1:
-        return f'{{"ack":{batch.seq}}}', 202, len(batch.ppg)
-    return f'{{"ack":{batch.seq},"duplicate":true}}', 202, 0
+# A socket stops being read while this many of its messages wait for their answer (a device
+# that sends without waiting for acks), and is read again at half of it; also while its
+# answers fill the transport's buffer (a device that does not read them).
+MAX_UNANSWERED = 32
+
+_WRITE_SPAN_ATTRIBUTES = {
+    "db.system": "redis",
+    "db.operation": "EVALSHA",
+    "messaging.system": "redis",
+    "messaging.operation": "publish",
+    "messaging.destination.name": "readings",
+}
+_MESSAGE_SPAN_ATTRIBUTES = {"http.route": WS_ROUTE, "messaging.operation": "receive"}
 
 
-async def _traced_ws_message(
-    state: IngestState, device_id: str, data: str, links: list[Link]
-) -> tuple[str, int, int, str]:
-    with state.tracing.tracer.start_as_current_span(
-        f"WS {WS_ROUTE}",
-        kind=SpanKind.SERVER,
-        links=links,
-        attributes={"http.route": WS_ROUTE, "messaging.operation": "receive"},
-    ) as span:
-        reply, status, samples = await _ws_message(state, device_id, data, traced=True)
-        span.set_attribute("pulsecal.ws.status", status)
-        return reply, status, samples, f"{span.get_span_context().trace_id:032x}"
+class _Message:
+    """One text message until its answer is sent. It is the write's waiter itself
+    (``store.Waiter``): the outcome is acted on where Redis's reply is read."""
+
+    __slots__ = (
+        "finished",
+        "reply",
+        "samples",
+        "seq",
+        "size",
+        "socket",
+        "span",
+        "started",
+        "status",
+        "trace_id",
+        "write_span",
+    )
+
+    def __init__(self, socket: "_DeviceSocket", size: int) -> None:
+        self.socket = socket
+        self.started = time.perf_counter()
+        self.size = size
+        self.seq = 0
+        self.samples = 0
+        self.reply = ""
+        self.status = 0
+        self.finished = False
+        self.trace_id: str | None = None
+        self.span: Span | None = None
+        self.write_span: Span | None = None
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, result: WriteResult, /) -> None:
+        self.socket.stored(self, result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.socket.not_stored(self, exception)
+
+
+class _DeviceSocket:
+    """A device's socket: each text message is validated and submitted as it is parsed, and
+    answered, in the order received, as soon as its write returns. The handler's task is
+    not resumed per message (``service/wsframes.py``); a device may send several messages
+    without waiting, up to ``MAX_UNANSWERED``."""
+
+    def __init__(
+        self, state: IngestState, request: web.Request, device_id: str, links: list[Link]
+    ) -> None:
+        self.state = state
+        self.device_id = device_id
+        self.links = links
+        self.protocol = request.protocol
+        self.peer = Peer(request.transport)
+        self.ws = TextSocket(
+            self.take,
+            max_msg_size=state.max_body_bytes,
+            # Keep-alive is one sweeper task for all sockets (service/keepalive.py), which
+            # sees pings and pongs only when they are not answered and swallowed here.
+            autoping=False,
+            # Device batches are small and CPU is the scarce resource on the ingest path.
+            compress=False,
+        )
+        self.unanswered: deque[_Message] = deque()
+        self.refused_in_a_row = 0
+        self.paused = False
+        self.background: set[asyncio.Task[Any]] = set()
+
+    def take(self, data: str) -> None:
+        """One text message (from the frame parser, or from the handler's loop)."""
+        self.peer.heard = True
+        if self.ws.closed:
+            return  # after our close frame: dropped unanswered, as aiohttp drops it
+        message = _Message(self, len(data))
+        self.unanswered.append(message)
+        self.state.batches_in_flight += 1
+        try:
+            self._submit(message, data)
+        except Exception:  # noqa: BLE001 - a bug answers 500 and is logged; the socket stays
+            logger.exception("unhandled error on a message of {}", WS_ROUTE)
+            if not message.finished:
+                self._finish(message, _ws_error(500, "internal error", None), 500, 0)
+        if not self.paused and (
+            len(self.unanswered) >= MAX_UNANSWERED or self.protocol.writing_paused
+        ):
+            self._pause()
+
+    def _submit(self, message: _Message, data: str) -> None:
+        state = self.state
+        if state.tracing.decide(None):
+            # Each sampled message is a trace of its own, linked to the handshake's.
+            message.span = span = state.tracing.tracer.start_span(
+                f"WS {WS_ROUTE}",
+                kind=SpanKind.SERVER,
+                links=self.links,
+                attributes=_MESSAGE_SPAN_ATTRIBUTES,
+            )
+            message.trace_id = f"{span.get_span_context().trace_id:032x}"
+        try:
+            batch = decode_batch(data)
+        except BatchError as e:
+            status = 400 if e.kind == "malformed" else 422
+            self._finish(message, _ws_error(status, e.message, _seq_of(data), e.details), status)
+            return
+        message.seq = batch.seq
+        if batch.device_id != self.device_id:
+            reply = _ws_error(
+                403, "the token is not for this device", batch.seq, {"field": "device_id"}
+            )
+            self._finish(message, reply, 403)
+            return
+        if (refusal := _refusal(state)) is not None:
+            reply = _ws_error(503, refusal, batch.seq, retry_after=state.retry_after)
+            self._finish(message, reply, 503)
+            return
+        message.samples = len(batch.ppg)
+        trace = b""
+        if message.span is not None:
+            # The write as a span of its own, which the stored entry names as its parent,
+            # so the worker's span of it joins the trace.
+            message.write_span = state.tracing.tracer.start_span(
+                "EVALSHA readings",
+                context=set_span_in_context(message.span),
+                kind=SpanKind.PRODUCER,
+                attributes=_WRITE_SPAN_ATTRIBUTES,
+            )
+            trace = format_traceparent(message.write_span.get_span_context()).encode()
+        try:
+            state.writer.submit_to(self.device_id, batch.seq, data.encode(), message, trace)
+        except StoreUnavailableError as e:
+            self.not_stored(message, e)
+
+    def stored(self, message: _Message, result: WriteResult) -> None:
+        """What Redis decided for the message's batch."""
+        try:
+            if message.write_span is not None:
+                message.write_span.set_attribute("pulsecal.write.stored", result[0] == 1)
+                message.write_span.end()
+            # An ack carries no rate-limit headers: only a verdict over the limit matters.
+            decision = _verdict(self.state, WS_ROUTE, result) if result[1] >= 2 else None
+            if decision is not None and not decision.allowed:
+                assert self.state.ingest_policy is not None
+                details = {"policy": self.state.ingest_policy.name, "window": decision.window.name}
+                reply = _ws_error(
+                    429,
+                    "rate limit exceeded",
+                    message.seq,
+                    details,
+                    retry_after=decision.retry_after,
+                )
+                self._finish(message, reply, 429)
+            elif result[0] == 1:
+                self._finish(message, f'{{"ack":{message.seq}}}', 202, message.samples)
+            else:
+                self._finish(message, f'{{"ack":{message.seq},"duplicate":true}}', 202)
+        except Exception:  # noqa: BLE001 - never into the writer's loop
+            logger.exception("unhandled error answering a message of {}", WS_ROUTE)
+            if not message.finished:
+                self._finish(message, _ws_error(500, "internal error", message.seq), 500)
+
+    def not_stored(self, message: _Message, error: BaseException) -> None:
+        """Redis did not take the batch: 503, not acknowledged; the device retries."""
+        if message.write_span is not None:
+            message.write_span.record_exception(error)
+            message.write_span.set_status(Status(StatusCode.ERROR, str(error)))
+            message.write_span.end()
+        reply = _ws_error(
+            503,
+            f"cannot store the batch now: {error}",
+            message.seq,
+            retry_after=self.state.retry_after,
+        )
+        self._finish(message, reply, 503)
+
+    def _finish(self, message: _Message, reply: str, status: int, samples: int = 0) -> None:
+        message.reply = reply
+        message.status = status
+        message.samples = samples
+        message.finished = True
+        if message.span is not None:
+            message.span.set_attribute("pulsecal.ws.status", status)
+            message.span.end()
+        if self.unanswered[0] is message:
+            self._answer()
+
+    def _answer(self) -> None:
+        """Send the answers now due: in order, so each waits for those before it."""
+        state = self.state
+        record = state.telemetry.record
+        unanswered = self.unanswered
+        while unanswered and unanswered[0].finished:
+            message = unanswered.popleft()
+            state.batches_in_flight -= 1
+            # Once the socket is closing the answer is dropped: the device retries an
+            # unacknowledged batch, and a stored one is then acked as a duplicate.
+            self.ws.send_text_frame(message.reply)
+            if message.status == 429:
+                self.refused_in_a_row += 1
+                if self.refused_in_a_row == state.ws_close_after:
+                    self._spawn(
+                        self.ws.close(
+                            code=WSCloseCode.POLICY_VIOLATION,
+                            message=b"rate limit exceeded again and again",
+                        )
+                    )
+            else:
+                self.refused_in_a_row = 0
+            record(
+                (
+                    Kind.WS_MESSAGE,
+                    WS_ROUTE,
+                    "WS",
+                    message.status,
+                    int((time.perf_counter() - message.started) * 1e6),
+                    message.size,
+                    message.samples,
+                    message.trace_id,
+                )
+            )
+        if (
+            self.paused
+            and len(unanswered) <= MAX_UNANSWERED // 2
+            and not self.protocol.writing_paused
+        ):
+            self._resume()
+
+    def _pause(self) -> None:
+        self.paused = True
+        self.protocol.pause_reading()
+        if self.protocol.writing_paused:
+            # Read again once the device has taken its answers.
+            self._spawn(self._resume_when_drained())
+
+    async def _resume_when_drained(self) -> None:
+        writer = self.ws.payload_writer
+        if writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        if self.paused and len(self.unanswered) <= MAX_UNANSWERED // 2:
+            self._resume()
+
+    def _resume(self) -> None:
+        self.paused = False
+        if self.protocol.transport is not None and not self.ws.closed:
+            self.protocol.resume_reading()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
 
 async def ingest_ws(request: web.Request) -> web.StreamResponse:
@@ -315,65 +533,22 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
     device_id = state.tokens.authenticate(request.headers.get("Authorization"))
     if device_id is None:
         return await _unauthenticated(state, request, WS_ROUTE)
-    ws = web.WebSocketResponse(
-        max_msg_size=state.max_body_bytes,
-        # Keep-alive is one sweeper task for all sockets (service/keepalive.py), which sees
-        # pings and pongs only when they are not answered and swallowed here.
-        autoping=False,
-        # Device batches are small and CPU is the scarce resource on the ingest path.
-        compress=False,
+    traceparent = request.headers.get(TRACEPARENT)
+    socket = _DeviceSocket(
+        state, request, device_id, links_from([traceparent]) if traceparent is not None else []
     )
+    ws = socket.ws
     await ws.prepare(request)
     record = state.telemetry.record
     record((Kind.WS_OPEN, WS_ROUTE, "GET", 101, 0, 0, 0, None))
-    peer = Peer(request.transport)
+    peer = socket.peer
     state.websockets[ws] = peer
-    refused_in_a_row = 0
-    # Each sampled message is a trace of its own, linked to the handshake's if it had one.
-    traceparent = request.headers.get(TRACEPARENT)
-    handshake = links_from([traceparent]) if traceparent is not None else []
     try:
+        # Text messages reach this loop only where aiohttp's internals could not be used.
         async for msg in ws:
             peer.heard = True
             if msg.type is WSMsgType.TEXT:
-                started = time.perf_counter()
-                state.batches_in_flight += 1
-                trace_id = None
-                try:
-                    if state.tracing.decide(None):
-                        reply, status, samples, trace_id = await _traced_ws_message(
-                            state, device_id, msg.data, handshake
-                        )
-                    else:
-                        reply, status, samples = await _ws_message(
-                            state, device_id, msg.data, traced=False
-                        )
-                    if ws.closed:
-                        break
-                    await ws.send_str(reply)
-                finally:
-                    state.batches_in_flight -= 1
-                if status == 429:
-                    refused_in_a_row += 1
-                    if refused_in_a_row >= state.ws_close_after:
-                        await ws.close(
-                            code=WSCloseCode.POLICY_VIOLATION,
-                            message=b"rate limit exceeded again and again",
-                        )
-                else:
-                    refused_in_a_row = 0
-                record(
-                    (
-                        Kind.WS_MESSAGE,
-                        WS_ROUTE,
-                        "WS",
-                        status,
-                        int((time.perf_counter() - started) * 1e6),
-                        len(msg.data),
-                        samples,
-                        trace_id,
-                    )
-                )
+                socket.take(msg.data)
             elif msg.type is WSMsgType.PING:
                 await ws.pong(msg.data)
             elif msg.type is WSMsgType.BINARY:
