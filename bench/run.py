@@ -1421,6 +1421,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-service", action="store_true", help="peers only (before the service exists)"
     )
     p.add_argument(
+        "--lean-ws-peer",
+        action="store_true",
+        help="also run bench/peers/bare_ws_lean.py in the WS comparison (an experiment:\n"
+        "bare_ws with aiohttp's per-message receive/send machinery cut short)",
+    )
+    p.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="Postgres to create the throwaway database in",
@@ -1546,6 +1552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             http_specs = [bare_http, *([service] if with_service else []), conventional]
             ws_specs = [bare_ws, *([service] if with_service else [])]
+            if args.lean_ws_peer:
+                ws_specs.append(ServerSpec("bare_ws_lean", (py, str(PEERS / "bare_ws_lean.py"))))
 
             data["http"] = {s.name: [] for s in http_specs} if "http" in parts else {}
             data["ws"] = {s.name: [] for s in ws_specs} if "ws" in parts else {}
