@@ -53,6 +53,8 @@ if _INTERNALS:
     class _TextTaker(WebSocketDataQueue):
         """The parser's queue: text messages go to ``on_text``, everything else is queued."""
 
+        __slots__ = ("_on_text",)
+
         def __init__(
             self, protocol: Any, *, loop: asyncio.AbstractEventLoop, on_text: Callable[[str], None]
         ) -> None:
@@ -70,6 +72,10 @@ class TextSocket(web.WebSocketResponse):
     """``on_text`` gets each text message, called from the protocol's ``data_received``
     when ``taking_text``, else by the handler for each text message it receives. It must not
     raise. Replies go out with ``send_text_frame``."""
+
+    # In slots, not in the instance dict: four more entries there make every socket's dict
+    # grow into a larger table (~1.5 KB a socket, measured with 10k idle sockets).
+    __slots__ = ("_on_text", "_transport", "payload_writer", "taking_text")
 
     def __init__(self, on_text: Callable[[str], None], **kwargs: Any) -> None:
         super().__init__(**kwargs)
