@@ -18,6 +18,27 @@ def command(*args: str) -> bytes:
     return encode_command([a.encode() for a in args])
 
 
+def readings_writer(
+    url: str,
+    keys: Keys,
+    *,
+    max_in_flight: int = 1,
+    timeout: float = 1,
+    policy: Policy | None = None,
+) -> ReadingsWriter:
+    return ReadingsWriter(
+        RespConnection(url, connect_timeout=1),
+        keys,
+        max_batch=10,
+        max_pending=10,
+        max_in_flight=max_in_flight,
+        timeout=timeout,
+        idempotency_window=128,
+        idempotency_ttl=3600,
+        policy=policy,
+    )
+
+
 async def test_commands_go_to_the_database_named_in_the_url() -> None:
     key = f"test:{uuid.uuid4().hex}"
     conn = RespConnection("redis://127.0.0.1:6379/3", connect_timeout=1)
@@ -71,17 +92,7 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
     """The writer encodes its EVALSHA from cached parts: it must equal the plain encoding."""
     keys = Keys("pre%fix:")
     policy = Policy("ingest", windows) if windows else None
-    writer = ReadingsWriter(
-        RespConnection("redis://127.0.0.1:6379", connect_timeout=1),
-        keys,
-        max_batch=10,
-        max_pending=10,
-        max_in_flight=1,
-        timeout=1,
-        idempotency_window=128,
-        idempotency_ttl=3600,
-        policy=policy,
-    )
+    writer = readings_writer("redis://127.0.0.1:6379", keys, policy=policy)
     future = asyncio.get_running_loop().create_future()
     batch = [
         _Pending("dev-a", 7, b'{"x":"100%"}', future, b""),
@@ -128,15 +139,11 @@ async def test_a_write_unanswered_for_the_timeout_fails_and_the_next_reconnects(
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    writer = ReadingsWriter(
-        RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=1),
+    writer = readings_writer(
+        f"redis://127.0.0.1:{port}/0",
         Keys(f"test-{uuid.uuid4().hex}:"),
-        max_batch=1,
-        max_pending=10,
         max_in_flight=2,
         timeout=0.2,
-        idempotency_window=128,
-        idempotency_ttl=3600,
     )
     runner = asyncio.create_task(writer.run())
     loop = asyncio.get_running_loop()

@@ -6,8 +6,9 @@ import sys
 
 import uvloop
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-__all__ = ("listen_port", "raise_fd_limit", "serve_bare")
+__all__ = ("listen_port", "raise_fd_limit", "serve_bare", "serve_route")
 
 
 def listen_port(default: int = 3001) -> int:
@@ -37,3 +38,10 @@ def serve_bare(app: web.Application) -> None:
     uvloop.install()
     app.router.add_get("/health/startup", _startup)
     web.run_app(app, host="127.0.0.1", port=listen_port(), access_log=None, print=None)
+
+
+def serve_route(method: str, path: str, handler: Handler) -> None:
+    """Serve a bare peer answering one route."""
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    serve_bare(app)

@@ -5,7 +5,7 @@ No auth, validation, storage, metrics or logs. Run: ``python bench/peers/bare_ht
 """
 
 import orjson
-from _common import serve_bare
+from _common import serve_route
 from aiohttp import web
 
 
@@ -15,11 +15,5 @@ async def ingest(request: web.Request) -> web.Response:
     return web.Response(status=202, body=orjson.dumps(reply), content_type="application/json")
 
 
-def main() -> None:
-    app = web.Application()
-    app.router.add_post("/ingestion/ppg", ingest)
-    serve_bare(app)
-
-
 if __name__ == "__main__":
-    main()
+    serve_route("POST", "/ingestion/ppg", ingest)

@@ -5,7 +5,7 @@ validation or storage. Run: ``python bench/peers/bare_ws.py PORT``.
 """
 
 import orjson
-from _common import serve_bare
+from _common import serve_route
 from aiohttp import WSMsgType, web
 
 
@@ -21,11 +21,5 @@ async def ingest_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def main() -> None:
-    app = web.Application()
-    app.router.add_get("/ingestion/ws", ingest_ws)
-    serve_bare(app)
-
-
 if __name__ == "__main__":
-    main()
+    serve_route("GET", "/ingestion/ws", ingest_ws)

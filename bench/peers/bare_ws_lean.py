@@ -14,7 +14,7 @@ the protocol's ``_payload_parser``); the service does not. Run:
 from typing import Any
 
 import orjson
-from _common import serve_bare
+from _common import serve_route
 from aiohttp import WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 
@@ -49,11 +49,5 @@ async def ingest_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def main() -> None:
-    app = web.Application()
-    app.router.add_get("/ingestion/ws", ingest_ws)
-    serve_bare(app)
-
-
 if __name__ == "__main__":
-    main()
+    serve_route("GET", "/ingestion/ws", ingest_ws)
