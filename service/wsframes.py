@@ -4,7 +4,7 @@ whose replies are written as frames straight to the transport.
 aiohttp hands each message to the handler through a queue the handler's task awaits: a
 future, a task step, ``receive()`` and ``__anext__`` per message, then ``send_str()`` and the
 frame writer for the reply. For a batch of ~1 KB that machinery is a third of what a bare
-aiohttp peer spends per message (21 µs against 15 µs for the same peer taking text messages
+aiohttp peer spends per message (20 µs against 14.4 µs for the same peer taking text messages
 here; ``bench/peers/bare_ws_lean.py``, ``BENCHMARKS.md``). ``TextSocket`` takes them here.
 
 This relies on aiohttp internals: the response's ``_post_start``, ``_reader``, ``_parser``
@@ -85,6 +85,8 @@ class TextSocket(web.WebSocketResponse):
         self.payload_writer: AbstractStreamWriter | None = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter:
+        # Before the handshake: a message taken while it drains is answered on this transport.
+        self._transport = request.transport
         self.payload_writer = await super().prepare(request)
         return self.payload_writer
 
@@ -94,7 +96,6 @@ class TextSocket(web.WebSocketResponse):
         # client that spoke before its 101 keeps the ordinary path.
         tail = getattr(protocol, "_message_tail", None)
         super()._post_start(request, *args, **kwargs)
-        self._transport = request.transport
         if not _INTERNALS or tail != b"" or self._compress:
             return
         if getattr(protocol, "_payload_parser", None) is not getattr(self, "_parser", object()):
@@ -110,9 +111,10 @@ class TextSocket(web.WebSocketResponse):
         self.taking_text = True
 
     def send_text_frame(self, text: str) -> bool:
-        """Write one text frame now; False (and nothing written) once the socket is closing."""
+        """Write one text frame now; False (and nothing written) once our close frame went out
+        or the transport is closing."""
         transport = self._transport
-        if self._closed or self._closing or transport is None or transport.is_closing():
+        if self.closed or transport is None or transport.is_closing():
             return False
         transport.write(_frame(text.encode()))
         return True
