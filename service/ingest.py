@@ -149,21 +149,25 @@ async def _traced_http(
     return response, samples, trace_id
 
 
+# The span of a sampled batch's write, HTTP or WebSocket: the stored entry names it as its
+# parent, so the worker's span of the entry joins the trace.
+_WRITE_SPAN = "EVALSHA readings"
+_WRITE_SPAN_ATTRIBUTES = {
+    "db.system": "redis",
+    "db.operation": "EVALSHA",
+    "messaging.system": "redis",
+    "messaging.operation": "publish",
+    "messaging.destination.name": "readings",
+}
+
+
 async def _traced_store(
     state: IngestState, device_id: str, seq: int, payload: bytes
 ) -> WriteResult:
     """The group-committed write of a sampled batch: a client span that the stored entry
     names as its parent, so the worker's span of it joins the trace."""
     with state.tracing.tracer.start_as_current_span(
-        "EVALSHA readings",
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "db.system": "redis",
-            "db.operation": "EVALSHA",
-            "messaging.system": "redis",
-            "messaging.operation": "publish",
-            "messaging.destination.name": "readings",
-        },
+        _WRITE_SPAN, kind=SpanKind.PRODUCER, attributes=_WRITE_SPAN_ATTRIBUTES
     ) as span:
         trace = format_traceparent(span.get_span_context()).encode()
         result = await state.writer.submit(device_id, seq, payload, trace)
@@ -262,13 +266,6 @@ def _ws_error(
 # answers fill the transport's buffer (a device that does not read them).
 MAX_UNANSWERED = 32
 
-_WRITE_SPAN_ATTRIBUTES = {
-    "db.system": "redis",
-    "db.operation": "EVALSHA",
-    "messaging.system": "redis",
-    "messaging.operation": "publish",
-    "messaging.destination.name": "readings",
-}
 _MESSAGE_SPAN_ATTRIBUTES = {"http.route": WS_ROUTE, "messaging.operation": "receive"}
 
 
@@ -405,10 +402,8 @@ class _DeviceSocket:
         message.samples = len(batch.ppg)
         trace = b""
         if message.span is not None:
-            # The write as a span of its own, which the stored entry names as its parent,
-            # so the worker's span of it joins the trace.
             message.write_span = state.tracing.tracer.start_span(
-                "EVALSHA readings",
+                _WRITE_SPAN,
                 context=set_span_in_context(message.span),
                 kind=SpanKind.PRODUCER,
                 attributes=_WRITE_SPAN_ATTRIBUTES,

@@ -5,10 +5,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from shared.health import Check, disk_check, threshold_check
+from shared.health import Check, ai_services_check, disk_check, redis_check, threshold_check
 from shared.settings import Settings
 
 from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
@@ -18,9 +18,8 @@ __all__ = ("health_checks", "http_client", "pool_stats", "static_details")
 
 
 async def http_client(app: web.Application) -> AsyncIterator[None]:
-    timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    trace_configs = app[TRACING].client_trace_configs()
-    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
+    timeout = app[SETTINGS].health_check_timeout_ms / 1000
+    async with app[TRACING].client_session(timeout) as session:
         app[HTTP_CLIENT] = session
         yield
 
@@ -35,22 +34,11 @@ def health_checks(app: web.Application) -> dict[str, Check]:
         async with pool.connection() as conn:
             await conn.execute("SELECT 1")
 
-    async def redis_ping() -> None:
-        await redis.ping()
-
-    async def ai_services() -> dict[str, Any]:
-        if settings.ai_service_url is None:
-            return {"configured": False}
-        url = settings.ai_service_url.rstrip("/") + "/health"
-        async with session.get(url) as response:
-            response.raise_for_status()
-        return {}
-
     mb = 1024 * 1024
     return {
         "database": database,
-        "redis": redis_ping,
-        "ai-services": ai_services,
+        "redis": redis_check(redis),
+        "ai-services": ai_services_check(settings.ai_service_url, session),
         "memory_heap": threshold_check(
             lambda: process_memory()[1] // mb, settings.memory_heap_threshold_mb, "MB"
         ),

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import ClientSession, web
+from redis.asyncio import Redis
 
 from .version import build_version
 
@@ -24,9 +25,11 @@ __all__ = (
     "CheckFailedError",
     "CheckResult",
     "HealthChecker",
+    "ai_services_check",
     "disk_check",
     "health_response",
     "now_result",
+    "redis_check",
     "render_health",
     "startup_results",
     "threshold_check",
@@ -119,6 +122,26 @@ def threshold_check(measure: Callable[[], int], threshold: int, unit: str) -> Ch
         if used > threshold:
             raise CheckFailedError(f"{used} {unit} used exceeds the threshold of {threshold}")
         return {"used": used, "threshold": threshold}
+
+    return check
+
+
+def redis_check(redis: Redis) -> Check:
+    async def check() -> None:
+        await redis.ping()
+
+    return check
+
+
+def ai_services_check(url: str | None, session: ClientSession) -> Check:
+    """The AI service's own ``/health`` answers 2xx; up but "not configured" without a URL."""
+
+    async def check() -> Mapping[str, Any]:
+        if url is None:
+            return {"configured": False}
+        async with session.get(url.rstrip("/") + "/health") as response:
+            response.raise_for_status()
+        return {}
 
     return check
 

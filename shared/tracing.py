@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from aiohttp import ClientError, ClientSession, TraceConfig, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TraceConfig, web
 from loguru import logger
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -393,14 +393,15 @@ class Tracing:
     # The clients a process makes are instrumented one by one (not by patching the
     # libraries for the whole process), so only this process's own calls become spans.
 
-    def client_trace_configs(self) -> list[TraceConfig]:
-        """For an aiohttp ``ClientSession`` (the calls to the AI service)."""
-        if self.provider is None:
-            return []
-        from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+    def client_session(self, timeout: float) -> ClientSession:
+        """An aiohttp ``ClientSession`` (the calls to the AI service), its calls traced when
+        tracing is on; ``timeout`` in seconds per call."""
+        trace_configs: list[TraceConfig] = []
+        if self.provider is not None:
+            from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-        config: TraceConfig = create_trace_config(tracer_provider=self.provider)
-        return [config]
+            trace_configs.append(create_trace_config(tracer_provider=self.provider))
+        return ClientSession(timeout=ClientTimeout(total=timeout), trace_configs=trace_configs)
 
     def instrument_redis(self, client: Redis) -> None:
         if self.provider is not None:

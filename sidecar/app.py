@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import web
 from loguru import logger
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -71,9 +71,8 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    timeout = ClientTimeout(total=app[SETTINGS].health_check_timeout_ms / 1000)
-    trace_configs = app[TRACING].client_trace_configs()
-    async with ClientSession(timeout=timeout, trace_configs=trace_configs) as session:
+    timeout = app[SETTINGS].health_check_timeout_ms / 1000
+    async with app[TRACING].client_session(timeout) as session:
         app[HTTP_CLIENT] = session
         yield
 

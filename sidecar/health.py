@@ -20,9 +20,11 @@ from shared.health import (
     Check,
     CheckFailedError,
     CheckResult,
+    ai_services_check,
     disk_check,
     health_response,
     now_result,
+    redis_check,
 )
 from shared.settings import Settings
 from shared.telemetry import Heartbeat, decode_heartbeat
@@ -173,22 +175,11 @@ def health_checks(
     postgres: PostgresProbe,
     http: ClientSession,
 ) -> dict[str, Check]:
-    async def redis_ping() -> None:
-        await redis.ping()
-
-    async def ai_services() -> dict[str, Any]:
-        if settings.ai_service_url is None:
-            return {"configured": False}
-        url = settings.ai_service_url.rstrip("/") + "/health"
-        async with http.get(url) as response:
-            response.raise_for_status()
-        return {}
-
     return {
         "service": watch.check,
         "database": postgres,
-        "redis": redis_ping,
-        "ai-services": ai_services,
+        "redis": redis_check(redis),
+        "ai-services": ai_services_check(settings.ai_service_url, http),
         "memory_heap": _memory_check(watch, settings.memory_heap_threshold_mb, "heap"),
         "memory_rss": _memory_check(watch, settings.memory_rss_threshold_mb, "rss"),
         "disk": disk_check(settings.log_dir, settings.disk_threshold_percent),
