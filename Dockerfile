@@ -8,21 +8,28 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# Build: install the package and its dependencies into a virtualenv (wheels only: every
-# dependency ships manylinux wheels, so no compiler), byte-compiled ahead of time because
-# the root filesystem is read-only at run time.
+# Build: the tools venv (pip, setuptools, wheel, exactly as requirements/tools.txt locks them)
+# builds the project's wheel and installs it, with exactly requirements/runtime.txt, into the
+# runtime venv, which never gets pip. Wheels only for dependencies: every one ships manylinux
+# wheels, so no compiler. Byte-compiled ahead of time: the root filesystem is read-only at run time.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ONLY_BINARY=:all:
-RUN python -m venv /opt/pulsecal
 WORKDIR /src
+COPY requirements/tools.txt requirements/runtime.txt ./requirements/
+RUN python -m venv /opt/tools \
+    && /opt/tools/bin/pip install --require-hashes --no-deps -r requirements/tools.txt \
+    && python -m venv --without-pip /opt/pulsecal \
+    && /opt/tools/bin/pip --python /opt/pulsecal/bin/python install --require-hashes --no-deps \
+        -r requirements/runtime.txt
 COPY pyproject.toml setup.cfg README.md ./
 COPY shared ./shared
 COPY service ./service
 COPY sidecar ./sidecar
-RUN /opt/pulsecal/bin/pip install --no-binary=pulsecal . \
-    && /opt/pulsecal/bin/pip uninstall -y -q pip setuptools \
+RUN /opt/tools/bin/pip wheel --no-deps --no-build-isolation --no-binary=pulsecal -w /tmp/dist . \
+    && /opt/tools/bin/pip --python /opt/pulsecal/bin/python install --no-deps /tmp/dist/pulsecal-*.whl \
+    && /opt/tools/bin/pip --python /opt/pulsecal/bin/python check \
     && /opt/pulsecal/bin/python -m compileall -q /opt/pulsecal/lib
 
 # Run: the virtualenv alone on the same base, no pip, no build context, no root.

@@ -1,13 +1,18 @@
 """The ingest route's 202 answer, written to the connection in one piece.
 
 ``web.Response`` builds a header multidict, fills in defaults, serializes it and walks the
-payload writer's state machine: about 10 µs of CPU per request on the benchmark machine,
-a quarter of what a bare aiohttp handler costs in all (BENCHMARKS.md). An ack's head is
+payload writer's state machine: a large share of what a bare aiohttp handler costs per
+request in all (BENCHMARKS.md, "Where the time goes"). An ack's head is
 fixed but for its length, its date and the rate-limit lines, so ``AckResponse`` writes it
 from bytes: status line, headers and body in one ``transport.write``. It keeps what aiohttp
 does for a response of its own: the request's HTTP version, ``Connection`` when keep-alive
 differs from the version's default, and the writer's flow control. Errors and every other
 route use ordinary responses.
+
+The private parts of ``web.StreamResponse`` this relies on: ``_eof_sent`` (set, so aiohttp
+sends nothing more), ``_keep_alive`` (read back by the server to keep or close the
+connection) and ``_headers`` (headers set before ``prepare``). ``tests/test_ingest_http.py``
+trips when aiohttp changes them.
 """
 
 import time

@@ -11,8 +11,8 @@ from aiohttp import WSCloseCode, web
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from shared.health import HealthChecker
 from shared.keys import Keys

@@ -1,11 +1,11 @@
 """A minimal Redis connection for the ingest write path.
 
-redis-py spends ~150-200 µs of CPU per command on this machine (connection pool checkout,
-per-argument encoding, stream reader, timeouts); the service sends one command per group
-commit and that cost lands on the hot path. This connection writes pre-encoded RESP on a
-raw asyncio transport and parses replies with hiredis (the parser redis-py itself uses), so
-a command costs a join, one ``write`` and one parse. Everything else that talks to Redis
-(telemetry, heartbeats, health checks) keeps using redis-py.
+redis-py spends more CPU per command than the rest of a request (connection pool checkout,
+per-argument encoding, stream reader, timeouts; BENCHMARKS.md); the service sends one
+command per group commit and that cost lands on the hot path. This connection writes pre-
+encoded RESP on a raw asyncio transport and parses replies with hiredis (the parser redis-py
+itself uses), so a command costs a join, one ``write`` and one parse. Everything else that
+talks to Redis (telemetry, heartbeats, health checks) keeps using redis-py.
 """
 
 import asyncio

@@ -4,8 +4,8 @@ whose replies are written as frames straight to the transport.
 aiohttp hands each message to the handler through a queue the handler's task awaits: a
 future, a task step, ``receive()`` and ``__anext__`` per message, then ``send_str()`` and the
 frame writer for the reply. For a batch of ~1 KB that machinery is a third of what a bare
-aiohttp peer spends per message (20 µs against 14.4 µs for the same peer taking text messages
-here; ``bench/peers/bare_ws_lean.py``, ``BENCHMARKS.md``). ``TextSocket`` takes them here.
+aiohttp peer spends per message (against the same peer taking text messages here:
+``bench/peers/bare_ws_lean.py``, figures in ``BENCHMARKS.md``). ``TextSocket`` takes them here.
 
 This relies on aiohttp internals: the response's ``_post_start``, ``_reader``, ``_parser``
 and ``_max_msg_size``, the protocol's ``_payload_parser`` and ``_message_tail``, and the

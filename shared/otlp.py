@@ -1,13 +1,13 @@
 """Finished spans to an OTLP/protobuf ``ExportTraceServiceRequest``, written directly.
 
 The exporter's encoder builds a protobuf message object per span, attribute and value and
-then serializes them: ~35 µs a span on the benchmark machine, ~90 µs on slower ones, all of it
-on the service's event loop. This writes the same bytes (field for field, in field order,
-as the reference encoder's output serializes; ``tests/test_tracing.py`` holds the two
-equal) from the spans' own data in one pass, with each resource and instrumentation
-scope encoded once per process. The attributes of spans, events and links go through the
-caller's ``sanitize`` on the way (so no count of dropped attributes is sent: the SDK's counts
-would tell nothing about what the allow-list removed).
+then serializes them, all of it on the service's event loop (its cost per span and this
+encoder's: BENCHMARKS.md, "What tracing costs a request"). This writes the same bytes (field
+for field, in field order, as the reference encoder's output serializes;
+``tests/test_tracing.py`` holds the two equal) from the spans' own data in one pass, with
+each resource and instrumentation scope encoded once per process. The attributes of spans,
+events and links go through the caller's ``sanitize`` on the way (so no count of dropped
+attributes is sent: the SDK's counts would tell nothing about what the allow-list removed).
 """
 
 import struct
@@ -149,7 +149,7 @@ class SpanEncoder:
 
     def encode(self, spans: Iterable[ReadableSpan]) -> bytes:
         """One ``ExportTraceServiceRequest``, spans grouped by resource, then scope."""
-        # By identity: a Resource hashes by serializing its attributes to JSON (~3 µs), and
+        # By identity: a Resource hashes by serializing its attributes to JSON, and
         # a process has one per tracer provider.
         grouped: dict[int, tuple[Resource, dict[InstrumentationScope | None, list[bytes]]]] = {}
         for span in spans:

@@ -1,8 +1,8 @@
 """OpenTelemetry tracing, set up once per process, that costs an unsampled request ~nothing.
 
 The aiohttp-server instrumentation as it ships builds attributes and a span context for
-every request before the sampler says no (+21 µs a request on this machine, over 100 µs on
-slower ones). So the process decides first,
+every request before the sampler says no (BENCHMARKS.md, "What tracing costs a request").
+So the process decides first,
 itself, with the same rule the SDK's sampler applies: an incoming ``traceparent``'s sampled
 flag (parent-based samplers), else the trace-id ratio on a trace id drawn here. Only a
 sampled request enters the instrumentation, which then gets that trace id (``_PresetIds``)
@@ -198,12 +198,12 @@ def sanitize_attributes(attributes: Any) -> dict[str, Any]:
 class _LoopExport(SpanProcessor):
     """Sampled spans, queued (bounded) and sent from the event loop, a few at a time.
 
-    The SDK's batch processor exports from a thread; encoding spans there (pure-Python
-    work, ~27 µs a span here with the exporter's encoder) holds the GIL while the event loop
-    waits for it after every I/O call, which cost the service ~10 µs a request and a p99 of
-    18 ms under load. Here ``on_end`` only appends; ``run`` (a task on the service's own
-    loop) encodes a few spans at a time with ``SpanEncoder`` (shared/otlp.py, a few µs a
-    span), yielding in between, and posts up to ``max_batch`` in one request with aiohttp,
+    The SDK's batch processor exports from a thread; encoding spans there (pure-Python work
+    with the exporter's encoder) holds the GIL while the event loop waits for it after every
+    I/O call, which cost the service CPU per request and its p99 under load (BENCHMARKS.md).
+    Here ``on_end`` only appends; ``run`` (a task on the service's own loop) encodes a few
+    spans at a time with ``SpanEncoder`` (shared/otlp.py, a fraction of the exporter's
+    cost), yielding in between, and posts up to ``max_batch`` in one request with aiohttp,
     so the loop never waits on another thread, never stalls for long, and the collector
     never makes a request wait.
     """

@@ -1,7 +1,7 @@
 """The metric state built from telemetry records: plain dicts, lists and ``bisect``.
 
-prometheus_client's children cost 1.6-3.5 µs per observation; a dict lookup, a bisect and a
-few list increments cost a fraction of that (DESIGN.md, "Facts measured"). ``exposition.py``
+prometheus_client's children cost microseconds per observation; a dict lookup, a bisect and
+a few list increments cost a fraction of that (BENCHMARKS.md, "Sidecar"). ``exposition.py``
 renders this state; ``consumer.py`` saves it together with the stream position it matches,
 so a restarted sidecar goes on from totals that agree with where it resumes reading.
 """

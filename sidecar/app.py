@@ -11,9 +11,9 @@ import jinja2
 from aiohttp import web
 from loguru import logger
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from shared.health import HealthChecker
 from shared.keys import Keys

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from service.acks import _header_lines
@@ -247,6 +248,16 @@ async def test_idempotency_covers_the_last_window_of_seqs_per_device(
 
 # The 202 is written from bytes (service/acks.py), not by aiohttp's Response: these pin its
 # wire form against what HTTP clients rely on.
+
+
+def test_the_stream_response_internals_the_ack_writes_through_are_still_there() -> None:
+    """service/acks.py sets and reads these; an aiohttp upgrade that renames them trips here."""
+    response = web.StreamResponse()
+    assert getattr(response, "_eof_sent") is False  # noqa: B009 -- a private name, on purpose
+    assert getattr(response, "_keep_alive") is None  # noqa: B009 -- a private name, on purpose
+    assert isinstance(getattr(response, "_headers"), CIMultiDict)  # noqa: B009 -- as above
+    response.headers["X-Probe"] = "1"
+    assert getattr(response, "_headers")["X-Probe"] == "1"  # noqa: B009 -- as above
 
 
 async def _exchange(
