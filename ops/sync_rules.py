@@ -1,7 +1,9 @@
-"""Write k8s/base/prometheusrule.yaml from ops/alerts.yml: the same groups, for the operator.
+"""Write the prometheus-operator component's PrometheusRule from ops/alerts.yml: the same groups.
 
 Run after editing ops/alerts.yml: ``python ops/sync_rules.py`` (``--check`` only compares and
-exits 1 when the file is out of date). The groups are copied as text, comments included.
+exits 1 when the file is out of date). The groups are copied as text, comments included. The
+file is k8s/components/prometheus-operator/prometheusrule.yaml: an optional kustomize component,
+out of k8s/base, so clusters without the operator's CRDs can apply the overlays.
 """
 
 import argparse
@@ -12,17 +14,20 @@ __all__ = ("main", "render")
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "ops" / "alerts.yml"
-TARGET = ROOT / "k8s" / "base" / "prometheusrule.yaml"
+TARGET = ROOT / "k8s" / "components" / "prometheus-operator" / "prometheusrule.yaml"
 
 _HEADER = """\
 # GENERATED from ops/alerts.yml by `python ops/sync_rules.py`: edit that file, not this one.
 # The same rules for a Prometheus run by the prometheus-operator (tests/test_ops.py checks
-# that the two agree). Your Prometheus resource may select rules by a label (e.g. `release`):
-# add it in an overlay.
+# that the two agree). Part of the optional component k8s/components/prometheus-operator (see
+# docs/deploy.md). Your Prometheus resource may select rules by a label (e.g. `release`): add
+# it in an overlay.
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
   name: pulsecal
+  labels:
+    app.kubernetes.io/part-of: pulsecal
 spec:
 """
 

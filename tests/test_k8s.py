@@ -3,9 +3,12 @@
 Rendering is kustomize's own (``kubectl kustomize``; kubectl comes with the machine image).
 Standard kinds are validated offline against the Kubernetes OpenAPI schemas shipped by
 ``kubernetes-validate``, strictly (unknown fields fail), for the oldest Kubernetes the
-manifests support and the newest the package knows. The prometheus-operator kinds have no
-schema there: they are checked against the subset of their CRD schemas written below, and
-the PrometheusRule's rules by promtool (``tests/test_ops.py``).
+manifests support and the newest the package knows. The base and the overlays dev and prod hold
+no prometheus-operator kinds (they must apply on a cluster without its CRDs); those are the
+optional component k8s/components/prometheus-operator, rendered by the overlay prod-monitoring.
+They have no schema in the package: they are checked against the subset of their CRD schemas
+written below, and the PrometheusRule's rules by promtool (``tests/test_ops.py``). The
+production image is the one the release names by commit SHA or digest (docs/deploy.md).
 """
 
 import dataclasses
@@ -30,7 +33,24 @@ from sidecar.app import create_app as create_sidecar_app
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
+# What applies on any cluster: no CRD kinds.
 TARGETS = ("base", "overlays/dev", "overlays/prod")
+# prod plus the optional prometheus-operator component.
+MONITORING_TARGET = "overlays/prod-monitoring"
+ALL_TARGETS = (*TARGETS, MONITORING_TARGET)
+COMPONENT = K8S / "components" / "prometheus-operator"
+OPERATOR_GROUP = "monitoring.coreos.com"
+# The API groups a cluster serves without any CRD: the core group, these, and *.k8s.io.
+BUILT_IN_GROUPS = frozenset({"", "apps", "batch", "policy", "autoscaling"})
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+PROD_IMAGE = "registry.example.com/pulsecal/pulsecal"
+# The committed tag until a release sets one: not a valid tag, so no pod can run it.
+UNRELEASED_TAG = "{commit-sha}"
+# The docker reference grammar's tag; a reference whose tag fails it is refused by the kubelet.
+_VALID_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# The tags that name one build for good: a git commit SHA, or a digest instead of a tag.
+_COMMIT_TAG = re.compile(r":[0-9a-f]{40}$")
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 # The oldest Kubernetes the manifests need: 1.29 (native sidecars on by default;
 # ContainerResource metrics in the HPA since 1.27), and the newest the package knows.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -62,6 +82,7 @@ SECRET_STAND_INS = {
     "DATABASE_URL": "postgresql://pulsecal@db.example:5432/pulsecal",
     "REDIS_URL": "redis://redis.example:6379/0",
     "METRICS_TOKEN": "token",
+    "ADMIN_TOKEN": "admin-token",
 }
 
 _SELECTOR = {
@@ -192,12 +213,11 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-@functools.cache
-def _render(target: str) -> tuple[Manifest, ...]:
+def _kustomize(directory: Path) -> tuple[Manifest, ...]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with its built-in kustomize) is not on PATH"
     output = subprocess.run(
-        [kubectl, "kustomize", str(K8S / target)],
+        [kubectl, "kustomize", str(directory)],
         check=True,
         capture_output=True,
         text=True,
@@ -206,7 +226,55 @@ def _render(target: str) -> tuple[Manifest, ...]:
     return tuple(doc for doc in yaml.safe_load_all(output) if doc)
 
 
-@pytest.fixture(params=TARGETS)
+@functools.cache
+def _render(target: str) -> tuple[Manifest, ...]:
+    return _kustomize(K8S / target)
+
+
+def _k8s_copy(tmp_path: Path) -> Path:
+    """A scratch copy of k8s/, to render what an edit of it would give."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    return copy
+
+
+def _set_image(overlay: Path, reference: str) -> None:
+    """What `kustomize edit set image pulsecal=<reference>` does to the overlay's entry."""
+    kustomization = overlay / "kustomization.yaml"
+    data = yaml.safe_load(kustomization.read_text())
+    [entry] = [image for image in data["images"] if image["name"] == "pulsecal"]
+    name, _, digest = reference.partition("@")
+    if digest:
+        entry.pop("newTag", None)
+        entry.update(newName=name, digest=digest)
+    else:
+        name, _, tag = name.rpartition(":")
+        entry.pop("digest", None)
+        entry.update(newName=name, newTag=tag)
+    kustomization.write_text(yaml.safe_dump(data))
+
+
+def _is_mutable(image: str) -> bool:
+    """Whether the reference may name another build tomorrow: a pullable tag that is not a
+    commit SHA (``latest``, a version like the old ``0.1.0``, or none, which means ``latest``).
+    A placeholder the kubelet cannot parse names nothing and runs nothing."""
+    if _COMMIT_TAG.search(image) or _DIGEST.search(image):
+        return False
+    last = image.rsplit("/", 1)[-1]
+    tag = last.partition(":")[2] if ":" in last else None
+    return tag is None or bool(_VALID_TAG.match(tag))
+
+
+def _mutable_images(docs: tuple[Manifest, ...]) -> list[str]:
+    return [
+        f"{deployment['metadata']['name']}/{container['name']}: {container['image']}"
+        f" ({container.get('imagePullPolicy', 'default')})"
+        for deployment, _, container in _all_containers(docs)
+        if _is_mutable(container["image"])
+    ]
+
+
+@pytest.fixture(params=ALL_TARGETS)
 def rendered(request: pytest.FixtureRequest) -> tuple[Manifest, ...]:
     return _render(request.param)
 
@@ -309,7 +377,7 @@ def _get_routes(program: str) -> frozenset[str]:
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", ALL_TARGETS)
 def test_every_manifest_validates_against_its_schema(target: str, version: str) -> None:
     docs = _render(target)
     assert docs
@@ -319,6 +387,66 @@ def test_every_manifest_validates_against_its_schema(target: str, version: str) 
             jsonschema.validate(doc, crd_schema)
         else:
             kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_base_and_overlays_apply_on_a_cluster_without_the_operator(target: str) -> None:
+    needs_crds = [
+        f"{doc['apiVersion']} {doc['kind']}/{doc['metadata']['name']}"
+        for doc in _render(target)
+        if (group := doc["apiVersion"].rpartition("/")[0]) not in BUILT_IN_GROUPS
+        and not group.endswith(".k8s.io")
+    ]
+    assert not needs_crds
+    assert not [d for d in _render(target) if d["apiVersion"].startswith(f"{OPERATOR_GROUP}/")]
+
+
+def test_the_operator_kinds_are_an_optional_component() -> None:
+    component = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
+    assert (component["apiVersion"], component["kind"]) == (
+        "kustomize.config.k8s.io/v1alpha1",
+        "Component",
+    )
+    overlay = yaml.safe_load((K8S / MONITORING_TARGET / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../prod"]
+    assert overlay["components"] == ["../../components/prometheus-operator"]
+    prod = _render("overlays/prod")
+    monitored = _render(MONITORING_TARGET)
+    added = [doc for doc in monitored if doc not in prod]
+    # The component adds its two resources and changes nothing of prod's.
+    assert len(monitored) == len(prod) + len(added)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in added) == [
+        ("PrometheusRule", "pulsecal"),
+        ("ServiceMonitor", "pulsecal"),
+    ]
+    for doc in added:
+        jsonschema.validate(doc, CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])])
+        assert doc["metadata"]["namespace"] == "pulsecal"
+        assert doc["metadata"]["labels"] == {"app.kubernetes.io/part-of": "pulsecal"}
+    [rule] = _find(monitored, "PrometheusRule")
+    alerts = yaml.safe_load((ROOT / "ops" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+
+
+@pytest.mark.parametrize(("overlay", "namespace"), [("prod", "pulsecal"), ("dev", "pulsecal-dev")])
+def test_one_components_line_opts_an_overlay_in(
+    tmp_path: Path, overlay: str, namespace: str
+) -> None:
+    k8s = _k8s_copy(tmp_path)
+    kustomization = k8s / "overlays" / overlay / "kustomization.yaml"
+    kustomization.write_text(
+        kustomization.read_text() + "components:\n  - ../../components/prometheus-operator\n"
+    )
+    docs = _kustomize(k8s / "overlays" / overlay)
+    operator = [d for d in docs if d["apiVersion"] == f"{OPERATOR_GROUP}/v1"]
+    assert sorted(d["kind"] for d in operator) == ["PrometheusRule", "ServiceMonitor"]
+    assert {d["metadata"]["namespace"] for d in operator} == {namespace}
+    if overlay == "prod":
+        assert docs == _render(MONITORING_TARGET)
+    else:  # the Secret dev generates keeps the name the ServiceMonitor gives
+        [monitor] = _find(docs, "ServiceMonitor")
+        credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
+        assert credentials["key"] in _one(docs, "Secret", credentials["name"])["data"]
 
 
 def test_the_validation_rejects_an_unknown_field() -> None:
@@ -519,6 +647,14 @@ def test_selectors_find_the_pods_and_ports_they_are_meant_for(
         for metric in hpa["spec"]["metrics"]:
             _container(target, metric["containerResource"]["container"])
         assert hpa["spec"]["minReplicas"] <= target["spec"]["replicas"]
+
+
+def test_the_servicemonitor_scrapes_the_sidecars_through_the_metrics_services() -> None:
+    rendered = _render(MONITORING_TARGET)
+    templates = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in _find(rendered, "Deployment")
+    }
     [monitor] = _find(rendered, "ServiceMonitor")
     scraped = [
         s
@@ -558,6 +694,21 @@ def test_configuration_uses_the_names_and_values_the_programs_read(
         if _program(container) in ("pulsecal-service", "pulsecal-sidecar"):
             assert settings.environment == config["data"]["ENVIRONMENT"]
             assert settings.metrics_token is None or container["name"] == "sidecar"
+        # The operator token goes only where /alerts is served.
+        assert settings.admin_token is None or _program(container) == "pulsecal-service"
+
+
+def test_the_operator_token_reaches_the_service_from_the_secret(
+    rendered: tuple[Manifest, ...],
+) -> None:
+    service = _container(_one(rendered, "Deployment", "pulsecal-api"), "service")
+    [reference] = [
+        var["valueFrom"]["secretKeyRef"] for var in service["env"] if var["name"] == "ADMIN_TOKEN"
+    ]
+    assert (reference["name"], reference["key"]) == ("pulsecal-secrets", "ADMIN_TOKEN")
+    settings = load_settings(_environment(rendered, service))
+    assert settings.admin_token == SECRET_STAND_INS["ADMIN_TOKEN"]
+    assert "/alerts" in _get_routes("pulsecal-service")
 
 
 def test_secrets_come_from_the_secret_and_every_reference_resolves(
@@ -575,24 +726,26 @@ def test_secrets_come_from_the_secret_and_every_reference_resolves(
                 secret_keys.add(ref["key"])
     [config] = _find(rendered, "ConfigMap")
     assert not set(SECRET_STAND_INS) & set(config["data"]), "a secret in the ConfigMap"
-    [monitor] = _find(rendered, "ServiceMonitor")
-    credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
-    secret_keys.add(credentials["key"])
+    for monitor in _find(rendered, "ServiceMonitor"):
+        credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
+        assert credentials["name"] == "pulsecal-secrets"
+        assert credentials["key"] in secret_keys
     assert secret_keys == set(SECRET_STAND_INS)
     secrets = _find(rendered, "Secret", "pulsecal-secrets")
     if secrets:  # dev generates it; prod documents the command that creates it
         assert set(secrets[0]["data"]) == secret_keys
     else:
-        instructions = (K8S / "overlays" / "prod" / "kustomization.yaml").read_text()
-        for key in secret_keys:
-            assert f"--from-literal={key}=" in instructions
+        for instructions in (K8S / "overlays" / "prod" / "kustomization.yaml", DEPLOY_DOC):
+            for key in secret_keys:
+                assert f"--from-literal={key}=" in instructions.read_text(), (instructions, key)
 
 
 @pytest.mark.parametrize(
     ("target", "namespace", "image", "api_replicas"),
     [
         ("overlays/dev", "pulsecal-dev", "pulsecal:dev", 1),
-        ("overlays/prod", "pulsecal", "registry.example.com/pulsecal/pulsecal:0.1.0", 3),
+        ("overlays/prod", "pulsecal", f"{PROD_IMAGE}:{UNRELEASED_TAG}", 3),
+        (MONITORING_TARGET, "pulsecal", f"{PROD_IMAGE}:{UNRELEASED_TAG}", 3),
     ],
 )
 def test_overlays_set_namespace_image_and_size(
@@ -613,6 +766,48 @@ def test_overlays_set_namespace_image_and_size(
     assert _one(docs, "HorizontalPodAutoscaler", "pulsecal-api")["spec"]["minReplicas"] == (
         api_replicas
     )
+
+
+def test_the_mutable_image_check_tells_builds_from_moving_tags() -> None:
+    sha = "4915dbb" + "0" * 33
+    for moving in ("pulsecal", "pulsecal:latest", f"{PROD_IMAGE}:0.1.0", "reg.example:5000/p"):
+        assert _is_mutable(moving), moving
+    for pinned in (f"{PROD_IMAGE}:{sha}", f"{PROD_IMAGE}@sha256:{'0f' * 32}"):
+        assert not _is_mutable(pinned), pinned
+    # The committed placeholder: the kubelet refuses it (InvalidImageName), nothing runs.
+    assert not _VALID_TAG.match(UNRELEASED_TAG)
+    assert not _is_mutable(f"{PROD_IMAGE}:{UNRELEASED_TAG}")
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/prod", MONITORING_TARGET])
+def test_base_and_prod_never_run_a_moving_tag(target: str) -> None:
+    docs = _render(target)
+    assert not _mutable_images(docs)
+    images = {c["image"] for _, _, c in _all_containers(docs)}
+    assert all(image.endswith(f":{UNRELEASED_TAG}") for image in images), images
+    assert {c["imagePullPolicy"] for _, _, c in _all_containers(docs)} == {"IfNotPresent"}
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [f"{PROD_IMAGE}:{'ab12' * 10}", f"{PROD_IMAGE}@sha256:{'0f' * 32}"],
+    ids=["commit-sha", "digest"],
+)
+def test_the_release_step_pins_every_production_container(tmp_path: Path, reference: str) -> None:
+    k8s = _k8s_copy(tmp_path)
+    _set_image(k8s / "overlays" / "prod", reference)
+    for target in ("overlays/prod", MONITORING_TARGET):
+        docs = _kustomize(k8s / target)
+        assert {c["image"] for _, _, c in _all_containers(docs)} == {reference}, target
+        assert not _mutable_images(docs)
+    assert "kustomize edit set image pulsecal=" in DEPLOY_DOC.read_text()
+
+
+@pytest.mark.parametrize("tag", ["latest", "0.1.0"])
+def test_a_moving_tag_set_on_prod_is_caught(tmp_path: Path, tag: str) -> None:
+    k8s = _k8s_copy(tmp_path)
+    _set_image(k8s / "overlays" / "prod", f"{PROD_IMAGE}:{tag}")
+    assert len(_mutable_images(_kustomize(k8s / "overlays" / "prod"))) == 6
 
 
 def test_the_containers_run_the_packages_console_scripts(rendered: tuple[Manifest, ...]) -> None:

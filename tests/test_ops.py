@@ -175,7 +175,7 @@ def test_the_operators_prometheusrule_is_in_sync_with_the_alerts() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    rule = _load_yaml(ROOT / "k8s" / "base" / "prometheusrule.yaml")
+    rule = _load_yaml(ROOT / "k8s" / "components" / "prometheus-operator" / "prometheusrule.yaml")
     assert rule["spec"]["groups"] == _load_yaml(ALERTS)["groups"]
 
 
