@@ -4,10 +4,12 @@ import asyncio
 import gc
 import os
 import signal
+from collections.abc import Sequence
 
 from aiohttp import web
 from loguru import logger
 
+from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
@@ -16,6 +18,27 @@ from .app import create_app, drain
 from .appkeys import INGEST
 
 __all__ = ("main", "serve")
+
+PROGRAM = "pulsecal-service"
+DESCRIPTION = """
+The PulseCal ingestion service: devices post PPG batches over HTTP or stream them over a
+WebSocket, authenticated by their tokens (cached from Postgres); a batch is acknowledged once
+it is in the Redis readings stream the worker persists. It also answers the health probes and
+the operators' alerts API, and writes per-request telemetry for its sidecar. It serves until
+SIGTERM or SIGINT, then drains in-flight requests.
+"""
+ENV_VARS = {
+    "PORT": "HTTP port, on all interfaces",
+    "REDIS_URL": "readings stream, rate limits, telemetry, heartbeat",
+    "REDIS_KEY_PREFIX": "prefix of every Redis key",
+    "DATABASE_URL": "Postgres: device tokens and the alerts API",
+    "AI_SERVICE_URL": "analysis service, checked by /health when set",
+    "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
+    "ADMIN_TOKEN": "bearer token of the operators' GET /alerts",
+    "SHUTDOWN_TIMEOUT": "seconds in-flight requests get on SIGTERM",
+    **LOGGING_ENV,
+    **TRACING_ENV,
+}
 
 
 async def serve(
@@ -61,10 +84,11 @@ async def serve(
     logger.info("shutdown complete")
 
 
-def main() -> None:
-    settings = load_settings_or_exit(os.environ, "pulsecal-service")
+def main(argv: Sequence[str] | None = None) -> None:
+    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
+    settings = load_settings_or_exit(os.environ, PROGRAM)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
-    with setup_logging(settings, program="pulsecal-service") as logs:
+    with setup_logging(settings, program=PROGRAM) as logs:
         tracing = setup_tracing(settings, service_name="pulsecal-api")
         try:
             import uvloop

@@ -8,6 +8,7 @@ import sys
 
 import psycopg
 
+from shared.cli import program_parser
 from shared.settings import load_settings_or_exit
 from shared.wire import DEVICE_ID_PATTERN
 
@@ -24,7 +25,11 @@ __all__ = ("main",)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pulsecal-admin", description=__doc__)
+    parser = program_parser(
+        "pulsecal-admin",
+        __doc__ or "",
+        {"DATABASE_URL": "Postgres holding the schema and the devices"},
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     db = commands.add_parser("db", help="database schema")

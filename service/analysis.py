@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from loguru import logger
 
+from shared.cli import LOGGING_ENV, parse_program_args
 from shared.health import CheckResult, render_health
 from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
@@ -45,6 +46,18 @@ MIN_SECONDS = 5.0
 BAND_HZ = (0.5, 4.0)
 _MAX_BODY = 16 * 1024 * 1024
 _SERVICE_ID = "pulsecal-analysis"
+
+PROGRAM = "pulsecal-analysis"
+DESCRIPTION = """
+The reference AI service: POST /analyze takes a PPG window ({"rate_hz", "ppg": [...]}) and
+answers its heart rate and heart-rate variability (RMSSD, SDNN) with the beats found and a
+quality figure; /health and the probes answer too. The worker calls it at AI_SERVICE_URL.
+It serves until SIGTERM or SIGINT.
+"""
+ENV_VARS = {
+    "PORT": "HTTP port, on all interfaces (the service's default of 3001 does not apply)",
+    **LOGGING_ENV,
+}
 
 Sample = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
 
@@ -241,12 +254,12 @@ async def serve(settings: Settings, *, port: int, host: str = "0.0.0.0") -> None
     logger.info("shutdown complete")
 
 
-def main() -> None:
-    settings = load_settings_or_exit(os.environ, "pulsecal-analysis")
+def main(argv: Sequence[str] | None = None) -> None:
+    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv, defaults={"PORT": DEFAULT_PORT})
     # PORT is shared with the service, whose default is 3001; this program's is 8000.
-    port = settings.port if "PORT" in os.environ else DEFAULT_PORT
-    with setup_logging(settings, program="pulsecal-analysis"):
-        asyncio.run(serve(settings, port=port))
+    settings = load_settings_or_exit({"PORT": str(DEFAULT_PORT), **os.environ}, PROGRAM)
+    with setup_logging(settings, program=PROGRAM):
+        asyncio.run(serve(settings, port=settings.port))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from shared.cli import program_parser
 from shared.wire import MAX_SAMPLES
 
 __all__ = ("PpgSignal", "SimOptions", "main", "run")
@@ -774,9 +775,8 @@ def _non_negative(raw: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pulsecal-sim",
-        description="Simulate wearable devices streaming PPG to pulsecal-service.",
+    parser = program_parser(
+        "pulsecal-sim", "Simulate wearable devices streaming PPG to pulsecal-service."
     )
     parser.add_argument("--url", default="http://127.0.0.1:3001", help="service base URL")
     parser.add_argument(

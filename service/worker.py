@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import psycopg
@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
 from shared.health import (
     CheckResult,
     HealthChecker,
@@ -51,6 +52,24 @@ from .workerstate import WorkerState
 __all__ = ("create_app", "main", "serve")
 
 PROGRAM = "pulsecal-worker"
+DESCRIPTION = """
+The PulseCal worker: persists the readings from the Redis stream to Postgres, evaluates the
+alert rules (heart rate, SpO2, silence) on them, and sends each device's windows of
+ANALYSIS_WINDOW seconds to the AI service as analysis jobs. Its HTTP port answers only the
+Kubernetes probes. Workers share the stream as one consumer group, so any number can run.
+It stops on SIGTERM or SIGINT once the round in hand is committed.
+"""
+ENV_VARS = {
+    "WORKER_PORT": "HTTP port of the probes, on all interfaces",
+    "REDIS_URL": "readings stream, analysis queue, telemetry, heartbeat",
+    "REDIS_KEY_PREFIX": "prefix of every Redis key; the same as the service's",
+    "DATABASE_URL": "Postgres: readings, alerts, analyses",
+    "AI_SERVICE_URL": "analysis service (POST /analyze); no analysis jobs when unset",
+    "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
+    "SHUTDOWN_TIMEOUT": "seconds the persist round in hand gets to finish on SIGTERM",
+    **LOGGING_ENV,
+    **TRACING_ENV,
+}
 _SERVICE_ID = "pulsecal-worker"
 _PARTITION_INTERVAL = 3600.0
 _STATS_INTERVAL = 5.0
@@ -400,7 +419,8 @@ async def serve(
     logger.info("shutdown complete")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
     settings = load_settings_or_exit(os.environ, PROGRAM)
     with setup_logging(settings, program=PROGRAM) as logs:
         tracing = setup_tracing(settings, service_name=PROGRAM)

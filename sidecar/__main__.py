@@ -3,10 +3,12 @@
 import asyncio
 import os
 import signal
+from collections.abc import Sequence
 
 from aiohttp import web
 from loguru import logger
 
+from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
 from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
@@ -16,6 +18,25 @@ from .app import create_app
 __all__ = ("main", "serve")
 
 PROGRAM = "pulsecal-sidecar"
+DESCRIPTION = """
+The PulseCal sidecar: runs beside the service or a worker in the same pod, reads that
+process's telemetry stream and heartbeat from Redis, and serves them as Prometheus metrics
+(/metrics) and as the pod's aggregated health (/health, with Redis, Postgres and the AI
+service checked), plus a small dashboard. It serves until SIGTERM or SIGINT, then saves its
+position and totals to Redis.
+"""
+ENV_VARS = {
+    "SIDECAR_PORT": "HTTP port, on all interfaces",
+    "POD_NAME": "the pod whose telemetry and heartbeat are read; the host name when empty",
+    "REDIS_URL": "telemetry stream, heartbeat, saved totals",
+    "REDIS_KEY_PREFIX": "prefix of every Redis key; the same as the process beside it",
+    "DATABASE_URL": "Postgres, checked by /health",
+    "AI_SERVICE_URL": "analysis service, checked by /health when set",
+    "METRICS_ENABLED": "serve /metrics (404 and nothing read when false)",
+    "METRICS_TOKEN": "when set, /metrics wants Authorization: Bearer <token>",
+    **LOGGING_ENV,
+    **TRACING_ENV,
+}
 
 
 async def serve(
@@ -46,7 +67,8 @@ async def serve(
     logger.info("shutdown complete")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
     settings = load_settings_or_exit(os.environ, PROGRAM)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM):
