@@ -37,8 +37,13 @@ class TokenCache:
         """The device id a ``Bearer`` header stands for, or None."""
         if authorization is None or not authorization.startswith(_BEARER):
             return None
-        digest = hashlib.sha256(authorization[len(_BEARER) :].strip().encode()).digest()
-        return self._device_by_hash.get(digest)
+        try:
+            token = authorization[len(_BEARER) :].strip().encode()
+        except UnicodeEncodeError:
+            # aiohttp keeps header bytes that are not UTF-8 as lone surrogates, which no
+            # token holds (tokens are ASCII): a wrong token like any other.
+            return None
+        return self._device_by_hash.get(hashlib.sha256(token).digest())
 
     def apply(self, changes: list[TokenChange], *, full: bool) -> None:
         if full:
