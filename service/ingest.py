@@ -241,14 +241,21 @@ async def _ingest_http(
     return AckResponse(body, extra), samples if stored == 1 else 0
 
 
+class _Seq(msgspec.Struct):
+    seq: int | None = None
+
+
+_seq_decoder = msgspec.json.Decoder(_Seq)
+
+
 def _seq_of(data: str) -> int | None:
     """The seq of a message that failed validation, when one can be read from it."""
     try:
-        value = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+        return _seq_decoder.decode(data).seq
+    # msgspec raises RecursionError for JSON nested deeper than the interpreter's stack
+    # allows, in the values it skips too: such a message has no seq to read.
+    except (msgspec.DecodeError, RecursionError):
         return None
-    seq = value.get("seq") if isinstance(value, dict) else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 def _ws_error(

@@ -3,6 +3,7 @@ library will not send: header bytes that are not UTF-8, fragments, stray opcodes
 
 import asyncio
 import base64
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ async def _connect(client: Client) -> tuple[asyncio.StreamReader, asyncio.Stream
     return await asyncio.open_connection(host, port)
 
 
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
 async def exchange(client: Client, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """One request on a fresh connection: (status, headers, body)."""
     reader, writer = await _connect(client)
@@ -79,7 +86,7 @@ async def exchange(client: Client, request: bytes) -> tuple[int, dict[str, str],
         status, headers = await _read_head(reader)
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     finally:
-        writer.close()
+        await _close(writer)
     return status, headers, body
 
 
@@ -96,7 +103,7 @@ class RawSocket:
         writer.write(ws_handshake(path, *headers))
         status, _ = await _read_head(reader)
         if status != 101:
-            writer.close()
+            await _close(writer)
             raise AssertionError(f"handshake answered {status}")
         return cls(reader, writer)
 
@@ -126,5 +133,11 @@ class RawSocket:
             if opcode == 0x8:
                 return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
 
-    def close(self) -> None:
-        self.writer.close()
+    async def close(self) -> None:
+        await _close(self.writer)
+
+    async def __aenter__(self) -> "RawSocket":
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
