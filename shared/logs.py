@@ -17,13 +17,21 @@ exception handler: errors of tasks and futures nobody awaited are "rejections", 
 (a failing callback, say) "exceptions".
 
 Secrets: a loguru patcher redacts the message and the bound fields of every record before any
-sink sees it (``shared.redact``); tracebacks are redacted as they are written. Variable
-values in tracebacks (loguru's ``diagnose``) are shown only when ``ENVIRONMENT`` is
-``development``, ``dev`` or ``local``: they can hold anything, a token included.
+sink sees it (``shared.redact``); tracebacks are redacted as they are written, before the one
+encoded line goes to every output. Besides the shapes ``shared.redact`` recognises, the
+secrets in the process's own settings (the tokens, the passwords in its URLs) are replaced
+wherever they appear. Tracebacks never show variable values (loguru's ``diagnose`` is off in
+every environment): a local variable can hold anything, a token included.
+
+Client errors: what a client can cause (a malformed request, a body that cannot be read, a
+hang-up) is logged through ``client_errors``: a WARNING without traceback, at most one line per
+kind every ``CLIENT_ERROR_INTERVAL`` seconds, the next saying how many were left out. That
+includes aiohttp's own report of a request it could not parse.
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import threading
@@ -31,8 +39,11 @@ import time
 import types
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import msgspec
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from loguru import logger
 
 from .logfiles import SECONDS_PER_DAY, DailyFiles
@@ -44,9 +55,17 @@ from .version import build_version
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-__all__ = ("Logs", "install_loop_handler", "setup_logging")
+__all__ = (
+    "CLIENT_ERROR_INTERVAL",
+    "Logs",
+    "SampledWarnings",
+    "client_errors",
+    "configured_secrets",
+    "install_loop_handler",
+    "setup_logging",
+)
 
-DIAGNOSE_ENVIRONMENTS = frozenset({"development", "dev", "local"})
+CLIENT_ERROR_INTERVAL = 10.0
 
 _ERROR_NO = 40
 _FILE_KINDS = {
@@ -75,6 +94,78 @@ _STDLIB_THRESHOLDS = {
 }
 # Per-request detail is the sidecar's telemetry, not log lines.
 _QUIET_LOGGERS = {"aiohttp.access": logging.WARNING}
+# aiohttp's server logs a request it cannot parse at ERROR, with a traceback.
+_AIOHTTP_SERVER = "aiohttp.server"
+_CLIENT_TEXT_MAX = 200
+
+
+class SampledWarnings:
+    """Warnings a client can cause, sampled: per kind, at most one line every ``interval``
+    seconds, the next one counting those left out in between (field ``suppressed``).
+
+    Kinds must come from a bounded set (a route template and a status, an exception class),
+    never from the request's own text. A suppressed warning costs a clock read and a
+    dictionary update: no record is built.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = CLIENT_ERROR_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._due: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(
+        self, kind: str, message: str, *args: object, depth: int = 0, **fields: object
+    ) -> bool:
+        """Log ``message`` (formatted with ``args``, as loguru does; ``fields`` bound) unless
+        ``kind`` was logged less than ``interval`` ago; whether it was logged. ``depth``: as
+        loguru's, counted from the caller."""
+        now = self._clock()
+        due = self._due.get(kind)
+        if due is not None and now < due:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return False
+        self._due[kind] = now + self.interval
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            message += f" ({suppressed} more like it not logged)"
+        logger.opt(depth=depth + 1).bind(
+            client_error=kind, suppressed=suppressed, **fields
+        ).warning(message, *args)
+        return True
+
+    def reset(self) -> None:
+        """Forget what was logged: the next warning of every kind is written."""
+        self._due.clear()
+        self._suppressed.clear()
+
+
+# Process-wide like the logger it writes to: every server of the process (and aiohttp's own
+# parser errors, through the standard-library bridge) shares one budget per kind.
+client_errors = SampledWarnings()
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """The secret values in ``settings``: the fields kept out of its repr (the tokens) or
+    named like a secret, and the password of every URL."""
+    names = Redactor(settings.log_redact_fields)
+    secrets: list[str] = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if not isinstance(value, str) or not value:
+            continue
+        if "://" in value:
+            password = urlsplit(value).password
+            if password:
+                secrets += [password, unquote(password)]
+        elif not field.repr or names.is_secret_key(field.name):
+            secrets.append(value)
+    return secrets
 
 
 def _unpatched(record: "Record") -> None:
@@ -169,6 +260,24 @@ class _InterceptHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         level = _STDLIB_LEVELS.get(record.levelno, record.levelno)
         exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
+        if exc_info is not None and record.name == _AIOHTTP_SERVER:
+            error = exc_info[1]
+            if isinstance(error, HttpProcessingError | RequestPayloadError) and (
+                not isinstance(error, HttpProcessingError) or error.code < 500
+            ):
+                # A request aiohttp could not parse: the client's mistake, not our stack.
+                # Its message quotes what the client sent: on one line, cut short.
+                cause = error.__cause__ if isinstance(error, RequestPayloadError) else error
+                reason = " ".join(str(getattr(cause, "message", cause)).split())
+                client_errors.warn(
+                    type(error).__name__,
+                    "{}: {}: {}",
+                    record.getMessage(),
+                    type(error).__name__,
+                    reason[:_CLIENT_TEXT_MAX],
+                    context=record.name,
+                )
+                return
         logger.opt(exception=exc_info).bind(context=record.name).log(level, record.getMessage())
 
 
@@ -289,7 +398,8 @@ class Logs:
 
 def setup_logging(settings: Settings, *, program: str, stream: IO[str] | None = None) -> Logs:
     """Replace loguru's sinks with this process's outputs; ``stream`` defaults to stdout."""
-    redactor = Redactor(settings.log_redact_fields)
+    redactor = Redactor(settings.log_redact_fields, secrets=configured_secrets(settings))
+    client_errors.reset()
     files = (
         DailyFiles(
             settings.log_dir,
@@ -329,7 +439,8 @@ def setup_logging(settings: Settings, *, program: str, stream: IO[str] | None = 
         format="",
         colorize=False,
         backtrace=False,
-        diagnose=settings.environment.lower() in DIAGNOSE_ENVIRONMENTS,
+        # Never variable values in a traceback, whatever the environment: they hold tokens.
+        diagnose=False,
         catch=True,
     )
     if shipper is not None:

@@ -6,17 +6,24 @@ secret, ``tokens_loaded`` is not. In text, three shapes are rewritten:
 ``Bearer <credentials>`` (and ``Basic``), ``scheme://user:<password>@``,
 and ``<secret name>: <value>`` / ``<secret name>=<value>`` (quoted or not, as JSON, a Python
 repr, a header line or a query string put them).
+
+Those shapes cannot catch a secret that nothing names (``f"refused {token}"``). The secrets the
+process itself was configured with are known, though: given as ``secrets``, each is replaced
+wherever it appears, in any text, whatever surrounds it.
 """
 
 import re
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-__all__ = ("REDACTED", "Redactor")
+__all__ = ("MIN_SECRET_LENGTH", "REDACTED", "Redactor")
 
 REDACTED = "[REDACTED]"
 
 _MAX_DEPTH = 8
+# Shorter configured values are not searched for: replacing every "abc" would garble the
+# logs without protecting anything worth the name.
+MIN_SECRET_LENGTH = 4
 _KEY_CACHE_MAX = 4096
 _SECRET_GROUPS = ("key_quoted", "key_plain", "scheme_secret", "url_secret")
 _SCHEMES = r"(?:bearer|basic)"
@@ -60,8 +67,12 @@ def _replace_secret(match: re.Match[str]) -> str:
 class Redactor:
     """Rewrites text and nested values so that no configured secret survives."""
 
-    def __init__(self, fields: Iterable[str]) -> None:
+    def __init__(self, fields: Iterable[str], *, secrets: Iterable[str] = ()) -> None:
         names = [n for n in fields if _squash(n)]
+        # Longest first: a secret containing another is replaced whole.
+        self._secrets = tuple(
+            sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+        )
         self._suffixes = tuple({_squash(n) for n in names})
         self._pattern = _text_pattern(names)
         # Substrings any text the pattern rewrites contains (lower-cased). Looking for them
@@ -72,6 +83,9 @@ class Redactor:
         self._secret_keys: dict[str, bool] = {}
 
     def text(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
         lowered = text.lower()
         for hint in self._hints:
             if hint in lowered:

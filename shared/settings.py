@@ -134,7 +134,7 @@ class Settings:
     port: int = _env("PORT", 3001, _PORT)
     sidecar_port: int = _env("SIDECAR_PORT", 9464, _PORT)
     pod_name: str = _env("POD_NAME", "", _text)
-    environment: str = _env("ENVIRONMENT", "development", _text)
+    environment: str = _env("ENVIRONMENT", "production", _text)
 
     # The sidecar (README, "Sidecar"). The token is left out of the repr: settings get logged.
     metrics_token: str | None = dataclasses.field(

@@ -7,6 +7,7 @@ drives the daily files is the records' time, set here with ``logger.patch``.
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import gzip
 import io
@@ -26,6 +27,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from loguru import logger
 
 from service.app import create_app
+from service.appkeys import SETTINGS
+from service.edge import instrumented
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.redact import REDACTED
 from shared.settings import Settings, SettingsError, load_settings
@@ -670,9 +673,15 @@ def test_logging_settings_are_parsed_and_checked() -> None:
         load_settings({"LOG_RETENTION_DAYS": "0"})
 
 
-@pytest.mark.parametrize(("environment", "shown"), [("development", True), ("production", False)])
-def test_variable_values_in_tracebacks_only_in_development(
-    start_logging: StartLogging, environment: str, shown: bool
+def test_the_default_environment_is_production() -> None:
+    assert Settings().environment == "production"
+    assert load_settings({}).environment == "production"
+    assert load_settings({"ENVIRONMENT": "staging"}).environment == "staging"
+
+
+@pytest.mark.parametrize("environment", ["development", "dev", "local", "production"])
+def test_variable_values_never_appear_in_a_traceback(
+    start_logging: StartLogging, environment: str
 ) -> None:
     stream = io.StringIO()
     start_logging(stream=stream, environment=environment)
@@ -687,4 +696,82 @@ def test_variable_values_in_tracebacks_only_in_development(
     except ValueError:
         logger.exception("failed")
 
-    assert (value in stream.getvalue()) is shown
+    (line,) = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert line["exception"].endswith("ValueError: bad")
+    assert value not in stream.getvalue()
+
+
+def test_the_configured_secrets_are_replaced_wherever_they_appear(
+    start_logging: StartLogging, log_dir: Path
+) -> None:
+    admin, metrics, password = (f"s{uuid.uuid4().hex[:12]}" for _ in range(3))
+    database_url = f"postgresql://app:{password}%40x@db.example:5432/app"
+    stream = io.StringIO()
+    start_logging(
+        stream=stream, admin_token=admin, metrics_token=metrics, database_url=database_url
+    )
+
+    logger.info("tried {} then {}", admin, metrics)
+    logger.bind(attempt=[f"{password}@x"]).warning("connect failed")
+    logger.info("dsn host=db.example password={}@x", password)
+
+    tried, failed, dsn = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert tried["message"] == f"tried {REDACTED} then {REDACTED}"
+    assert failed["attempt"] == [REDACTED]
+    assert dsn["message"] == f"dsn host=db.example password={REDACTED}"
+    written = everything_written(log_dir, stream.getvalue())
+    assert all(secret not in written for secret in (admin, metrics, password))
+
+
+@pytest.mark.parametrize("environment", [Settings().environment, "development"])
+async def test_a_server_fault_holding_secrets_reaches_no_sink(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    settings: Settings,
+    start_logging: StartLogging,
+    log_dir: Path,
+    logstash: FakeLogstash,
+    capsys: pytest.CaptureFixture[str],
+    environment: str,
+) -> None:
+    admin, metrics = f"adm-{uuid.uuid4().hex}", f"met-{uuid.uuid4().hex}"
+    secret_settings = dataclasses.replace(
+        settings, admin_token=admin, metrics_token=metrics, environment=environment
+    )
+    logs = start_logging(
+        stdout=True,  # capsys's while the test runs
+        environment=environment,
+        admin_token=admin,
+        metrics_token=metrics,
+        logstash_host="127.0.0.1",
+        logstash_port=logstash.port,
+    )
+
+    async def fault(request: web.Request) -> web.Response:
+        configured = request.app[SETTINGS]
+        admin_token, metrics_token = configured.admin_token, configured.metrics_token
+        logger.warning("the upstream said no to {}", metrics_token)
+        try:
+            raise LookupError(metrics_token)
+        except LookupError as e:
+            raise RuntimeError(f"upstream refused {admin_token}") from e
+
+    app = create_app(secret_settings)
+    app.router.add_get("/fault", instrumented("/fault", fault))
+    client = await aiohttp_client(app)
+
+    response = await client.get("/fault")
+
+    assert response.status == 500
+    assert (await response.json())["error"]["code"] == "internal"
+    await eventually(
+        lambda: any(line["level"] == "error" for line in logstash.lines), "the error shipped"
+    )
+    logs.close()
+    output = capsys.readouterr()
+    (error,) = (line for line in logstash.lines if line["level"] == "error")
+    assert error["message"] == "unhandled error on GET /fault"
+    assert error["exception"].endswith(f"RuntimeError: upstream refused {REDACTED}")
+    assert f"LookupError: {REDACTED}" in error["exception"]
+    shipped = json.dumps(logstash.lines)
+    for secret in (admin, metrics):
+        assert secret not in everything_written(log_dir, output.out, output.err, shipped)
