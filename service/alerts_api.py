@@ -5,6 +5,9 @@ an unknown one is 401; a device's token (valid, but not an operator's) is 403, a
 every request while ``ADMIN_TOKEN`` is unset (the API is off). Newest first; ``since`` is ISO
 8601 or epoch milliseconds (default: 24 hours ago), ``open=true`` keeps the open ones only,
 ``limit`` is 1..1000 (100). Postgres unavailable: 503 with ``Retry-After``.
+
+Whatever a client sends is answered in the JSON error shape: any ``Authorization`` bytes
+(401/403), any query value (422 naming the parameter).
 """
 
 import asyncio
@@ -29,6 +32,8 @@ _BEARER = "Bearer "
 _DEFAULT_SINCE = dt.timedelta(hours=24)
 _MAX_LIMIT = 1000
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+# Epoch milliseconds of 9999-12-31, the last day a datetime holds, have 15 digits.
+_MAX_EPOCH_MS_DIGITS = 15
 
 
 class _BadParameterError(ValueError):
@@ -37,12 +42,26 @@ class _BadParameterError(ValueError):
         self.name = name
 
 
+def _ascii_digits(raw: str, max_digits: int) -> int | None:
+    """``raw`` as a non-negative integer if it is 1 to ``max_digits`` ASCII digits.
+
+    ``str.isdigit`` alone also passes "²" (which ``int`` refuses) and "٣" (which it reads),
+    and ``int`` refuses more than 4300 digits: the length and the alphabet are checked first.
+    """
+    if 0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
+
+
 def _since(raw: str | None) -> dt.datetime:
     if raw is None or raw == "":
         return dt.datetime.now(dt.UTC) - _DEFAULT_SINCE
     try:
         if raw.isdigit():
-            return dt.datetime.fromtimestamp(int(raw) / 1000, tz=dt.UTC)
+            epoch_ms = _ascii_digits(raw, _MAX_EPOCH_MS_DIGITS)
+            if epoch_ms is None:
+                raise ValueError("not epoch milliseconds")
+            return dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError) as e:
         raise _BadParameterError("since", "expected ISO 8601 or epoch milliseconds") from e
@@ -52,9 +71,10 @@ def _since(raw: str | None) -> dt.datetime:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return 100
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_LIMIT:
+    limit = _ascii_digits(raw, len(str(_MAX_LIMIT)))
+    if limit is None or not 1 <= limit <= _MAX_LIMIT:
         raise _BadParameterError("limit", f"expected an integer in [1, {_MAX_LIMIT}]")
-    return int(raw)
+    return limit
 
 
 def _open_only(raw: str | None) -> bool:
@@ -73,6 +93,12 @@ def _device_id(raw: str | None) -> str | None:
     return raw
 
 
+def _as_sent(text: str) -> bytes:
+    """``text`` as bytes, whatever it holds: aiohttp (and Python, for the environment) keep
+    bytes that are not UTF-8 as lone surrogates, which a plain ``encode()`` refuses."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _refusal(request: web.Request) -> web.Response | None:
     token = request.app[SETTINGS].admin_token
     header = request.headers.get("Authorization")
@@ -82,7 +108,7 @@ def _refusal(request: web.Request) -> web.Response | None:
         )
     if token is None:
         return error_response(403, "the operator API is off (ADMIN_TOKEN is not set)")
-    if hmac.compare_digest(header[len(_BEARER) :].strip().encode(), token.encode()):
+    if hmac.compare_digest(_as_sent(header[len(_BEARER) :].strip()), _as_sent(token)):
         return None
     if request.app[INGEST].tokens.authenticate(header) is not None:
         return error_response(403, "a device token cannot read alerts")

@@ -477,8 +477,10 @@ def _own_process() -> Iterator[Family]:
 
 def _authorized(request: web.Request, token: str) -> bool:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Bytes that are not UTF-8 reach us as lone surrogates (aiohttp's headers, Python's
+    # environment), which a plain encode() refuses: "surrogatepass" encodes any str.
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
+        given.strip().encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
     )
 
 

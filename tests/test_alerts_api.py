@@ -14,11 +14,18 @@ from service.app import create_app
 from shared.settings import Settings
 
 from .conftest import AiohttpClient, Device
+from .served import Served, exchange, raw_request
 
 Client = TestClient[web.Request, web.Application]
 ADMIN = "op-" + uuid.uuid4().hex
 OPERATOR = {"Authorization": f"Bearer {ADMIN}"}
+OPERATOR_LINE = f"Authorization: Bearer {ADMIN}".encode()
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def served_by(client: Client) -> Served:
+    assert client.port is not None
+    return Served(client.app, client.host, client.port)
 
 
 @pytest.fixture
@@ -143,6 +150,26 @@ async def test_an_alert_carries_what_an_operator_needs(
         ({"limit": "5000"}, "limit"),
         ({"open": "maybe"}, "open"),
         ({"device_id": "bad id!"}, "device_id"),
+        # Digits str.isdigit() takes and int() refuses, reads, or refuses past 4300 of them.
+        ({"limit": "\u00b2"}, "limit"),
+        ({"limit": "\u0663"}, "limit"),
+        ({"limit": "9" * 5000}, "limit"),
+        ({"limit": "0" * 5000 + "1"}, "limit"),
+        ({"limit": ""}, "limit"),
+        ({"limit": "-1"}, "limit"),
+        ({"limit": "1e2"}, "limit"),
+        ({"since": "\u00b2"}, "since"),
+        ({"since": "\u0661\u0667\u0660\u0660"}, "since"),
+        ({"since": "9" * 5000}, "since"),
+        ({"since": "9" * 16}, "since"),
+        ({"since": "2024-13-01"}, "since"),
+        ({"since": "2024-01-01T00:00:00+25:00"}, "since"),
+        ({"since": "\x00"}, "since"),
+        ({"device_id": "\x00"}, "device_id"),
+        ({"device_id": "d\u00e9v"}, "device_id"),
+        ({"device_id": "d" * 65}, "device_id"),
+        ({"device_id": "dev-1\n"}, "device_id"),
+        ({"open": "\u00b2"}, "open"),
     ],
 )
 async def test_a_bad_parameter_is_422_naming_it(
@@ -151,4 +178,70 @@ async def test_a_bad_parameter_is_422_naming_it(
     response = await operator_client.get("/alerts", params=params, headers=OPERATOR)
 
     assert response.status == 422
-    assert (await response.json())["error"]["details"] == {"field": field}
+    error = (await response.json())["error"]
+    assert (error["code"], error["details"]) == ("invalid_field", {"field": field})
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize("field", ["limit", "since", "device_id", "open"])
+async def test_a_parameter_that_is_not_utf8_is_422_naming_it(
+    operator_client: Client, field: str
+) -> None:
+    request = raw_request(b"GET", f"/alerts?{field}=%FF%FE1".encode(), OPERATOR_LINE)
+
+    answer = await exchange(served_by(operator_client), request)
+
+    assert answer.status == 422
+    assert answer.json()["error"]["details"] == {"field": field}
+
+
+@pytest.mark.parametrize(
+    "since", ["0", "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59", "2024-01-01"]
+)
+async def test_the_extremes_of_since_are_answered(operator_client: Client, since: str) -> None:
+    response = await operator_client.get("/alerts", params={"since": since}, headers=OPERATOR)
+
+    assert response.status == 200
+    assert isinstance((await response.json())["alerts"], list)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        b"Bearer \xff\xfe",
+        b"Bearer " + ADMIN.encode() + b"\xff",
+        b"Bearer \xc3\xa9t\xc3\xa9",
+        b"Bearer \xed\xa0\x80",  # an encoded surrogate, which UTF-8 forbids
+        b"\xff",
+    ],
+)
+async def test_an_authorization_header_of_any_bytes_is_401_json(
+    operator_client: Client, authorization: bytes
+) -> None:
+    request = raw_request(b"GET", b"/alerts", b"Authorization: " + authorization)
+
+    answer = await exchange(served_by(operator_client), request)
+
+    assert answer.status == 401
+    assert answer.json()["error"]["code"] == "unauthorized"
+    assert answer.headers["www-authenticate"] == "Bearer"
+
+
+async def test_an_operator_token_that_is_not_utf8_works_byte_for_byte(
+    aiohttp_client: AiohttpClient, settings: Settings
+) -> None:
+    raw_token = b"op-\xff-" + uuid.uuid4().hex.encode()
+    # How Python hands over an environment variable holding those bytes.
+    token = raw_token.decode("utf-8", "surrogateescape")
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, admin_token=token)))
+    served = served_by(client)
+
+    right = await exchange(
+        served, raw_request(b"GET", b"/alerts", b"Authorization: Bearer " + raw_token)
+    )
+    wrong = await exchange(
+        served, raw_request(b"GET", b"/alerts", b"Authorization: Bearer op-\xfe")
+    )
+
+    assert right.status == 200
+    assert wrong.status == 401
