@@ -36,7 +36,7 @@ from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.version import build_version
 
-from .errors import error_response
+from .errors import error_response, fault_response
 
 __all__ = ("AnalysisError", "Estimate", "analyse", "create_app", "main")
 
@@ -223,9 +223,9 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
             raise
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return error_response(e.status, e.reason, headers=headers)
-    except Exception:  # noqa: BLE001 - answer 500 and log; never crash the server
-        logger.exception("unhandled error on {} {}", request.method, request.path)
-        return error_response(500, "internal error")
+    except Exception as e:  # noqa: BLE001 - answer and log; never crash the server
+        # Its routes have no variable parts: the path is a route template.
+        return fault_response(request, request.path, e)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -5,20 +5,20 @@ any middleware makes aiohttp add two more layers to every request (its cached ha
 chain and a current-app fix-up), which the ingest path measurably pays for.
 """
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from loguru import logger
 
 from shared.telemetry import Kind
 from shared.tracing import TRACEPARENT
 
 from .appkeys import INGEST, TRACING
-from .errors import error_response
+from .errors import CLIENT_CLOSED, error_response, fault_response, hung_up
 from .ratelimit import Policy, RateLimitUnavailableError, over_limit_record, rate_limit_headers
 
-__all__ = ("UNMATCHED", "instrumented", "not_found")
+__all__ = ("UNMATCHED", "count_hang_up", "instrumented", "not_found")
 
 UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -47,9 +47,11 @@ def instrumented(
         except web.HTTPException as e:
             headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
             response = error_response(e.status, e.reason, headers=headers)
-        except Exception:  # noqa: BLE001 - the edge answers 500 and logs; it never crashes
-            logger.exception("unhandled error on {} {}", request.method, route)
-            response = error_response(500, "internal error")
+        except Exception as e:  # noqa: BLE001 - the edge answers and logs; it never crashes
+            response = fault_response(request, route, e)
+        except asyncio.CancelledError:
+            count_hang_up(request, route, started)
+            raise
         method = request.method
         request.app[INGEST].telemetry.record(
             (
@@ -66,6 +68,26 @@ def instrumented(
         return response
 
     return instrumented_handler
+
+
+def count_hang_up(request: web.Request, route: str, started: float) -> None:
+    """Record a request whose handler is being cancelled, if its client hung up (aiohttp
+    cancels the handler then when run with ``handler_cancellation``)."""
+    if not hung_up(request):
+        return
+    method = request.method
+    request.app[INGEST].telemetry.record(
+        (
+            Kind.HTTP,
+            route,
+            method if method in _METHODS else "OTHER",
+            CLIENT_CLOSED,
+            int((time.perf_counter() - started) * 1e6),
+            request.content_length or 0,
+            0,
+            None,
+        )
+    )
 
 
 def _rate_limited(route: str, handler: Handler, policy: Policy) -> Handler:

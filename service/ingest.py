@@ -22,7 +22,8 @@ from shared.wire import BatchError, decode_batch
 
 from .acks import AckResponse
 from .appkeys import INGEST
-from .errors import error_body, error_response
+from .edge import count_hang_up
+from .errors import error_body, error_response, fault_response
 from .keepalive import Peer
 from .ratelimit import (
     Decision,
@@ -116,9 +117,11 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
             response, samples, trace_id = await _traced_http(state, request)
         else:
             response, samples = await _ingest_http(state, request, traced=False)
-    except Exception:  # noqa: BLE001 - the edge answers 500 and logs; it never crashes
-        logger.exception("unhandled error on POST {}", HTTP_ROUTE)
-        response = error_response(500, "internal error")
+    except Exception as e:  # noqa: BLE001 - the edge answers and logs; it never crashes
+        response = fault_response(request, HTTP_ROUTE, e)
+    except asyncio.CancelledError:
+        count_hang_up(request, HTTP_ROUTE, started)
+        raise
     state.telemetry.record(
         (
             Kind.HTTP,
