@@ -93,13 +93,17 @@ class CheckStatus(msgspec.Struct, kw_only=True):
     message: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class HealthReport(msgspec.Struct, forbid_unknown_fields=True):
-    """The original system's shape: `info` the checks up, `error` those down."""
+Checks = dict[str, CheckStatus] | msgspec.UnsetType
+
+
+class HealthReport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The original system's shape. Everyone gets `status`; the operator also gets the
+    checks: `info` those up, `error` those down, `details` all of them."""
 
     status: Literal["ok", "error"]
-    info: dict[str, CheckStatus]
-    error: dict[str, CheckStatus]
-    details: dict[str, CheckStatus]
+    info: Checks = msgspec.UNSET
+    error: Checks = msgspec.UNSET
+    details: Checks = msgspec.UNSET
 
 
 class HealthCheckResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -110,14 +114,15 @@ class HealthCheckResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     output: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class HealthJson(msgspec.Struct, forbid_unknown_fields=True):
-    """`application/health+json` (draft-inadarei-api-health-check), when asked for."""
+class HealthJson(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`application/health+json` (draft-inadarei-api-health-check), when asked for.
+    Everyone gets `status`; the operator also gets the rest."""
 
     status: Literal["pass", "fail"]
-    version: str
-    releaseId: str  # the IETF draft's name
-    serviceId: str  # the IETF draft's name
-    checks: dict[str, list[HealthCheckResult]]
+    version: str | msgspec.UnsetType = msgspec.UNSET
+    releaseId: str | msgspec.UnsetType = msgspec.UNSET  # the IETF draft's name
+    serviceId: str | msgspec.UnsetType = msgspec.UNSET  # the IETF draft's name
+    checks: dict[str, list[HealthCheckResult]] | msgspec.UnsetType = msgspec.UNSET
 
 
 class WsAck(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -417,9 +422,10 @@ def _probe(operation_id: str, summary: str) -> dict[str, Any]:
             "summary": summary,
             "description": (
                 "From cached results, never limited. `Accept: application/health+json` gets"
-                " the IETF draft's format."
+                " the IETF draft's format. Without the operator's token, the status alone"
+                " (docs/health.md)."
             ),
-            "security": [],
+            "security": [{}, {"healthToken": []}],
             "responses": {
                 "200": {"description": "every check up", "content": content},
                 "503": {"description": "a check down", "content": content},
@@ -492,6 +498,13 @@ def build_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "the operators' token (`ADMIN_TOKEN`)",
+                },
+                "healthToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": (
+                        "shows health details: `HEALTH_DETAIL_TOKEN` (`METRICS_TOKEN` when unset)"
+                    ),
                 },
             },
         },
