@@ -334,6 +334,7 @@ class _DeviceSocket:
         "peer",
         "protocol",
         "refused_in_a_row",
+        "revoked",
         "state",
         "unanswered",
         "ws",
@@ -361,6 +362,8 @@ class _DeviceSocket:
         self.refused_in_a_row = 0
         self.paused = False
         self.background: set[asyncio.Task[Any]] | None = None  # made when first needed
+        # Why the token this socket was opened with stopped working, once it has.
+        self.revoked: str | None = None
 
     def take(self, data: str) -> None:
         """One text message (from the frame parser, or from the handler's loop)."""
@@ -400,6 +403,11 @@ class _DeviceSocket:
             return
         message.seq = batch.seq
         if batch.device_id != self.device_id:
+            if self.revoked is not None:
+                # A socket whose token stopped working stands for no device (its device_id
+                # is ""): every message lands here, and a valid one costs no extra check.
+                self._finish(message, _ws_error(401, self.revoked, batch.seq), 401)
+                return
             reply = _ws_error(
                 403, "the token is not for this device", batch.seq, {"field": "device_id"}
             )
@@ -511,12 +519,12 @@ class _DeviceSocket:
                     message.trace_id,
                 )
             )
-        if (
-            self.paused
-            and len(unanswered) <= MAX_UNANSWERED // 2
-            and not self.protocol.writing_paused
-        ):
-            self._resume()
+        if self.paused and len(unanswered) <= MAX_UNANSWERED // 2:
+            if self.revoked is not None:
+                if not unanswered:
+                    self._close_revoked()
+            elif not self.protocol.writing_paused:
+                self._resume()
 
     def _pause(self) -> None:
         self.paused = True
@@ -534,9 +542,33 @@ class _DeviceSocket:
             self._resume()
 
     def _resume(self) -> None:
+        if self.revoked is not None:
+            return  # it stays "paused" until it is closed (token_revoked)
         self.paused = False
         if self.protocol.transport is not None and not self.ws.closed:
             self.protocol.resume_reading()
+
+    def token_revoked(self, reason: str) -> None:
+        """The device's token stopped working (the token cache applied its revocation or
+        rotation): messages taken before are answered, later ones refused with 401, then
+        the socket closes with 1008."""
+        self.revoked = reason
+        self.device_id = ""
+        if self.ws in self.state.websockets:  # else ingest_ws winds it down once open
+            self.wind_down()
+
+    def wind_down(self) -> None:
+        # "Paused" routes each answer through the check in _answer that closes the socket
+        # once nothing is left unanswered; reading goes on, for the device's close frame.
+        self.paused = True
+        if not self.unanswered:
+            self._close_revoked()
+
+    def _close_revoked(self) -> None:
+        assert self.revoked is not None
+        if self.protocol.transport is not None and not self.ws.closed:
+            self.protocol.resume_reading()  # when it was paused: the close needs the reply
+        self._spawn(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=self.revoked.encode()))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         if self.background is None:
@@ -558,11 +590,19 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
         state, request, device_id, links_from([traceparent]) if traceparent is not None else []
     )
     ws = socket.ws
-    await ws.prepare(request)
+    # Before any await: the token the device has now is the one just authenticated.
+    state.tokens.hold(socket, device_id)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        state.tokens.release(socket)
+        raise
     record = state.telemetry.record
     record((Kind.WS_OPEN, WS_ROUTE, "GET", 101, 0, 0, 0, None))
     peer = socket.peer
     state.websockets[ws] = peer
+    if socket.revoked is not None:  # while the handshake was on its way
+        socket.wind_down()
     try:
         # Text messages reach this loop only where aiohttp's internals could not be used.
         async for msg in ws:
@@ -580,6 +620,7 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
     except ConnectionResetError:
         pass  # the device went away mid-reply; an unacked batch is retried by the device
     finally:
+        state.tokens.release(socket)
         del state.websockets[ws]
         code = 1006 if peer.dropped else ws.close_code or 1006
         record((Kind.WS_CLOSE, WS_ROUTE, "GET", code, 0, 0, 0, None))
