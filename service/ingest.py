@@ -324,7 +324,11 @@ class _DeviceSocket:
     """A device's socket: each text message is validated and submitted as it is parsed, and
     answered, in the order received, as soon as its write returns. The handler's task is
     not resumed per message (``service/wsframes.py``); a device may send several messages
-    without waiting, up to ``MAX_UNANSWERED``. Kept small: a pod holds thousands."""
+    without waiting, up to ``MAX_UNANSWERED``. Kept small: a pod holds thousands.
+
+    It holds its device's token (``TokenHolder``): when the token cache applies a revocation
+    or rotation of it, the socket answers the messages it has taken, refuses any later ones
+    with 401 and closes with 1008 (docs/revocation.md)."""
 
     __slots__ = (
         "background",
