@@ -1,6 +1,22 @@
 """The device batch format, validated strictly at decode time.
 
-Limits here are part of the public contract (README, "Ingestion API").
+Limits here are part of the public contract (README, "Ingestion API"). Every batch they let
+through can be stored as decoded: they are the bounds of the ``readings`` columns
+(``service/devices.py``) or tighter, so nothing acknowledged is refused by Postgres later.
+
+- ``seq``, ``ts``: ``bigint``, far inside it (``ts`` becomes a ``timestamptz``).
+- ``rate_hz``, ``hr``, ``spo2``: ``real`` (float4). The worker copies the decoded double,
+  which Postgres rounds to a real; it refuses a nonzero value that rounds to 0 there, so
+  these must be 0 or above ``REAL_UNDERFLOW`` (half the smallest positive real, 2**-150).
+  The top of the real range (3.4028235e38) is far above every bound here.
+- ``ppg``: ``double precision[]``, which holds every double a sample can decode to. The
+  samples are copied as the device wrote them; a text that underflows a double (``1e-400``)
+  decodes to 0 here, and the worker stores 0 for it (``service/persist.py``), as Postgres
+  would refuse the text itself.
+- ``device_id``: ASCII letters, digits and ``._:-``, so no NUL, no newline, nothing COPY
+  would have to escape.
+
+JSON has no NaN or infinity, and a number too large for a double is refused as out of range.
 """
 
 import re
@@ -11,28 +27,59 @@ import msgspec
 __all__ = (
     "DEVICE_ID_PATTERN",
     "MAX_SAMPLES",
+    "REAL_UNDERFLOW",
     "BatchError",
     "PpgBatch",
+    "StoredBatch",
     "decode_batch",
+    "decode_stored_batch",
 )
 
 MAX_SAMPLES = 4096
 MAX_SEQ = 2**53 - 1  # exact in doubles and in JavaScript clients
 TS_MIN_MS = 946_684_800_000  # 2000-01-01
 TS_MAX_MS = 4_102_444_800_000  # 2100-01-01
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+# Python's ``$`` (msgspec checks with re.search) also matches before a final newline; the
+# lookahead rules that out, in JavaScript's regular expressions (the JSON Schema's) as well.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}(?!\n)$"
+# A nonzero double at or below this rounds to 0 as a Postgres real, which then refuses it.
+REAL_UNDERFLOW = 2.0**-150  # 7.006492321624085e-46
+# Vitals are 0 or above REAL_UNDERFLOW; the JSON Schema says so as well.
+_NOT_UNDERFLOWING = {"not": {"exclusiveMinimum": 0, "maximum": REAL_UNDERFLOW}}
 
+DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID_PATTERN)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+Timestamp = Annotated[int, msgspec.Meta(ge=TS_MIN_MS, le=TS_MAX_MS)]
+RateHz = Annotated[float, msgspec.Meta(gt=REAL_UNDERFLOW, le=10_000)]
+HeartRate = Annotated[float, msgspec.Meta(ge=0, le=400, extra_json_schema=_NOT_UNDERFLOWING)]
+Spo2 = Annotated[float, msgspec.Meta(ge=0, le=100, extra_json_schema=_NOT_UNDERFLOWING)]
 Sample = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
 
 
 class PpgBatch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    device_id: Annotated[str, msgspec.Meta(pattern=DEVICE_ID_PATTERN)]
-    seq: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
-    ts: Annotated[int, msgspec.Meta(ge=TS_MIN_MS, le=TS_MAX_MS)]
-    rate_hz: Annotated[float, msgspec.Meta(gt=0, le=10_000)]
+    device_id: DeviceId
+    seq: Seq
+    ts: Timestamp
+    rate_hz: RateHz
     ppg: Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
-    hr: Annotated[float, msgspec.Meta(ge=0, le=400)] | None = None
-    spo2: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    hr: HeartRate | None = None
+    spo2: Spo2 | None = None
+
+
+class StoredBatch(msgspec.Struct, gc=False):
+    """A batch as the worker reads it from the readings stream: the same fields and bounds,
+    but the samples kept as the raw JSON array (they go to Postgres without being parsed).
+
+    Unknown fields are ignored, so the service may add some.
+    """
+
+    device_id: DeviceId
+    seq: Seq
+    ts: Timestamp
+    rate_hz: RateHz
+    ppg: msgspec.Raw
+    hr: HeartRate | None = None
+    spo2: Spo2 | None = None
 
 
 class BatchError(ValueError):
@@ -50,6 +97,7 @@ class BatchError(ValueError):
 
 
 _decoder = msgspec.json.Decoder(PpgBatch)
+_stored_decoder = msgspec.json.Decoder(StoredBatch)
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED_FIELD = re.compile(r"field `(?P<name>[^`]+)`")
 
@@ -65,11 +113,55 @@ def _field_of(message: str) -> tuple[str, str]:
     return message, "$"
 
 
+def _underflowing(field: str, value: float) -> BatchError:
+    return BatchError(
+        "invalid",
+        f"invalid field {field}: Expected `float` that is 0 or > {REAL_UNDERFLOW!r}"
+        f" (a real rounds {value!r} to 0)",
+        field,
+    )
+
+
+def _invalid(e: msgspec.ValidationError) -> BatchError:
+    reason, field = _field_of(str(e))
+    return BatchError("invalid", f"invalid field {field}: {reason}", field)
+
+
+def _malformed(e: msgspec.DecodeError) -> BatchError:
+    return BatchError("malformed", f"body is not valid JSON: {e}", None)
+
+
 def decode_batch(body: bytes | str) -> PpgBatch:
+    """The batch a device sent; ``BatchError`` says why it is refused."""
     try:
-        return _decoder.decode(body)
+        batch = _decoder.decode(body)
     except msgspec.ValidationError as e:
-        reason, field = _field_of(str(e))
-        raise BatchError("invalid", f"invalid field {field}: {reason}", field) from e
+        raise _invalid(e) from e
     except msgspec.DecodeError as e:
-        raise BatchError("malformed", f"body is not valid JSON: {e}", None) from e
+        raise _malformed(e) from e
+    # What the Meta bounds cannot say: 0 is fine, a tiny nonzero value is not.
+    hr = batch.hr
+    if hr is not None and 0.0 < hr <= REAL_UNDERFLOW:
+        raise _underflowing("hr", hr)
+    spo2 = batch.spo2
+    if spo2 is not None and 0.0 < spo2 <= REAL_UNDERFLOW:
+        raise _underflowing("spo2", spo2)
+    return batch
+
+
+def decode_stored_batch(body: bytes | str) -> StoredBatch:
+    """A readings entry's batch, as the worker reads it; ``BatchError`` if it is not one
+    ``decode_batch`` would accept (the samples aside, which it does not parse)."""
+    try:
+        batch = _stored_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise _invalid(e) from e
+    except msgspec.DecodeError as e:
+        raise _malformed(e) from e
+    hr = batch.hr
+    if hr is not None and 0.0 < hr <= REAL_UNDERFLOW:
+        raise _underflowing("hr", hr)
+    spo2 = batch.spo2
+    if spo2 is not None and 0.0 < spo2 <= REAL_UNDERFLOW:
+        raise _underflowing("spo2", spo2)
+    return batch
