@@ -582,13 +582,21 @@ class _DeviceSocket:
         task.add_done_callback(self.background.discard)
 
 
+def _refused(state: IngestState, started: float, response: web.Response) -> web.Response:
+    """A refused handshake, counted as a request on the route like the HTTP route's."""
+    duration = int((time.perf_counter() - started) * 1e6)
+    state.telemetry.record((Kind.HTTP, WS_ROUTE, "GET", response.status, duration, 0, 0, None))
+    return response
+
+
 async def ingest_ws(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
     state = request.app[INGEST]
     if not state.tokens.loaded or state.draining:
-        return _unavailable(state, "not accepting connections now")
+        return _refused(state, started, _unavailable(state, "not accepting connections now"))
     device_id = state.tokens.authenticate(request.headers.get("Authorization"))
     if device_id is None:
-        return await _unauthenticated(state, request, WS_ROUTE)
+        return _refused(state, started, await _unauthenticated(state, request, WS_ROUTE))
     traceparent = request.headers.get(TRACEPARENT)
     socket = _DeviceSocket(
         state, request, device_id, links_from([traceparent]) if traceparent is not None else []
@@ -598,6 +606,12 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
     state.tokens.hold(socket, device_id)
     try:
         await ws.prepare(request)
+    except web.HTTPException as e:
+        # aiohttp checks the handshake (Upgrade, Connection, key, version) here, before
+        # anything is written.
+        state.tokens.release(socket)
+        refusal = error_response(e.status, f"not a WebSocket handshake: {e.text}")
+        return _refused(state, started, refusal)
     except BaseException:
         state.tokens.release(socket)
         raise

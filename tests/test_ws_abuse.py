@@ -3,18 +3,22 @@ service keeps serving the other devices' sockets meanwhile."""
 
 import asyncio
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
 import pytest
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSServerHandshakeError, web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from service.app import create_app
 from service.appkeys import INGEST
+from shared.keys import Keys
 from shared.settings import Settings
+from shared.telemetry import BATCH_FIELD, Kind
+from shared.telemetry import decode_batch as decode_telemetry
 
 from .conftest import AiohttpClient, Device, DeviceFactory
 from .rawwire import RawSocket, exchange, frame, http_request
@@ -109,6 +113,74 @@ async def test_a_deeply_nested_message_gets_the_http_routes_error_and_the_socket
     }
     assert after == {"ack": 1}
     assert await bystander.is_served(1)
+
+
+async def _handshake_statuses(redis: Redis, keys: Keys, pod: str) -> Counter[int]:
+    entries = await redis.xrange(keys.telemetry(pod))
+    return Counter(
+        status
+        for _, fields in entries
+        for kind, route, _, status, *_ in decode_telemetry(fields[BATCH_FIELD]).records
+        if kind == Kind.HTTP and route == URL.decode()
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param((), id="no-upgrade"),
+        pytest.param((b"Upgrade: websocket", b"Connection: Upgrade"), id="no-key"),
+        pytest.param(
+            (
+                b"Upgrade: websocket",
+                b"Connection: Upgrade",
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                b"Sec-WebSocket-Version: 99",
+            ),
+            id="unknown-version",
+        ),
+        pytest.param(
+            (
+                b"Upgrade: websocket",
+                b"Connection: Upgrade",
+                b"Sec-WebSocket-Key: not base64",
+                b"Sec-WebSocket-Version: 13",
+            ),
+            id="bad-key",
+        ),
+    ],
+)
+async def test_a_broken_handshake_is_a_counted_400_json(
+    client: Client,
+    device: Device,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    headers: tuple[bytes, ...],
+) -> None:
+    auth = f"Authorization: Bearer {device.token}".encode()
+    request = b"\r\n".join([b"GET " + URL + b" HTTP/1.1", b"Host: x", auth, *headers, b"", b""])
+
+    status, answer_headers, body = await exchange(client, request)
+    async with asyncio.timeout(5):
+        while (await _handshake_statuses(redis, keys, settings.pod))[400] < 1:
+            await asyncio.sleep(0.02)
+
+    assert status == 400
+    assert answer_headers["content-type"] == "application/json"
+    assert msgspec.json.decode(body)["error"]["code"] == "malformed"
+    assert client.app[INGEST].tokens.holders == 0
+
+
+async def test_a_refused_handshake_is_counted(
+    client: Client, settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    with pytest.raises(WSServerHandshakeError):
+        await client.ws_connect(URL.decode(), headers={"Authorization": "Bearer pct_guess"})
+
+    async with asyncio.timeout(5):
+        while (await _handshake_statuses(redis, keys, settings.pod))[401] < 1:
+            await asyncio.sleep(0.02)
 
 
 async def _close_code(client: Client, device: Device, *frames: bytes) -> int:
