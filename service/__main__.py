@@ -6,7 +6,6 @@ import os
 import signal
 from collections.abc import Sequence
 
-from aiohttp import web
 from loguru import logger
 
 from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
@@ -14,8 +13,7 @@ from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
 
-from .app import create_app, drain
-from .appkeys import INGEST
+from .server import running
 
 __all__ = ("main", "serve")
 
@@ -36,6 +34,11 @@ ENV_VARS = {
     "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
     "ADMIN_TOKEN": "bearer token of the operators' GET /alerts",
     "SHUTDOWN_TIMEOUT": "seconds in-flight requests get on SIGTERM",
+    "HTTP_HEADER_TIMEOUT": "seconds a request head gets from its first byte (then 408)",
+    "HTTP_BODY_TIMEOUT": "seconds a request body gets once its head is in (then 408)",
+    "HTTP_KEEPALIVE_TIMEOUT": "seconds an idle keep-alive connection is kept open",
+    "WS_HANDSHAKE_TIMEOUT": "seconds a device gets to answer the close frame on shutdown",
+    "HEALTH_DETAIL_TOKEN": "bearer token that sees health details (default: METRICS_TOKEN)",
     **LOGGING_ENV,
     **TRACING_ENV,
 }
@@ -48,39 +51,26 @@ async def serve(
     tracing: Tracing | None = None,
     logs: Logs | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain: stop accepting, finish and flush, close sockets."""
+    """Run until SIGTERM/SIGINT, then drain: stop accepting, answer every request and batch
+    received, close device sockets with their close handshake, flush (``service/server.py``)."""
     install_loop_handler(asyncio.get_running_loop())
-    app = create_app(settings, tracing=tracing, logs=logs)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        # By the time aiohttp's own shutdown runs, drain() below has let requests finish.
-        shutdown_timeout=2.0,
-    )
-    await runner.setup()
-    server = runner.server
-    assert server is not None
-    app[INGEST].count_connections = lambda: len(server.connections)
-    site = web.TCPSite(runner, host, settings.port, backlog=4096, reuse_address=True)
-    await site.start()
-    # Everything made so far (modules, the app, its clients, the token cache) lives as long
-    # as the process: frozen, a full collection no longer walks it; and the young
-    # generation is collected per 20,000 allocations, not 700. Under load (make bench) this
-    # took the service's p99 from 8-14 ms to 5-6 ms with tracing on.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-    logger.info("pulsecal-service listening on {}:{} as pod {}", host, settings.port, settings.pod)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    logger.info("shutting down: draining")
-    await site.stop()
-    await drain(app, grace=settings.shutdown_timeout)
-    await runner.cleanup()
+    async with running(settings, host=host, tracing=tracing, logs=logs):
+        # Everything made so far (modules, the app, its clients, the token cache) lives as
+        # long as the process: frozen, a full collection no longer walks it; and the young
+        # generation is collected per 20,000 allocations, not 700. Under load (make bench)
+        # this took the service's p99 from 8-14 ms to 5-6 ms with tracing on.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
+        logger.info(
+            "pulsecal-service listening on {}:{} as pod {}", host, settings.port, settings.pod
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        logger.info("shutting down: draining")
     logger.info("shutdown complete")
 
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from shared.health import HealthChecker
+from shared.httpserver import SERVER, HttpServer
 from shared.keys import Keys
 from shared.logs import Logs
 from shared.settings import Settings
@@ -23,7 +24,7 @@ from shared.telemetry import Heartbeat, encode_heartbeat
 from shared.tracing import Tracing
 from shared.version import build_version
 
-from . import alerts_api, probes
+from . import alerts_api, openapi, probes
 from .appkeys import (
     CHECKER,
     INGEST,
@@ -36,7 +37,7 @@ from .appkeys import (
 )
 from .edge import UNMATCHED, instrumented, not_found
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
-from .keepalive import keep_alive
+from .keepalive import close_going_away, keep_alive
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
 from .resources import health_checks, http_client, pool_stats, static_details
 from .resp import RespConnection
@@ -46,8 +47,6 @@ from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartb
 from .tokens import TokenCache, TokenRefresher
 
 __all__ = ("create_app", "drain")
-
-_CLOSE_GRACE = 3.0
 
 
 async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
@@ -151,7 +150,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             fail_closed=settings.rate_limit_fail_mode == "closed",
             timeout=settings.write_timeout,
         ),
-        proxies=TrustedProxies(settings.trusted_proxies),
+        proxies=TrustedProxies(settings.trusted_proxies, header=settings.trusted_proxy_header),
         api_policy=api_policy,
         ingest_policy=ingest_policy,
         ws_close_after=settings.rate_limit_ws_close_after,
@@ -247,37 +246,71 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             )
 
 
-async def drain(app: web.Application, *, grace: float) -> None:
-    """Stop taking batches, let those already taken be answered, then close device sockets.
+async def drain(app: web.Application, *, grace: float, http: HttpServer | None = None) -> None:
+    """Stop taking batches, answer those already taken, close device sockets cleanly, and
+    (given the process's ``http`` server, no longer accepting) answer every request
+    received, each connection closing after its last answer. All within ``grace`` seconds.
 
     Runs while connections are still open, so a body still arriving and a device's answer
-    to the close frame are read. Devices get ``_CLOSE_GRACE`` seconds to answer the close.
+    to the close frame are read. Devices get ``WS_HANDSHAKE_TIMEOUT`` to answer the close.
     """
     state = app[INGEST]
     state.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
+    answered = None
+    if http is not None:
+        http.close_after_answers()
+        answered = asyncio.create_task(http.wait_answered(deadline), name="drain-http")
     # Polled, not awaited on an Event: the counter is bumped on the hot path, an Event
     # would cost every request for the sake of shutdown.
     while state.batches_in_flight and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.005)
     if state.batches_in_flight:
         logger.warning("shutdown: {} batches still unanswered", state.batches_in_flight)
-    closing = [
-        asyncio.create_task(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down"))
-        for ws in state.websockets
-        if not ws.closed
-    ]
-    if closing:
-        _, pending = await asyncio.wait(closing, timeout=_CLOSE_GRACE)
-        if pending:
-            logger.warning("shutdown: {} WebSockets did not answer the close", len(pending))
-            await cancel_and_wait(pending)
+    handshake = min(app[SETTINGS].ws_handshake_timeout, max(0.0, deadline - loop.time()))
+    await _close_websockets(state, handshake=handshake)
+    if answered is not None:
+        left = await answered
+        if left:
+            logger.warning("shutdown: {} HTTP connections still busy", left)
+
+
+async def _close_websockets(state: IngestState, *, handshake: float) -> None:
+    """1001 to every device socket, then up to ``handshake`` seconds for the devices' close
+    frames: each socket's handler reads its device's and ends, removing the socket."""
+    sockets = [ws for ws in state.websockets if not ws.closed]
+    if not sockets:
+        return
+    loop = asyncio.get_running_loop()
+    until = loop.time() + handshake
+    sending = [asyncio.create_task(close_going_away(ws, b"server shutting down")) for ws in sockets]
+    _, stuck = await asyncio.wait(sending, timeout=handshake)
+    await cancel_and_wait(stuck)  # a device that reads nothing: its close frame never left
+    while state.websockets and loop.time() < until:  # noqa: ASYNC110 - shutdown only
+        await asyncio.sleep(0.01)
+    if state.websockets:
+        logger.warning("shutdown: {} WebSockets did not answer the close", len(state.websockets))
+        for peer in list(state.websockets.values()):
+            if peer.transport is not None:
+                peer.transport.close()
 
 
 async def _drain_now(app: web.Application) -> None:
-    # When something else runs the app (tests), its shutdown is the only signal there is.
-    await drain(app, grace=0)
+    # When something else runs the app (tests), its shutdown is the only signal there is;
+    # after serve()'s own drain this finds nothing left to do.
+    await drain(app, grace=app[SETTINGS].shutdown_timeout)
+
+
+async def _answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer but the ingest route's 202 (written by ``AckResponse``) and the
+    parser's refusals (``shared/httpserver.py``): no versions in ``Server``, and while
+    draining, ``Connection: close``."""
+    # Runs after aiohttp chose the headers, before it writes them: Connection is set here.
+    response.headers["Server"] = SERVER
+    if request.app[INGEST].draining:
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 def create_app(
@@ -295,6 +328,7 @@ def create_app(
         [app[TRACING].export_ctx, _redis_clients, _postgres_pool, http_client, _ingest]
     )
     app.on_shutdown.append(_drain_now)
+    app.on_response_prepare.append(_answer_headers)
     router = app.router
     # Rate-limit policies are declared with the routes: ingestion is limited per device
     # inside its write (service/store.py), other routes per client IP, health never.
@@ -313,6 +347,10 @@ def create_app(
     router.add_get(
         alerts_api.ALERTS_ROUTE,
         instrumented(alerts_api.ALERTS_ROUTE, alerts_api.get_alerts, policy=api_policy),
+    )
+    router.add_get(
+        openapi.OPENAPI_ROUTE,
+        instrumented(openapi.OPENAPI_ROUTE, openapi.openapi_handler(), policy=api_policy),
     )
     router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found, policy=api_policy))
     return app

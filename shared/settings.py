@@ -280,6 +280,18 @@ class Settings:
     ws_heartbeat: float = _env("WS_HEARTBEAT", 30.0, _float_in(1, 3600))
     shutdown_timeout: float = _env("SHUTDOWN_TIMEOUT", 10.0, _float_in(0, 300))
 
+    # HTTP connections of the service and the sidecar (docs/protocol-limits.md), in seconds,
+    # and who sees health details (docs/health.md; unset: METRICS_TOKEN's holder).
+    http_header_timeout: float = _env("HTTP_HEADER_TIMEOUT", 10.0, _float_in(0.05, 3600))
+    http_body_timeout: float = _env("HTTP_BODY_TIMEOUT", 30.0, _float_in(0.05, 3600))
+    http_keepalive_timeout: float = _env("HTTP_KEEPALIVE_TIMEOUT", 75.0, _float_in(0.05, 3600))
+    ws_handshake_timeout: float = _env("WS_HANDSHAKE_TIMEOUT", 5.0, _float_in(0.05, 600))
+    health_detail_token: str | None = dataclasses.field(
+        default=None,
+        repr=False,
+        metadata={"env": "HEALTH_DETAIL_TOKEN", "parse": _optional(_text)},
+    )
+
     # Telemetry for the sidecar.
     telemetry_flush_interval: float = _env("TELEMETRY_FLUSH_INTERVAL", 0.2, _float_in(0.01, 60))
     telemetry_buffer_max: int = _env("TELEMETRY_BUFFER_MAX", 100_000, _int_in(100, 10_000_000))

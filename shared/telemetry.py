@@ -29,6 +29,10 @@ kind it does not know rather than failing.
 - ``DEAD_LETTER`` (worker): one readings entry moved to the dead-letter stream. route = why:
   ``undecodable`` (not a valid batch), ``rejected`` (the database refused it),
   ``redelivered`` (delivered ``WORKER_DEAD_LETTER_AFTER`` times without an acknowledgement).
+- ``PROTOCOL_ERROR``: a request refused below the routes (a head the HTTP parser refused, a
+  body that broke its framing or encoding, a head or body that arrived too slowly:
+  ``shared/httpserver.py``). route = the kind, one of ``PROTOCOL_ERROR_KINDS``; method = "";
+  status = the status the refusal calls for (the one answered, unless a route answered it).
 
 The heartbeat is one JSON object per process. The service's and the worker's share the
 struct: fields one of them has no use for keep their defaults (``program`` says which sent
@@ -42,6 +46,7 @@ import msgspec
 
 __all__ = (
     "BATCH_FIELD",
+    "PROTOCOL_ERROR_KINDS",
     "Heartbeat",
     "Kind",
     "Record",
@@ -68,6 +73,30 @@ class Kind(enum.IntEnum):
     ANALYSIS = 6
     PERSIST = 7
     DEAD_LETTER = 8
+    # A request refused below the routes (see the module docstring).
+    PROTOCOL_ERROR = 9
+
+
+# What a PROTOCOL_ERROR record's route may be. A reader counts any other value as "other".
+PROTOCOL_ERROR_KINDS = (
+    "bad_request_line",
+    "bad_version",
+    "http2_preface",
+    "tls_handshake",
+    "bad_request_target",
+    "request_line_too_long",
+    "bad_header",
+    "header_too_large",
+    "bad_content_length",
+    "bad_transfer_encoding",
+    "bad_chunked_encoding",
+    "unsupported_content_encoding",
+    "bad_content_encoding",
+    "incomplete_body",
+    "header_timeout",
+    "body_timeout",
+    "other",
+)
 
 
 # kind, route template, method, status, duration in microseconds, request bytes,

@@ -9,6 +9,7 @@ from aiohttp import web
 from loguru import logger
 
 from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.httpserver import HttpServer, Limits
 from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
@@ -47,8 +48,9 @@ async def serve(
     app = create_app(settings, tracing=tracing)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, settings.sidecar_port, reuse_address=True)
-    await site.start()
+    # JSON refusals and read deadlines, as the service's (shared/httpserver.py).
+    http = HttpServer(runner, limits=Limits.from_settings(settings))
+    await http.start(host, settings.sidecar_port, reuse_address=True)
     logger.info(
         "{} listening on {}:{} for pod {} (metrics {})",
         PROGRAM,
@@ -63,6 +65,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     logger.info("shutting down")
+    await http.close()
     await runner.cleanup()
     logger.info("shutdown complete")
 

@@ -62,7 +62,14 @@ _OTHER_CODE = 0
 _STATUSES = range(100, 600)
 # Record kinds that are only counted, by (kind, route, method, status).
 _EVENT_KINDS = frozenset(
-    {Kind.RATE_LIMITED, Kind.ALERT, Kind.ANALYSIS, Kind.PERSIST, Kind.DEAD_LETTER}
+    {
+        Kind.RATE_LIMITED,
+        Kind.ALERT,
+        Kind.ANALYSIS,
+        Kind.PERSIST,
+        Kind.DEAD_LETTER,
+        Kind.PROTOCOL_ERROR,
+    }
 )
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "OTHER"})
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from shared.health import CheckResult
-from shared.telemetry import Heartbeat
+from shared.telemetry import PROTOCOL_ERROR_KINDS, Heartbeat
 from shared.telemetry import Kind as TelemetryKind
 
 from .aggregate import DURATION_BUCKETS_S, Aggregator, HttpKey
@@ -35,7 +35,13 @@ from .exposition import (
 from .health import HeartbeatWatch
 from .process import own_process
 
-__all__ = ("MetricsView", "business_families", "health_families", "metrics_handler")
+__all__ = (
+    "MetricsView",
+    "business_families",
+    "health_families",
+    "metrics_handler",
+    "protocol_error_family",
+)
 
 _HEARTBEAT_REFRESH_TIMEOUT = 0.5
 
@@ -65,6 +71,7 @@ class MetricsView:
         max_series: int,
     ) -> list[Family]:
         out = list(self._http(aggregator))
+        out.append(protocol_error_family(aggregator))
         out.extend(business_families(aggregator, heartbeat))
         out.extend(_telemetry(aggregator, consumer, max_series=max_series))
         out.extend(_service(heartbeat, heartbeat_age_s))
@@ -105,6 +112,23 @@ def _family(name: str, kind: Kind, help_text: str, *samples: tuple[str, float]) 
     return Family(name, kind, help_text, list(samples))
 
 
+def protocol_error_family(aggregator: Aggregator) -> Family:
+    """``pulsecal_http_protocol_errors_total{kind}``: every kind, 0 until it happens, so a
+    rate over it works from the first one; a kind this sidecar does not know is "other"."""
+    by_kind = dict.fromkeys(PROTOCOL_ERROR_KINDS, 0)
+    for (kind, route, _, _), n in aggregator.events.items():
+        if kind == TelemetryKind.PROTOCOL_ERROR:
+            name = route if route in by_kind else "other"
+            by_kind[name] += n
+    return _family(
+        "pulsecal_http_protocol_errors",
+        "counter",
+        "Requests the service refused below its routes, by kind: a head its HTTP parser"
+        " refused, a body whose framing or encoding broke, a head or body that came too slowly.",
+        *((label_text((("kind", k),)), n) for k, n in sorted(by_kind.items())),
+    )
+
+
 WORKER_PROGRAM = "pulsecal-worker"
 ALERT_RULES = ("hr_high", "hr_low", "spo2_low", "silence")
 
@@ -116,8 +140,11 @@ def _worker_counters(aggregator: Aggregator) -> Iterator[Family]:
     analyses = {"completed": 0, "failed": 0, "skipped": 0}
     dead: dict[str, int] = {}
     persisted: dict[int, int] = {}
+    late = 0
     for (kind, route, method, status), n in aggregator.events.items():
-        if kind == TelemetryKind.ALERT:
+        if kind == TelemetryKind.ALERT and method == "late":
+            late += n
+        elif kind == TelemetryKind.ALERT:
             into = opened if method == "open" else cleared
             into[route] = into.get(route, 0) + n
         elif kind == TelemetryKind.ANALYSIS:
@@ -138,6 +165,12 @@ def _worker_counters(aggregator: Aggregator) -> Iterator[Family]:
         "counter",
         "Alerts cleared by the worker, by rule.",
         *((label_text((("rule", rule),)), n) for rule, n in sorted(cleared.items())),
+    )
+    yield _family(
+        "pulsecal_alert_late_readings",
+        "counter",
+        "Readings stored after their device's lateness bound: not evaluated by the vital rules.",
+        ("", late),
     )
     yield _family(
         "ai_analysis_completed", "counter", "AI analyses completed.", ("", analyses["completed"])

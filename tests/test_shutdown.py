@@ -23,6 +23,7 @@ from aiohttp import (
     ClientWebSocketResponse,
     WSCloseCode,
     WSMsgType,
+    web,
 )
 from redis.asyncio import Redis
 
@@ -352,3 +353,105 @@ async def test_request_whose_body_is_still_arriving_at_sigterm_gets_an_answer(
 
     # Taken (and stored) or refused with a retry hint: either is an answer the device can act on.
     assert (status, stored) in [(202, Counter({(device.device_id, 3): 1})), (503, Counter())]
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request of a device on its keep-alive connection, and what became of it."""
+
+    started: float
+    status: int | None
+    connection: str  # the answer's Connection header
+    error: type[BaseException] | None = None
+
+
+async def post_until_refused(
+    session: ClientSession, url: str, device: Device, exchanges: list[Exchange]
+) -> None:
+    """Batch after batch, each sent as soon as the previous one is answered, until the
+    service refuses the connection or fails to answer."""
+    seq = 0
+    while True:
+        started = time.monotonic()
+        try:
+            async with session.post(
+                f"{url}{PPG_ROUTE}",
+                data=msgspec.json.encode(device.batch(seq)),
+                headers=device.headers,
+            ) as response:
+                await response.read()
+                exchanges.append(
+                    Exchange(started, response.status, response.headers.get("Connection", ""))
+                )
+        except ClientError as e:
+            exchanges.append(Exchange(started, None, "", type(e)))
+            return
+        seq += 1
+
+
+async def test_sigterm_under_keep_alive_load_answers_every_request_it_received(
+    start_service: StartService, make_device: DeviceFactory
+) -> None:
+    devices = [await make_device() for _ in range(20)]
+    service = await start_service(REDIS_URL)
+    exchanges: dict[str, list[Exchange]] = {device.device_id: [] for device in devices}
+
+    async with ClientSession(timeout=ClientTimeout(total=15)) as session:
+        async with asyncio.TaskGroup() as load:
+            for device in devices:
+                load.create_task(
+                    post_until_refused(session, service.url, device, exchanges[device.device_id])
+                )
+            async with asyncio.timeout(10):
+                while sum(map(len, exchanges.values())) < 400:
+                    await asyncio.sleep(0.01)
+            service.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
+        async with asyncio.timeout(EXIT_DEADLINE):
+            exit_code = await service.exited()
+
+    every = [e for device_exchanges in exchanges.values() for e in device_exchanges]
+    assert exit_code == 0
+    # Nothing sent on an open connection went unanswered: the only failure is a new
+    # connection refused once the service stopped accepting.
+    assert {e.error for e in every if e.status is None} == {ClientConnectorError}
+    assert [e for e in every if e.started < signalled_at and e.status not in (202, 503)] == []
+    # Each device was told, on the last answer it got, that the connection would close.
+    last_answers = [[e for e in ex if e.status is not None][-1] for ex in exchanges.values()]
+    assert [e.connection.lower() for e in last_answers] == ["close"] * len(devices)
+    assert service.logged_errors() == []
+
+
+async def test_a_device_answering_the_close_frame_late_still_gets_a_clean_1001(
+    start_service: StartService, make_device: DeviceFactory
+) -> None:
+    device = await make_device()
+    service = await start_service(REDIS_URL, WS_HANDSHAKE_TIMEOUT="5")
+    headers = {"Authorization": device.headers["Authorization"]}
+
+    async with ClientSession(timeout=ClientTimeout(total=15)) as session:
+        ws = await session.ws_connect(
+            f"{service.url}/ingestion/ws", headers=headers, autoclose=False
+        )
+        await ws.send_str(msgspec.json.encode(device.batch(1)).decode())
+        assert (await ws.receive(timeout=5)).json() == {"ack": 1}
+        service.send_signal(signal.SIGTERM)
+        close = await ws.receive(timeout=10)
+        await asyncio.sleep(0.5)  # a device on a slow link answers the close
+        running_at_reply = service.returncode is None
+        await ws.close()
+        async with asyncio.timeout(EXIT_DEADLINE):
+            exit_code = await service.exited()
+
+    assert (close.type, close.data) == (WSMsgType.CLOSE, WSCloseCode.GOING_AWAY)
+    assert running_at_reply
+    # Had the service closed the connection first, the reply would have failed: 1006.
+    assert ws.close_code == WSCloseCode.GOING_AWAY
+    assert exit_code == 0
+    assert service.logged_errors() == []
+
+
+def test_the_aiohttp_internals_the_closing_handshake_relies_on_are_there() -> None:
+    """service/keepalive.py names them; this fails first when an aiohttp upgrade moves one."""
+    assert "_writer" in web.WebSocketResponse.__annotations__
+    assert callable(web.WebSocketResponse._set_closed)

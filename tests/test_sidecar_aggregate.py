@@ -8,7 +8,7 @@ from prometheus_client.openmetrics.parser import (
 )
 
 from shared.health import CheckResult
-from shared.telemetry import Kind, Record, TelemetryBatch
+from shared.telemetry import PROTOCOL_ERROR_KINDS, Kind, Record, TelemetryBatch
 from sidecar.aggregate import (
     DURATION_BUCKETS_S,
     OVERFLOW,
@@ -17,7 +17,7 @@ from sidecar.aggregate import (
     percentile_from_buckets,
 )
 from sidecar.exposition import Family, Histogram, label_text, render, wants_openmetrics
-from sidecar.metrics import business_families, health_families
+from sidecar.metrics import business_families, health_families, protocol_error_family
 
 from .sidecar_support import PROMTOOL_BIN, http_record, series_values
 
@@ -112,7 +112,7 @@ def test_websocket_events_are_counted_by_kind() -> None:
                 (Kind.WS_MESSAGE, ws, "WS", 422, 50, 30, 0, None),
                 (Kind.WS_CLOSE, ws, "GET", 1001, 0, 0, 0, None),
                 (Kind.WS_CLOSE, ws, "GET", 77, 0, 0, 0, None),
-                (9, ws, "GET", 0, 0, 0, 0, None),
+                (max(Kind) + 1, ws, "GET", 0, 0, 0, 0, None),
             ]
         )
     )
@@ -174,6 +174,36 @@ def test_rate_limit_verdicts_are_counted_by_policy_route_and_mode_and_survive_a_
         in text
     )
     assert 'rate_limit_rejections_total{policy="api",route="unmatched",mode="shadow"} 1' in text
+
+
+def test_protocol_errors_are_counted_by_a_bounded_kind_and_survive_a_restart() -> None:
+    aggregator = Aggregator(max_series=100)
+    aggregator.add_batch(
+        batch(
+            [
+                (Kind.PROTOCOL_ERROR, "bad_header", "", 400, 0, 0, 0, None),
+                (Kind.PROTOCOL_ERROR, "bad_header", "", 400, 0, 0, 0, None),
+                (Kind.PROTOCOL_ERROR, "header_timeout", "", 408, 0, 0, 0, None),
+                (Kind.PROTOCOL_ERROR, "a kind from a newer service", "", 400, 0, 0, 0, None),
+            ]
+        )
+    )
+
+    restored = Aggregator.from_bytes(aggregator.to_bytes(), max_series=100)
+    counts = {
+        dict(labels)["kind"]: value
+        for (name, labels), value in series_values(
+            render([protocol_error_family(restored)], openmetrics=False).decode()
+        ).items()
+        if name == "pulsecal_http_protocol_errors_total"
+    }
+
+    assert counts == {
+        **dict.fromkeys(PROTOCOL_ERROR_KINDS, 0),
+        "bad_header": 2,
+        "header_timeout": 1,
+        "other": 1,
+    }
 
 
 def test_the_saved_state_restores_every_total_and_the_position() -> None:
