@@ -1,13 +1,17 @@
-"""Kubernetes probes and the full health report, all served from cached results."""
+"""Kubernetes probes and the full health report, all served from cached results.
+
+Anyone gets each probe's status; the operator its details (``shared/access.py``).
+"""
 
 import os
 import time
 
 from aiohttp import web
 
-from shared.health import CheckResult, health_response, now_result, startup_results
+from shared.access import health_reply
+from shared.health import CheckResult, now_result, startup_results
 
-from .appkeys import CHECKER, INGEST
+from .appkeys import CHECKER, INGEST, SETTINGS
 
 __all__ = ("health", "liveness", "readiness", "startup")
 
@@ -15,7 +19,7 @@ _SERVICE_ID = "pulsecal-api"
 
 
 def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Response:
-    return health_response(request, results, service_id=_SERVICE_ID)
+    return health_reply(request, results, settings=request.app[SETTINGS], service_id=_SERVICE_ID)
 
 
 async def liveness(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from shared.health import HealthChecker
+from shared.httpserver import server_header
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
@@ -34,7 +35,7 @@ from .appkeys import (
     TRACING,
 )
 from .consumer import TelemetryConsumer
-from .dashboard import dashboard, dashboard_live
+from .dashboard import dashboard, dashboard_live, sign_in
 from .health import HeartbeatWatch, PostgresProbe, health, health_checks, liveness, static_details
 from .metrics import MetricsView, metrics_handler
 
@@ -153,12 +154,14 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.App
         undefined=jinja2.StrictUndefined,
     )
     app.cleanup_ctx.extend([app[TRACING].export_ctx, _redis, _postgres, _http_client, _health])
+    app.on_response_prepare.append(server_header)
     router = app.router
     if settings.metrics_enabled:
         app.cleanup_ctx.append(_telemetry)
         router.add_get("/metrics", metrics_handler)
     router.add_get("/", dashboard)
     router.add_get("/dashboard/live", dashboard_live)
+    router.add_post("/signin", sign_in)
     router.add_get("/health", health)
     router.add_get("/health/liveness", liveness)
     router.add_static("/static", _HERE / "static", append_version=False)

@@ -3,6 +3,11 @@
 ``/`` is the whole page; ``/dashboard/live`` is the part that changes, which the page's
 script fetches every few seconds and swaps in (no reload, nothing loaded from elsewhere).
 Charts are SVG paths computed here from the aggregator's 10-second window.
+
+Both are the operator's (``shared/access.py``): without the operator token (as a bearer
+token, or as the cookie ``/signin`` sets from a form) ``/`` answers 401 with the sign-in
+form, ``/dashboard/live`` a bare 401; with no token configured, only
+``ENVIRONMENT=development`` shows them (403 otherwise).
 """
 
 import time
@@ -13,13 +18,14 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
+from shared.access import COOKIE, cookie_value, is_operator, operator_token, token_matches
 from shared.health import CheckResult
 from shared.version import build_version
 
 from .aggregate import WINDOW_SECONDS, Aggregator, WindowPoint
 from .appkeys import CHECKER, CONSUMER, HEARTBEAT, SETTINGS
 
-__all__ = ("Chart", "Component", "dashboard", "dashboard_live", "live_context")
+__all__ = ("Chart", "Component", "dashboard", "dashboard_live", "live_context", "sign_in")
 
 REFRESH_SECONDS = 3
 _RECENT_BUCKETS = 6  # the headline figures: the last minute
@@ -255,12 +261,46 @@ def live_context(app: web.Application) -> dict[str, Any]:
     }
 
 
+def _sign_in_page(request: web.Request, *, wrong: bool = False) -> web.Response:
+    """401 with the sign-in form, or 403 saying a token must be configured first."""
+    configured = operator_token(request.app[SETTINGS]) is not None
+    response = aiohttp_jinja2.render_template(
+        "signin.html",
+        request,
+        {"configured": configured, "wrong": wrong},
+        status=401 if configured else 403,
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 @aiohttp_jinja2.template("index.html")
-async def dashboard(request: web.Request) -> dict[str, Any]:
+async def dashboard(request: web.Request) -> dict[str, Any] | web.StreamResponse:
+    if not is_operator(request, request.app[SETTINGS]):
+        return _sign_in_page(request)
     return live_context(request.app)
 
 
 async def dashboard_live(request: web.Request) -> web.Response:
+    if not is_operator(request, request.app[SETTINGS]):
+        return web.Response(
+            status=401, text="sign in again\n", headers={"Cache-Control": "no-store"}
+        )
     response = aiohttp_jinja2.render_template("live.html", request, live_context(request.app))
     response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def sign_in(request: web.Request) -> web.StreamResponse:
+    """``POST /signin``: the operator token from the form; right, a session cookie derived
+    from it (HttpOnly, SameSite=Strict) and back to ``/``; wrong, the form again."""
+    token = operator_token(request.app[SETTINGS])
+    if token is None:
+        return _sign_in_page(request)
+    form = await request.post()
+    given = form.get("token")
+    if not isinstance(given, str) or not token_matches(given.strip(), token):
+        return _sign_in_page(request, wrong=True)
+    response = web.Response(status=303, headers={"Location": "/"})
+    response.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="Strict", path="/")
     return response

@@ -2,6 +2,7 @@
 
 Every check runs in the background ``HealthChecker`` (``shared/health.py``), bounded by
 ``HEALTH_CHECK_TIMEOUT``; ``/health`` and the dashboard only read the cached results.
+Anyone gets the verdict; the operator the details (``shared/access.py``).
 """
 
 import os
@@ -16,20 +17,20 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.access import health_reply
 from shared.health import (
     Check,
     CheckFailedError,
     CheckResult,
     ai_services_check,
     disk_check,
-    health_response,
     now_result,
     redis_check,
 )
 from shared.settings import Settings
 from shared.telemetry import Heartbeat, decode_heartbeat
 
-from .appkeys import CHECKER, STARTED_AT
+from .appkeys import CHECKER, SETTINGS, STARTED_AT
 from .process import own_process
 
 __all__ = (
@@ -201,7 +202,7 @@ def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def _respond(request: web.Request, results: Mapping[str, CheckResult]) -> web.Response:
-    return health_response(request, results, service_id=SERVICE_ID)
+    return health_reply(request, results, settings=request.app[SETTINGS], service_id=SERVICE_ID)
 
 
 async def liveness(request: web.Request) -> web.Response:

@@ -4,10 +4,13 @@ import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from shared.access import COOKIE
+from shared.httpserver import SERVER
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.telemetry import BATCH_FIELD, encode_heartbeat
@@ -21,6 +24,16 @@ from .sidecar_support import heartbeat, http_record, promtool_check, total, xadd
 
 Client = TestClient[web.Request, web.Application]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+OPERATOR = "operator-token-for-tests"
+AS_OPERATOR = {"Authorization": f"Bearer {OPERATOR}"}
+
+
+@pytest.fixture
+def sidecar_settings(sidecar_settings: Settings) -> Settings:
+    """A production sidecar whose operator holds ``OPERATOR``."""
+    return dataclasses.replace(
+        sidecar_settings, environment="production", health_detail_token=OPERATOR
+    )
 
 
 async def eventually(
@@ -245,8 +258,8 @@ async def test_metrics_disabled_means_no_endpoint_and_no_consumption(
     await asyncio.sleep(0.3)
 
     metrics = await sidecar.get("/metrics")
-    health = await sidecar.get("/health")
-    page = await sidecar.get("/")
+    health = await sidecar.get("/health", headers=AS_OPERATOR)
+    page = await sidecar.get("/", headers=AS_OPERATOR)
 
     assert metrics.status == 404
     assert "service" in (await health.json())["details"]
@@ -295,7 +308,7 @@ async def test_the_full_exposition_passes_promtool(
 
 
 async def results(sidecar: Client) -> tuple[int, dict[str, dict[str, object]]]:
-    response = await sidecar.get("/health")
+    response = await sidecar.get("/health", headers=AS_OPERATOR)
     body = await response.json()
     return response.status, body["details"]
 
@@ -358,7 +371,7 @@ async def test_health_reports_postgres_down_when_it_cannot_be_reached(
 
     await eventually(lambda: checked_once(sidecar))
     await eventually(service_up)
-    response = await sidecar.get("/health")
+    response = await sidecar.get("/health", headers=AS_OPERATOR)
     body = await response.json()
 
     assert response.status == 503
@@ -374,7 +387,9 @@ async def test_health_json_is_served_when_asked_for(
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
 
-    response = await sidecar.get("/health", headers={"Accept": "application/health+json"})
+    response = await sidecar.get(
+        "/health", headers={"Accept": "application/health+json", **AS_OPERATOR}
+    )
     body = await response.json(content_type=None)
 
     assert response.headers["Content-Type"].startswith("application/health+json")
@@ -390,7 +405,7 @@ async def test_without_redis_the_dashboard_says_so_and_liveness_still_passes(
     )
 
     await eventually(lambda: checked_once(sidecar))
-    page = await (await sidecar.get("/dashboard/live")).text()
+    page = await (await sidecar.get("/dashboard/live", headers=AS_OPERATOR)).text()
     metrics = await sidecar.get("/metrics")
 
     assert 'data-degraded="redis"' in page
@@ -405,7 +420,90 @@ async def test_the_dashboard_escapes_what_it_shows(
     settings = dataclasses.replace(sidecar_settings, pod_name="<script>alert(1)</script>")
     sidecar = await aiohttp_client(create_app(settings))
 
-    page = await (await sidecar.get("/")).text()
+    page = await (await sidecar.get("/", headers=AS_OPERATOR)).text()
 
     assert "<script>alert(1)" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+async def test_the_dashboard_is_the_operator_s(
+    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+) -> None:
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+
+    page = await sidecar.get("/")
+    live = await sidecar.get("/dashboard/live")
+    wrong = await sidecar.post("/signin", data={"token": "not-it"})
+    bearer = await sidecar.get("/", headers=AS_OPERATOR)
+
+    assert page.status == 401
+    assert 'action="/signin"' in await page.text()
+    assert live.status == 401
+    assert wrong.status == 401
+    assert "not the token" in await wrong.text()
+    assert bearer.status == 200
+    assert 'data-component="redis"' in await bearer.text()
+
+
+async def test_signing_in_sets_a_cookie_that_opens_the_dashboard_but_not_the_metrics(
+    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+) -> None:
+    settings = dataclasses.replace(sidecar_settings, metrics_token=OPERATOR)
+    sidecar = await aiohttp_client(create_app(settings))
+
+    signed_in = await sidecar.post("/signin", data={"token": OPERATOR}, allow_redirects=False)
+    cookie = signed_in.cookies[COOKIE]
+    page = await sidecar.get("/")
+    live = await sidecar.get("/dashboard/live")
+    health = await sidecar.get("/health")
+    metrics = await sidecar.get("/metrics")
+
+    assert (signed_in.status, signed_in.headers["Location"]) == (303, "/")
+    assert cookie["httponly"]
+    assert cookie["samesite"] == "Strict"
+    assert OPERATOR not in cookie.value
+    assert (page.status, live.status) == (200, 200)
+    assert "details" in await health.json()
+    assert metrics.status == 401  # the cookie is the dashboard's, the scrape needs the token
+
+
+@pytest.mark.parametrize(("environment", "status"), [("development", 200), ("production", 403)])
+async def test_without_any_token_the_dashboard_opens_only_in_development(
+    aiohttp_client: AiohttpClient, sidecar_settings: Settings, environment: str, status: int
+) -> None:
+    untokened = dataclasses.replace(
+        sidecar_settings, environment=environment, health_detail_token=None, metrics_token=None
+    )
+    sidecar = await aiohttp_client(create_app(untokened))
+
+    page = await sidecar.get("/")
+    health = await (await sidecar.get("/health")).json()
+
+    assert page.status == status
+    assert ("details" in health) is (environment == "development")
+
+
+async def test_sidecar_health_answers_anyone_its_status_alone(
+    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+) -> None:
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+    await eventually(lambda: checked_once(sidecar))
+
+    health = await sidecar.get("/health")
+    liveness = await sidecar.get("/health/liveness")
+
+    assert set(await health.json()) == {"status"}
+    assert (liveness.status, await liveness.json()) == (200, {"status": "ok"})
+
+
+async def test_no_sidecar_answer_names_the_server_s_versions(
+    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+) -> None:
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+
+    answers = [
+        await sidecar.get(path)
+        for path in ("/", "/health", "/health/liveness", "/metrics", "/static/dashboard.css", "/no")
+    ]
+
+    assert [a.headers.get("Server") for a in answers] == [SERVER] * len(answers)

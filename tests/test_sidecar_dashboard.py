@@ -1,4 +1,5 @@
-"""The dashboard as a person sees it: rendered by headless Chromium (Debian's, via Playwright).
+"""The dashboard as a person sees it: rendered by headless Chromium (Debian's, via Playwright),
+after signing in with the operator token through its form.
 
 The screenshot is kept as ``tests/artifacts/sidecar-dashboard.png`` (gitignored).
 """
@@ -24,6 +25,7 @@ from .sidecar_support import CHROMIUM_BIN, http_record, xadd_batch
 
 Client = TestClient[web.Request, web.Application]
 ARTIFACTS = Path(__file__).parent / "artifacts"
+OPERATOR = "operator-token-for-tests"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -62,7 +64,14 @@ async def test_the_dashboard_shows_each_component_including_a_failed_one(
         await client.post("/ingestion/ppg", json=device.batch(seq), headers=device.headers)
     closed_postgres = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     sidecar = await aiohttp_client(
-        create_app(dataclasses.replace(sidecar_settings, database_url=closed_postgres))
+        create_app(
+            dataclasses.replace(
+                sidecar_settings,
+                database_url=closed_postgres,
+                environment="production",
+                health_detail_token=OPERATOR,
+            )
+        )
     )
     async with asyncio.timeout(5):
         while not all(r.checked_at > 0 for r in sidecar.app[CHECKER].results.values()):
@@ -73,7 +82,12 @@ async def test_the_dashboard_shows_each_component_including_a_failed_one(
         browser = await playwright.chromium.launch(executable_path=CHROMIUM_BIN, args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page(viewport={"width": 1360, "height": 900})
-            await page.goto(str(sidecar.make_url("/")))
+            signin = await page.goto(str(sidecar.make_url("/")))
+            assert signin is not None
+            signin_status = signin.status
+            await page.fill("#token", OPERATOR)
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("#live")
             # The live part replaces itself in place: wait for one refresh, no reload.
             await page.wait_for_function(
                 "Number(document.getElementById('live').dataset.refreshes) >= 1",
@@ -91,6 +105,7 @@ async def test_the_dashboard_shows_each_component_including_a_failed_one(
         finally:
             await browser.close()
 
+    assert signin_status == 401
     statuses = {name: status for name, status, _ in cards}
     texts = {name: text for name, _, text in cards}
     assert statuses == {

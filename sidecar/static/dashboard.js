@@ -13,6 +13,10 @@
     }
     try {
       const response = await fetch(live.dataset.src, { cache: "no-store" });
+      if (response.status === 401) {
+        location.reload(); // signed out (a new token, say): the page asks to sign in again
+        return;
+      }
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       live.innerHTML = await response.text();
       refreshes += 1;
