@@ -320,10 +320,22 @@ class RateLimiter:
 
 
 class TrustedProxies:
-    """Who the client is: the peer, or what a trusted proxy in front of us says it is."""
+    """Who the client is: the peer, or what the trusted proxies in front of us say it is.
 
-    def __init__(self, networks: Sequence[IpNetwork]) -> None:
+    Only the one header the proxies are configured to write (``X-Forwarded-For`` or
+    ``Forwarded``, ``TRUSTED_PROXY_HEADER``) is read; the other is the client's own and
+    ignored. Each proxy appends the address it received the request from, so the header is
+    walked from the right past the proxies we trust: the first other address is the client.
+    Everything left of it was written by the client and proves nothing. When no address is
+    left, or the nearest one is not an IP address (``unknown``, an obfuscated name), the peer
+    is the client's identity.
+    """
+
+    def __init__(self, networks: Sequence[IpNetwork], *, header: str = "x-forwarded-for") -> None:
+        if header not in ("x-forwarded-for", "forwarded"):
+            raise ValueError(f"unknown proxy header {header!r}")
         self._networks = tuple(networks)
+        self._forwarded = header == "forwarded"
 
     def trusts(self, address: str) -> bool:
         try:
@@ -338,26 +350,28 @@ class TrustedProxies:
         address = peer[0] if isinstance(peer, tuple) and peer else "unknown"
         if not self._networks or not self.trusts(address):
             return address
-        # Walk the chain from the nearest hop; the first address we do not trust is the client.
-        for hop in reversed(self._forwarded_chain(request)):
+        for hop in reversed(self._hops(request)):
             if not self.trusts(hop):
-                return hop
+                return hop or address
         return address
 
-    @staticmethod
-    def _forwarded_chain(request: web.BaseRequest) -> list[str]:
-        chain: list[str] = []
-        forwarded = request.headers.get("Forwarded")
-        if forwarded is not None:
-            for element in forwarded.split(","):
+    def _hops(self, request: web.BaseRequest) -> list[str]:
+        """The addresses in the configured header, nearest last; ``""`` for one that is not
+        an address. Repeated header lines count as one list, in their order."""
+        if not self._forwarded:
+            return [
+                _bare_address(hop)
+                for line in request.headers.getall("X-Forwarded-For", ())
+                for hop in line.split(",")
+            ]
+        hops: list[str] = []
+        for line in request.headers.getall("Forwarded", ()):
+            for element in line.split(","):
                 for pair in element.split(";"):
                     name, _, value = pair.strip().partition("=")
                     if name.lower() == "for":
-                        chain.append(_bare_address(value))
-            return [hop for hop in chain if hop]
-        for value in request.headers.getall("X-Forwarded-For", ()):
-            chain += [_bare_address(hop) for hop in value.split(",")]
-        return [hop for hop in chain if hop]
+                        hops.append(_bare_address(value))
+        return hops
 
 
 def _bare_address(value: str) -> str:

@@ -226,6 +226,10 @@ class Settings:
     rate_limit_fail_mode: str = _env("RATE_LIMIT_FAIL_MODE", "open", _choice("open", "closed"))
     rate_limit_ws_close_after: int = _env("RATE_LIMIT_WS_CLOSE_AFTER", 20, _int_in(1, 1_000_000))
     trusted_proxies: tuple[IpNetwork, ...] = _env("TRUSTED_PROXIES", (), _networks)
+    # The one header the trusted proxies write (docs/proxies.md); the other is ignored.
+    trusted_proxy_header: str = _env(
+        "TRUSTED_PROXY_HEADER", "x-forwarded-for", _choice("x-forwarded-for", "forwarded")
+    )
 
     # Health checks: the timeout is in milliseconds, as in the original system.
     health_check_timeout_ms: int = _env("HEALTH_CHECK_TIMEOUT", 5000, _int_in(10, 120_000))
@@ -265,6 +269,7 @@ class Settings:
     alert_spo2_low: float = _env("ALERT_SPO2_LOW", 90.0, _float_in(0, 100))
     alert_spo2_duration: float = _env("ALERT_SPO2_DURATION", 30.0, _float_in(0, 86_400))
     alert_max_gap: float = _env("ALERT_MAX_GAP", 10.0, _float_in(0, 3600))
+    alert_lateness: float = _env("ALERT_LATENESS", 5.0, _float_in(0, 3600))
     alert_silence_after: float = _env("ALERT_SILENCE_AFTER", 120.0, _float_in(0, 30 * 86_400))
     analysis_window: float = _env("ANALYSIS_WINDOW", 30.0, _float_in(1, 3600))
     analysis_grace: float = _env("ANALYSIS_GRACE", 2.0, _float_in(0, 600))

@@ -14,11 +14,13 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiohttp import ClientSession, WSMsgType, web
+from aiohttp import ClientSession, TCPConnector, WSMsgType, web
 from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
@@ -34,7 +36,7 @@ from service.ratelimit import (
     rate_limit_lines,
 )
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError, load_settings
 from shared.telemetry import Kind
 
 from .conftest import REDIS_URL, AiohttpClient, Device, DeviceFactory
@@ -215,12 +217,127 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(
         for _ in range(4)
     ]
     other_client = (
-        await trusted.get("/nowhere", headers={"Forwarded": 'for="198.51.100.8"'})
+        await trusted.get("/nowhere", headers={"X-Forwarded-For": "198.51.100.8"})
     ).status
 
     assert spoofed == [404, 404, 404, 429]
     assert one_client == [404, 404, 404, 429]
     assert other_client == 404
+
+
+@pytest.mark.parametrize(
+    ("setting", "lines"),
+    [
+        # The nearest address is not one: the client's own addresses left of it prove nothing.
+        ("x-forwarded-for", [("X-Forwarded-For", "203.0.113.{i}, unknown")]),
+        ("forwarded", [("Forwarded", 'for=203.0.113.{i}, for="_hidden"')]),
+        # A proxy that adds a header line of its own: the lines are one list, in order.
+        ("forwarded", [("Forwarded", "for=203.0.113.{i}"), ("Forwarded", "for=198.51.100.7")]),
+        ("x-forwarded-for", [("X-Forwarded-For", "203.0.113.{i}"), ("X-Forwarded-For", "")]),
+    ],
+)
+async def test_addresses_left_of_the_nearest_untrusted_hop_never_count(
+    aiohttp_client: AiohttpClient, limited: Settings, setting: str, lines: list[tuple[str, str]]
+) -> None:
+    configured = replace(
+        limited,
+        trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+        trusted_proxy_header=setting,
+    )
+    client = await aiohttp_client(create_app(configured))
+
+    statuses = []
+    for i in range(5):
+        headers = CIMultiDict((name, value.format(i=i)) for name, value in lines)
+        statuses.append((await client.get("/nowhere", headers=headers)).status)
+
+    assert statuses == [404, 404, 404, 429, 429]
+
+
+# Behind a real reverse proxy: the service trusts only the proxy's address (127.0.0.2, the
+# address it connects from); clients reach the proxy from other loopback addresses.
+PROXY_ADDRESS = "127.0.0.2"
+PROXY_SESSION = web.AppKey("proxy_session", ClientSession)
+
+
+def _proxy_app(upstream: str, header: str) -> web.Application:
+    """A reverse proxy that appends the address each request came from to ``header`` (as
+    nginx's ``$proxy_add_x_forwarded_for`` does) and passes every other header through."""
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = request.headers.copy()
+        for name in ("Host", "Content-Length", "Transfer-Encoding"):
+            headers.popall(name, None)
+        sent = ", ".join(headers.popall(header, ()))
+        hop = request.remote or ""
+        hop = f'for="{hop}"' if header == "Forwarded" else hop
+        headers[header] = f"{sent}, {hop}" if sent else hop
+        async with request.app[PROXY_SESSION].request(
+            request.method, upstream + request.path_qs, headers=headers, data=await request.read()
+        ) as response:
+            body = await response.read()
+            passed = {k: v for k, v in response.headers.items() if k.startswith(("X-", "Rate"))}
+            return web.Response(status=response.status, body=body, headers=passed)
+
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        connector = TCPConnector(local_addr=(PROXY_ADDRESS, 0))
+        async with ClientSession(connector=connector) as client:
+            app[PROXY_SESSION] = client
+            yield
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", forward)
+    app.cleanup_ctx.append(session)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("proxy_header", "setting", "client_header"),
+    [
+        ("X-Forwarded-For", "x-forwarded-for", "Forwarded"),
+        ("Forwarded", "forwarded", "X-Forwarded-For"),
+    ],
+)
+async def test_behind_a_trusted_proxy_a_client_cannot_pick_its_own_identity(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    limited: Settings,
+    proxy_header: str,
+    setting: str,
+    client_header: str,
+) -> None:
+    """Whatever the client writes in either header, per request, it gets the one budget of
+    the address the proxy saw; another client behind the same proxy gets its own."""
+    configured = replace(
+        limited,
+        trusted_proxies=(ipaddress.ip_network(f"{PROXY_ADDRESS}/32"),),
+        trusted_proxy_header=setting,
+    )
+    service = await aiohttp_client(create_app(configured))
+    proxy = await aiohttp_server(_proxy_app(str(service.make_url("")), proxy_header))
+
+    async def statuses(client_address: str, requests: int) -> list[int]:
+        connector = TCPConnector(local_addr=(client_address, 0))
+        async with ClientSession(connector=connector) as session:
+            seen = []
+            for i in range(requests):
+                spoofed = {
+                    client_header: f"for=203.0.113.{i}"
+                    if client_header == "Forwarded"
+                    else f"203.0.113.{i}",
+                    proxy_header: f"for=198.51.100.{i}"
+                    if proxy_header == "Forwarded"
+                    else f"198.51.100.{i}",
+                }
+                async with session.get(proxy.make_url("/nowhere"), headers=spoofed) as response:
+                    seen.append(response.status)
+            return seen
+
+    first = await statuses("127.0.0.1", 8)
+    second = await statuses("127.0.0.3", 2)
+
+    assert first == [404] * 3 + [429] * 5
+    assert second == [404, 404]
 
 
 async def test_shadow_mode_counts_but_lets_through(
@@ -423,3 +540,10 @@ async def test_fail_closed_refuses_while_redis_is_away(
     assert before == 404
     assert during.status == 503
     assert "Retry-After" in during.headers
+
+
+def test_the_proxy_header_is_one_of_two_and_named_when_wrong() -> None:
+    assert load_settings({}).trusted_proxy_header == "x-forwarded-for"
+    assert load_settings({"TRUSTED_PROXY_HEADER": "Forwarded"}).trusted_proxy_header == "forwarded"
+    with pytest.raises(SettingsError, match="TRUSTED_PROXY_HEADER='x-real-ip': expected one of"):
+        load_settings({"TRUSTED_PROXY_HEADER": "x-real-ip"})
