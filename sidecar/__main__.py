@@ -35,6 +35,7 @@ ENV_VARS = {
     "AI_SERVICE_URL": "analysis service, checked by /health when set",
     "METRICS_ENABLED": "serve /metrics (404 and nothing read when false)",
     "METRICS_TOKEN": "when set, /metrics wants Authorization: Bearer <token>",
+    "HEALTH_DETAIL_TOKEN": "sees /health details and the dashboard (default: METRICS_TOKEN)",
     **LOGGING_ENV,
     **TRACING_ENV,
 }
