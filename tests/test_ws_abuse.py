@@ -219,6 +219,15 @@ async def test_invalid_utf8_split_across_fragments_closes_with_1007(
     assert await bystander.is_served(1)
 
 
+async def test_a_close_reason_that_is_not_utf8_closes_with_1007(
+    client: Client, device: Device, bystander: Bystander
+) -> None:
+    code = await _close_code(client, device, frame(CLOSE, struct.pack("!H", 1000) + b"\xff"))
+
+    assert code == WSCloseCode.INVALID_TEXT
+    assert await bystander.is_served(1)
+
+
 async def test_a_fragmented_batch_is_reassembled_and_acked(client: Client, device: Device) -> None:
     body = msgspec.json.encode(device.batch(1))
     async with await _open(client, device) as socket:
@@ -245,6 +254,9 @@ async def test_a_fragmented_batch_is_reassembled_and_acked(client: Client, devic
         pytest.param([frame(PING, b"x", fin=False)], id="fragmented-ping"),
         pytest.param([frame(PING, b"x" * 126)], id="ping-over-125-bytes"),
         pytest.param([frame(0x3, b"{}")], id="reserved-opcode"),
+        pytest.param([frame(CLOSE, struct.pack("!H", 999))], id="close-code-out-of-range"),
+        pytest.param([frame(CLOSE, struct.pack("!H", 1005))], id="close-code-reserved"),
+        pytest.param([frame(CLOSE, b"\x03")], id="close-payload-of-one-byte"),
         pytest.param([b"\xc1\x82\x00\x00\x00\x00{}"], id="rsv1-not-negotiated"),
     ],
 )
