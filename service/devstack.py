@@ -610,6 +610,9 @@ async def _up(stack: _Stack, settings: Settings, options: _Options) -> int:
         busy, port = port, _free_port()
         stack.say(f"port {busy} is busy; the service will listen on {port}")
     env = {**base_env, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "PORT": str(port)}
+    # A local stack is a development one: the dashboard and /health show their details without
+    # an operator token (docs/health.md) unless the caller says otherwise.
+    env.setdefault("ENVIRONMENT", "development")
 
     await _admin(bin_dir, env, "db", "upgrade")
     devices_file = stack.run_dir / "devices.json"
