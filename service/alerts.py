@@ -1,12 +1,16 @@
 """Alert rules on the vitals and on silence; at most one open alert per device and rule.
 
-Vital rules (``hr_high``, ``hr_low``, ``spo2_low``) are evaluated by the persist worker inside
-the transaction that stores the readings they are based on, so a redelivered group evaluates
-them again and the partial unique index ``alerts_open (device_id, rule) WHERE cleared_at IS
-NULL`` makes that idempotent, whichever worker does it. A rule opens an alert when the
-device's newest reading breaks the threshold and every reading with that vital over the last
-``duration`` seconds broke it too, with no gap in the data longer than ``ALERT_MAX_GAP``. The
-alert clears at the device's first newer reading back inside the threshold.
+Vital rules (``hr_high``, ``hr_low``, ``spo2_low``): each device's readings run through the
+state machine of ``service.alertrules`` in the device's time, in the persist transaction
+that stores them, with the machine's state (``alert_state``: the newest ``ts``, the
+watermark, the readings not yet evaluated, each rule's run and open alert) loaded and saved
+in that same transaction. Only the readings the transaction inserted are evaluated, so a
+redelivered group (all duplicates) changes nothing, and a worker that restarts resumes
+exactly where the last commit left off. The device status upsert, which runs first in the
+transaction and takes the devices' rows in ``device_id`` order, serialises workers that
+store the same device. Times are the readings' own: ``started_at`` (the run's first
+reading), ``opened_at`` (the reading that made the run long enough), ``cleared_at`` (the
+first reading back within the threshold); ``recorded_at`` is when the worker wrote the row.
 
 The silence rule opens an alert for a registered, unrevoked device that has sent data before
 but nothing for ``ALERT_SILENCE_AFTER`` seconds (by the service's receive time); any new data
@@ -17,7 +21,7 @@ behind does not take its own backlog for silent devices.
 import asyncio
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import psycopg
@@ -27,10 +31,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from shared.settings import Settings
 
+from .alertrules import Clearing, DeviceState, Episode, Reading, RuleRun, VitalRule, advance
+
 __all__ = (
+    "LATE_METHOD",
+    "LATE_ROUTE",
     "SILENCE",
     "AlertChange",
     "AlertEvaluator",
+    "Evaluation",
     "SilenceWatcher",
     "VitalRule",
     "count_open_alerts",
@@ -40,28 +49,13 @@ __all__ = (
 )
 
 SILENCE = "silence"
+# The telemetry record of a reading stored too late for the vital rules (kind ALERT).
+LATE_ROUTE = "vitals"
+LATE_METHOD = "late"
 
 Cursor = psycopg.AsyncCursor[TupleRow]
-
-
-@dataclass(frozen=True, slots=True)
-class VitalRule:
-    name: str
-    metric: Literal["hr", "spo2"]
-    above: bool
-    threshold: float
-    duration: float  # seconds
-
-    def broken_by(self, value: float) -> bool:
-        return value > self.threshold if self.above else value < self.threshold
-
-    def describe(self, value: float | None) -> str:
-        unit = " bpm" if self.metric == "hr" else " %"
-        side = "above" if self.above else "below"
-        shown = "?" if value is None else f"{value:g}{unit}"
-        return (
-            f"{self.metric} {side} {self.threshold:g}{unit} for {self.duration:g} s (now {shown})"
-        )
+# A row the persist transaction inserted: device_id, seq, ts (epoch ms), hr, spo2, ...
+InsertedRow = tuple[Any, ...]
 
 
 def rules_from(settings: Settings) -> tuple[VitalRule, ...]:
@@ -89,83 +83,82 @@ class AlertChange:
             bound.info("alert cleared for {} ({}): {}", self.device_id, self.rule, self.message)
 
 
-# The newest reading of each device in the group being persisted (readings_staging).
-_NEWEST = """
-    SELECT DISTINCT ON (device_id) device_id, ts_ms, received_ms, hr, spo2
-    FROM readings_staging ORDER BY device_id, ts_ms DESC
-"""
+@dataclass(slots=True)
+class Evaluation:
+    """What a persist transaction did to the alerts: report it only once it committed."""
 
-_UPDATE_DEVICE_STATUS = f"""
+    changes: list[AlertChange] = field(default_factory=list)
+    # Readings stored at or below their device's watermark: not evaluated by the rules.
+    late: int = 0
+
+
+_UPDATE_DEVICE_STATUS = """
     INSERT INTO device_status AS s (device_id, last_ts, last_received_at, hr, spo2)
     SELECT device_id, to_timestamp(ts_ms / 1000.0), to_timestamp(received_ms / 1000.0), hr, spo2
-    FROM ({_NEWEST}) n
+    FROM (
+        SELECT DISTINCT ON (device_id) device_id, ts_ms, received_ms, hr, spo2
+        FROM readings_staging ORDER BY device_id, ts_ms DESC
+    ) n
     ON CONFLICT (device_id) DO UPDATE SET
         last_received_at = greatest(s.last_received_at, excluded.last_received_at),
         last_ts = greatest(s.last_ts, excluded.last_ts),
         hr = CASE WHEN excluded.last_ts >= s.last_ts THEN excluded.hr ELSE s.hr END,
         spo2 = CASE WHEN excluded.last_ts >= s.last_ts THEN excluded.spo2 ELSE s.spo2 END
+"""
+
+# A silence alert clears at any data from the device, by the worker's clock.
+_CLEAR_SILENCE = """
+    UPDATE alerts SET cleared_at = now()
+    WHERE rule = 'silence' AND cleared_at IS NULL
+        AND device_id IN (SELECT device_id FROM readings_staging)
+    RETURNING id, device_id
+"""
+
+_LOAD_STATE = """
+    SELECT device_id, newest_ts, evaluated_ts, pending, runs, late
+    FROM alert_state WHERE device_id = ANY(%s)
+"""
+
+# Devices seen for the first time: alerts opened before they had a state (by an older worker).
+_OPEN_VITAL_ALERTS = """
+    SELECT device_id, rule, id FROM alerts
+    WHERE device_id = ANY(%s) AND rule = ANY(%s) AND cleared_at IS NULL
+"""
+
+_STATE_ROWS = """
+    unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::bigint[])
+        AS u(device_id, newest_ts, evaluated_ts, pending, runs, late)
+"""
+_UPDATE_STATE = f"""
+    UPDATE alert_state s SET newest_ts = u.newest_ts, evaluated_ts = u.evaluated_ts,
+        pending = u.pending, runs = u.runs, late = u.late
+    FROM {_STATE_ROWS} WHERE s.device_id = u.device_id
+"""  # noqa: S608 - the interpolated text is a constant of this module, not input
+_INSERT_STATE = f"""
+    INSERT INTO alert_state (device_id, newest_ts, evaluated_ts, pending, runs, late)
+    SELECT * FROM {_STATE_ROWS}
 """  # noqa: S608 - the interpolated text is a constant of this module, not input
 
-# A vital alert clears at the device's newest reading back inside its threshold (the one
-# stored with the alert); a silence alert at any data at all.
-_CLEAR = f"""
-    WITH newest AS ({_NEWEST})
-    UPDATE alerts a SET
-        cleared_at = now(),
-        cleared_value = CASE a.metric WHEN 'hr' THEN n.hr WHEN 'spo2' THEN n.spo2 END
-    FROM newest n JOIN device_status s ON s.device_id = n.device_id
-    WHERE a.cleared_at IS NULL AND a.device_id = n.device_id AND (
-        a.rule = 'silence'
-        OR (
-            to_timestamp(n.ts_ms / 1000.0) >= s.last_ts
-            AND CASE a.metric WHEN 'hr' THEN n.hr WHEN 'spo2' THEN n.spo2 END IS NOT NULL
-            AND NOT CASE WHEN a.above
-                THEN CASE a.metric WHEN 'hr' THEN n.hr ELSE n.spo2 END > a.threshold
-                ELSE CASE a.metric WHEN 'hr' THEN n.hr ELSE n.spo2 END < a.threshold
-            END
-        )
-    )
-    RETURNING a.id, a.device_id, a.rule, a.cleared_value
-"""  # noqa: S608 - the interpolated text is a constant of this module, not input
+_NEW_IDS = "SELECT nextval(pg_get_serial_sequence('alerts', 'id')) FROM generate_series(1, %s)"
 
-# Devices whose newest reading (newest of all stored, not only of this group) breaks a rule
-# that has no open alert yet, with their readings over the rule's duration and the gap.
-# The candidates are materialized first: only they may cost a look at their readings.
-_CANDIDATES = f"""
-    WITH rules (rule, metric, above, threshold, duration_s) AS (
-        SELECT * FROM unnest(
-            %(rule)s::text[], %(metric)s::text[], %(above)s::bool[],
-            %(threshold)s::float8[], %(duration)s::float8[])
-    ), newest AS ({_NEWEST}), candidates AS MATERIALIZED (
-        SELECT n.device_id, to_timestamp(n.ts_ms / 1000.0) AS ts, r.rule, r.metric,
-            r.duration_s
-        FROM newest n
-        JOIN device_status s
-            ON s.device_id = n.device_id AND s.last_ts = to_timestamp(n.ts_ms / 1000.0)
-        CROSS JOIN rules r
-        WHERE CASE WHEN r.above
-                THEN CASE r.metric WHEN 'hr' THEN n.hr ELSE n.spo2 END > r.threshold
-                ELSE CASE r.metric WHEN 'hr' THEN n.hr ELSE n.spo2 END < r.threshold
-            END
-            AND NOT EXISTS (
-                SELECT 1 FROM alerts a
-                WHERE a.device_id = n.device_id AND a.rule = r.rule AND a.cleared_at IS NULL)
-    )
-    SELECT c.device_id, c.rule, rd.ts, CASE c.metric WHEN 'hr' THEN rd.hr ELSE rd.spo2 END
-    FROM candidates c
-    JOIN readings rd ON rd.device_id = c.device_id
-        AND rd.ts >= c.ts - make_interval(secs => c.duration_s + %(gap)s)
-        AND rd.ts <= c.ts
-    ORDER BY c.device_id, c.rule, rd.ts
-"""  # noqa: S608 - the interpolated text is a constant of this module, not input
-
-_OPEN = """
-    INSERT INTO alerts (device_id, rule, metric, above, threshold, value, message, started_at)
+_INSERT_ALERTS = """
+    INSERT INTO alerts (id, device_id, rule, metric, above, threshold, value, message,
+        started_at, opened_at, cleared_at, cleared_value)
     SELECT * FROM unnest(
-        %s::text[], %s::text[], %s::text[], %s::bool[], %s::float8[], %s::float8[],
-        %s::text[], %s::timestamptz[])
+        %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bool[], %s::float8[],
+        %s::float8[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[],
+        %s::float8[])
     ON CONFLICT (device_id, rule) WHERE cleared_at IS NULL DO NOTHING
-    RETURNING id, device_id, rule, value, message
+    RETURNING id
+"""
+
+_OPEN_ALERT = "SELECT id FROM alerts WHERE device_id = %s AND rule = %s AND cleared_at IS NULL"
+
+_CLEAR_ALERTS = """
+    UPDATE alerts a SET cleared_at = c.at, cleared_value = c.value
+    FROM unnest(%s::bigint[], %s::timestamptz[], %s::float8[]) AS c(id, at, value)
+    WHERE a.id = c.id AND a.cleared_at IS NULL
+    RETURNING a.id
 """
 
 
@@ -174,93 +167,167 @@ async def update_device_status(cur: Cursor) -> None:
     await cur.execute(_UPDATE_DEVICE_STATUS)
 
 
+def _time(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def _cleared_message(rule: VitalRule, value: float) -> str:
+    return f"{rule.metric} back within {rule.threshold:g} (now {value:g})"
+
+
 class AlertEvaluator:
     """The vital rules, run inside the persist transaction once the group is inserted."""
 
-    def __init__(self, rules: Sequence[VitalRule], *, max_gap: float) -> None:
-        self._rules = {rule.name: rule for rule in rules}
-        self._max_gap = dt.timedelta(seconds=max_gap)
-        self._params: dict[str, Any] = {
-            "rule": [r.name for r in rules],
-            "metric": [r.metric for r in rules],
-            "above": [r.above for r in rules],
-            "threshold": [r.threshold for r in rules],
-            "duration": [r.duration for r in rules],
-            "gap": max_gap,
-        }
+    def __init__(self, rules: Sequence[VitalRule], *, max_gap: float, lateness: float) -> None:
+        self._rules = tuple(rules)
+        self._names = [rule.name for rule in rules]
+        self._max_gap_ms = max_gap * 1000
+        self._lateness_ms = round(lateness * 1000)
 
-    async def evaluate(self, cur: Cursor) -> list[AlertChange]:
-        changes: list[AlertChange] = []
-        await cur.execute(_CLEAR)
-        for alert_id, device_id, rule_name, value in await cur.fetchall():
-            rule = self._rules.get(rule_name)
-            if rule_name == SILENCE:
-                message = "data arrived"
-            elif rule is None:
-                message = "back within the threshold"
-            else:
-                message = f"{rule.metric} back within {rule.threshold:g} (now {value:g})"
-            changes.append(AlertChange(alert_id, device_id, rule_name, "clear", value, message))
-        if not self._rules:
-            return changes
-        await cur.execute(_CANDIDATES, self._params)
-        rows = await cur.fetchall()
-        if rows:
-            changes.extend(await self._open(cur, rows))
-        return changes
+    async def evaluate(self, cur: Cursor, inserted: Sequence[InsertedRow]) -> Evaluation:
+        """Clear silence alerts; run the vital rules over the readings ``inserted`` now."""
+        out = Evaluation()
+        await cur.execute(_CLEAR_SILENCE)
+        for alert_id, device_id in await cur.fetchall():
+            out.changes.append(
+                AlertChange(alert_id, device_id, SILENCE, "clear", None, "data arrived")
+            )
+        if not inserted or not self._rules:
+            return out
+        by_device: dict[str, list[Reading]] = {}
+        for row in inserted:
+            by_device.setdefault(row[0], []).append((row[2], row[1], row[3], row[4]))
+        states, new = await self._load(cur, list(by_device))
+        events: list[Episode | Clearing] = []
+        for device_id, readings in by_device.items():
+            advanced = advance(
+                device_id,
+                states[device_id],
+                readings,
+                self._rules,
+                max_gap_ms=self._max_gap_ms,
+                lateness_ms=self._lateness_ms,
+            )
+            events.extend(advanced.events)
+            out.late += advanced.late
+        if events:
+            out.changes.extend(await self._record(cur, events))
+        if len(new) < len(states):
+            await self._save(cur, _UPDATE_STATE, states, lambda device: device not in new)
+        if new:
+            await self._save(cur, _INSERT_STATE, states, new.__contains__)
+        return out
 
-    def _streak_start(
-        self, rule: VitalRule, readings: list[tuple[dt.datetime, float | None]]
-    ) -> dt.datetime | None:
-        """When the unbroken run of readings that break ``rule`` began (None: no run)."""
-        start: dt.datetime | None = None
-        previous: dt.datetime | None = None
-        for ts, value in readings:
-            if value is None:
-                continue
-            if not rule.broken_by(value) or (
-                previous is not None and ts - previous > self._max_gap
-            ):
-                start = None
-            if rule.broken_by(value) and start is None:
-                start = ts
-            previous = ts
-        return start
+    async def _load(
+        self, cur: Cursor, devices: list[str]
+    ) -> tuple[dict[str, DeviceState], set[str]]:
+        """The devices' states, and which of them are new (no state stored yet)."""
+        await cur.execute(_LOAD_STATE, (devices,))
+        states = {row[0]: DeviceState.decode(*row[1:]) for row in await cur.fetchall()}
+        new = {device for device in devices if device not in states}
+        if new:
+            for device in new:
+                states[device] = DeviceState()
+            await cur.execute(_OPEN_VITAL_ALERTS, (list(new), self._names))
+            for device_id, rule, alert_id in await cur.fetchall():
+                states[device_id].runs[rule] = RuleRun(open=alert_id)
+        return states, new
 
-    async def _open(
-        self, cur: Cursor, rows: list[tuple[str, str, dt.datetime, float | None]]
-    ) -> list[AlertChange]:
-        by_candidate: dict[tuple[str, str], list[tuple[dt.datetime, float | None]]] = {}
-        for device_id, rule_name, ts, value in rows:
-            by_candidate.setdefault((device_id, rule_name), []).append((ts, value))
-        columns: list[list[Any]] = [[] for _ in range(8)]
-        for (device_id, rule_name), readings in by_candidate.items():
-            rule = self._rules[rule_name]
-            start = self._streak_start(rule, readings)
-            newest_ts, newest_value = readings[-1]
-            if start is None or newest_value is None:
-                continue
-            if (newest_ts - start).total_seconds() < rule.duration:
+    @staticmethod
+    async def _save(
+        cur: Cursor, sql: str, states: dict[str, DeviceState], which: Callable[[str], bool]
+    ) -> None:
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+        for device_id, state in states.items():
+            if not which(device_id):
                 continue
             row = (
                 device_id,
+                state.newest,
+                state.evaluated,
+                state.encode_pending(),
+                state.encode_runs(),
+                state.late,
+            )
+            for column, cell in zip(columns, row, strict=True):
+                column.append(cell)
+        await cur.execute(sql, columns)
+
+    async def _record(self, cur: Cursor, events: list[Episode | Clearing]) -> list[AlertChange]:
+        """Insert the episodes, clear the alerts cleared; the changes in the order they happened."""
+        episodes = [e for e in events if isinstance(e, Episode)]
+        new = await self._insert(cur, episodes) if episodes else []
+        clearings = [e for e in events if isinstance(e, Clearing)]
+        cleared: set[int] = set()
+        if clearings:
+            await cur.execute(
+                _CLEAR_ALERTS,
+                (
+                    [c.alert_id for c in clearings],
+                    [_time(c.cleared) for c in clearings],
+                    [c.value for c in clearings],
+                ),
+            )
+            cleared = {row[0] for row in await cur.fetchall()}
+        changes: list[AlertChange] = []
+        for event in events:
+            device_id, rule = event.device_id, event.rule.name
+            if isinstance(event, Clearing):
+                if event.alert_id in cleared:
+                    message = _cleared_message(event.rule, event.value)
+                    changes.append(
+                        AlertChange(event.alert_id, device_id, rule, "clear", event.value, message)
+                    )
+            elif event.alert_id is not None and event in new:
+                message = event.rule.describe(event.value)
+                changes.append(
+                    AlertChange(event.alert_id, device_id, rule, "open", event.value, message)
+                )
+                if event.cleared_value is not None:
+                    value = event.cleared_value
+                    message = _cleared_message(event.rule, value)
+                    changes.append(
+                        AlertChange(event.alert_id, device_id, rule, "clear", value, message)
+                    )
+        return changes
+
+    async def _insert(self, cur: Cursor, episodes: list[Episode]) -> list[Episode]:
+        """Each episode's alert, its id set; those that are new alerts."""
+        await cur.execute(_NEW_IDS, (len(episodes),))
+        ids = [row[0] for row in await cur.fetchall()]
+        columns: tuple[list[Any], ...] = tuple([] for _ in range(12))
+        for alert_id, e in zip(ids, episodes, strict=True):
+            rule = e.rule
+            row = (
+                alert_id,
+                e.device_id,
                 rule.name,
                 rule.metric,
                 rule.above,
                 rule.threshold,
-                newest_value,
-                rule.describe(newest_value),
-                start,
+                e.value,
+                rule.describe(e.value),
+                _time(e.started),
+                _time(e.opened),
+                None if e.cleared is None else _time(e.cleared),
+                e.cleared_value,
             )
             for column, cell in zip(columns, row, strict=True):
                 column.append(cell)
-        if not columns[0]:
-            return []
-        await cur.execute(_OPEN, columns)
-        return [
-            AlertChange(alert_id, device_id, rule_name, "open", value, message)
-            for alert_id, device_id, rule_name, value, message in await cur.fetchall()
-        ]
+        await cur.execute(_INSERT_ALERTS, columns)
+        inserted = {row[0] for row in await cur.fetchall()}
+        new: list[Episode] = []
+        for alert_id, e in zip(ids, episodes, strict=True):
+            if alert_id in inserted:
+                e.alert_id = alert_id
+                new.append(e)
+                continue
+            # Still open, and an alert for its rule was open already (opened by a worker of
+            # an older version during a rolling upgrade): the machine keeps to that one.
+            await cur.execute(_OPEN_ALERT, (e.device_id, e.rule.name))
+            found = await cur.fetchone()
+            e.alert_id = None if found is None else found[0]
+        return new
 
 
 _OPEN_SILENCE = """

@@ -158,6 +158,28 @@ MIGRATIONS: Sequence[tuple[int, str, LiteralString]] = (
         CREATE INDEX analyses_created_at ON analyses (created_at);
         """,
     ),
+    # The vital rules' state machine per device (service.alertrules); times in epoch ms of
+    # the device's clock, pending and runs in JSON (as text: written every round, read back
+    # only by the worker). An alert's times become the readings' own; recorded_at is when the
+    # worker wrote it.
+    (
+        5,
+        "alert_state: each device's vital rules evaluated in its readings' time order",
+        """
+        CREATE TABLE alert_state (
+            device_id    text PRIMARY KEY,
+            newest_ts    bigint NOT NULL,
+            evaluated_ts bigint NOT NULL,
+            pending      text NOT NULL,
+            runs         text NOT NULL,
+            late         bigint NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 70);
+        ALTER TABLE alerts ADD COLUMN recorded_at timestamptz;
+        UPDATE alerts SET recorded_at = opened_at;
+        ALTER TABLE alerts ALTER COLUMN recorded_at SET DEFAULT now(),
+            ALTER COLUMN recorded_at SET NOT NULL;
+        """,
+    ),
 )
 
 # Any constant works; it only serialises concurrent upgrades.

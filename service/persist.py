@@ -46,7 +46,7 @@ from shared.telemetry import Kind
 from shared.tracing import Tracing, links_from, remote_context
 from shared.wire import DEVICE_ID_PATTERN, MAX_SAMPLES, MAX_SEQ, TS_MAX_MS, TS_MIN_MS
 
-from .alerts import AlertChange, AlertEvaluator, update_device_status
+from .alerts import AlertChange, AlertEvaluator, Evaluation, update_device_status
 from .telemetry import Telemetry
 
 __all__ = (
@@ -87,9 +87,10 @@ _INSERT = """
             to_timestamp(received_ms / 1000.0)
         FROM readings_staging
         ON CONFLICT (device_id, ts, seq) DO NOTHING
-        RETURNING cardinality(ppg) AS samples
+        RETURNING device_id, seq, ts, hr, spo2, cardinality(ppg) AS samples
     )
-    SELECT count(*), coalesce(sum(samples), 0) FROM inserted
+    SELECT device_id, seq, round(extract(epoch FROM ts) * 1000)::bigint, hr, spo2, samples
+    FROM inserted
 """
 
 Sample = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
@@ -255,6 +256,7 @@ class ReadingsPersister:
         alerts: AlertEvaluator,
         telemetry: Telemetry,
         on_alert: Callable[[AlertChange], None],
+        on_late: Callable[[int], None] | None = None,
         on_persisted: Callable[[list[Row]], Awaitable[None]] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
@@ -275,6 +277,7 @@ class ReadingsPersister:
         self._alerts = alerts
         self._telemetry = telemetry
         self._on_alert = on_alert
+        self._on_late = on_late
         self._on_persisted = on_persisted
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
@@ -456,14 +459,16 @@ class ReadingsPersister:
             started = time.perf_counter()
             try:
                 try:
-                    inserted, samples, changes = await self._write(rows)
+                    inserted, samples, evaluation = await self._write(rows)
                     rejected: list[tuple[Row, str]] = []
                 except (psycopg.DataError, psycopg.IntegrityError) as e:
                     logger.warning("worker: Postgres refused a group ({}); isolating", e)
                     rejected = await self._find_rejected(rows)
                     bad = {row.entry_id for row, _ in rejected}
                     rows = [row for row in rows if row.entry_id not in bad]
-                    inserted, samples, changes = await self._write(rows) if rows else (0, 0, [])
+                    inserted, samples, evaluation = (
+                        await self._write(rows) if rows else (0, 0, Evaluation())
+                    )
             except Exception as e:
                 if not _transient(e):
                     raise
@@ -491,8 +496,10 @@ class ReadingsPersister:
         self.samples += samples
         self.duplicates += len(rows) - inserted
         self._record(422 if rejected else 200, started, inserted, samples)
-        for change in changes:
+        for change in evaluation.changes:
             self._on_alert(change)
+        if evaluation.late and self._on_late is not None:
+            self._on_late(evaluation.late)
         if rejected:
             await self._until_done(
                 "recording rejected entries", lambda: self._reject(rejected, entries)
@@ -512,16 +519,16 @@ class ReadingsPersister:
             (Kind.PERSIST, "readings", "COPY", status, duration, rows, samples, None)
         )
 
-    async def _write(self, rows: list[Row]) -> tuple[int, int, list[AlertChange]]:
+    async def _write(self, rows: list[Row]) -> tuple[int, int, Evaluation]:
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             async with cur.copy(_COPY) as copy:
                 await copy.write(b"".join(row.line for row in rows))
             await cur.execute(_INSERT)
-            counts = await cur.fetchone()
+            # Only what this commit stores is evaluated: a redelivered row is not again.
+            inserted = await cur.fetchall()
             await update_device_status(cur)
-            changes = await self._alerts.evaluate(cur)
-        assert counts is not None
-        return int(counts[0]), int(counts[1]), changes
+            evaluation = await self._alerts.evaluate(cur, inserted)
+        return len(inserted), sum(row[5] for row in inserted), evaluation
 
     async def _find_rejected(self, rows: list[Row]) -> list[tuple[Row, str]]:
         """Each row tried alone, in a savepoint of a transaction that is rolled back."""

@@ -41,7 +41,15 @@ from shared.telemetry import Heartbeat, Kind, encode_heartbeat
 from shared.tracing import Tracing, setup_tracing
 from shared.version import build_version
 
-from .alerts import AlertChange, AlertEvaluator, SilenceWatcher, count_open_alerts, rules_from
+from .alerts import (
+    LATE_METHOD,
+    LATE_ROUTE,
+    AlertChange,
+    AlertEvaluator,
+    SilenceWatcher,
+    count_open_alerts,
+    rules_from,
+)
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
 from .appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING, WORKER
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
@@ -149,6 +157,29 @@ async def _measure(state: WorkerState, redis: Redis, pool: AsyncConnectionPool, 
         await asyncio.sleep(_STATS_INTERVAL)
 
 
+class _LateReadingsLog:
+    """Late readings logged as one warning a minute at most, with the count since the last."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._next = 0.0
+
+    def add(self, count: int) -> None:
+        self._count += count
+        now = time.monotonic()
+        if now < self._next:
+            return
+        logger.warning(
+            "worker: {} readings arrived older than their device's lateness bound"
+            " (ALERT_LATENESS): stored, not evaluated by the vital alert rules",
+            self._count,
+        )
+        self._count = 0
+        self._next = now + self.EVERY
+
+
 async def _worker(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     keys = Keys(settings.redis_key_prefix)
@@ -169,6 +200,13 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     def on_alert(change: AlertChange) -> None:
         change.log()
         telemetry.record((Kind.ALERT, change.rule, change.action, 0, 0, 0, 0, None))
+
+    late_log = _LateReadingsLog()
+
+    def on_late(count: int) -> None:
+        for _ in range(count):
+            telemetry.record((Kind.ALERT, LATE_ROUTE, LATE_METHOD, 0, 0, 0, 0, None))
+        late_log.add(count)
 
     scheduler: WindowScheduler | None = None
     runner: AnalysisRunner | None = None
@@ -210,9 +248,14 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         dead_letter_after=settings.worker_dead_letter_after,
         dead_letter_maxlen=settings.dead_letter_maxlen,
         retry_max=settings.worker_retry_max,
-        alerts=AlertEvaluator(rules_from(settings), max_gap=settings.alert_max_gap),
+        alerts=AlertEvaluator(
+            rules_from(settings),
+            max_gap=settings.alert_max_gap,
+            lateness=settings.alert_lateness,
+        ),
         telemetry=telemetry,
         on_alert=on_alert,
+        on_late=on_late,
         on_persisted=None if scheduler is None else scheduler.on_persisted,
         tracing=app[TRACING],
     )

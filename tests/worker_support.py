@@ -49,6 +49,8 @@ def worker_settings(settings: Settings, **overrides: Any) -> Settings:
         "worker_trim_interval": 0.1,
         "worker_retry_max": 0.2,
         "alert_silence_after": 0.0,
+        # Each reading evaluated as it arrives; the tests of lateness set their own.
+        "alert_lateness": 0.0,
         "analysis_grace": 0.0,
         "analysis_backoff": 0.01,
         "analysis_backoff_max": 0.05,
