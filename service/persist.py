@@ -9,9 +9,11 @@ commit. So a crash before the commit leaves them pending and they are stored lat
 between commit and acknowledgement has them delivered again, and the conflict clause keeps
 them from being stored twice.
 
-Entries a dead consumer left pending are claimed (``XAUTOCLAIM``) once idle for
-``WORKER_CLAIM_IDLE``. While Postgres is unavailable the round is retried with backoff (no
-new entries are read meanwhile, and retries do not count as deliveries). An entry that is
+Entries a dead consumer left pending (its process's heartbeat is gone, or is another
+process's: ``service.consumers``) are claimed at once, before any new entry is read; any
+entry idle for ``WORKER_CLAIM_IDLE`` is claimed (``XAUTOCLAIM``) as well. While Postgres is
+unavailable the round is retried with backoff (no new entries are read meanwhile, and
+retries do not count as deliveries). An entry that is
 not a valid batch goes to the dead-letter stream at once; one that Postgres refuses is
 found by trying the entries one by one (each in a savepoint), left pending with the reason
 recorded, and moved to the dead-letter stream once it has been delivered
@@ -47,6 +49,7 @@ from shared.tracing import Tracing, links_from, remote_context
 from shared.wire import DEVICE_ID_PATTERN, MAX_SAMPLES, MAX_SEQ, TS_MAX_MS, TS_MIN_MS
 
 from .alerts import AlertChange, AlertEvaluator, Evaluation, update_device_status
+from .consumers import DeadConsumers
 from .telemetry import Telemetry
 
 __all__ = (
@@ -281,6 +284,15 @@ class ReadingsPersister:
         self._on_persisted = on_persisted
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
+        self._dead_consumers = DeadConsumers(
+            redis,
+            keys,
+            self._stream,
+            PERSIST_GROUP,
+            consumer=consumer,
+            min_idle_ms=min(self._claim_idle_ms, DeadConsumers.MIN_IDLE_MS),
+        )
+        self._next_dead_check = 0.0
         self._stopping = asyncio.Event()
         self.group_ready = False
         self.db_ok = True
@@ -341,6 +353,14 @@ class ReadingsPersister:
 
     async def _next_entries(self) -> list[_Entry]:
         loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_dead_check:
+            # A dead consumer's entries first, before newer ones: they are older.
+            taken = await self._dead_consumers.claim(count=self._batch)
+            if taken:
+                self.claimed += len(taken)
+                logger.info("worker: claimed {} readings entries of a dead consumer", len(taken))
+                return [_Entry(entry_id, fields, n) for entry_id, fields, n in taken]
+            self._next_dead_check = loop.time() + DeadConsumers.CHECK_EVERY
         if loop.time() >= self._next_claim:
             claimed = await self._claim()
             if claimed:

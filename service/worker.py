@@ -52,6 +52,7 @@ from .alerts import (
 )
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
 from .appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING, WORKER
+from .consumers import consumer_name
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .resources import health_checks, http_client, pool_stats, static_details
 from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
@@ -195,7 +196,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         flush_interval=settings.telemetry_flush_interval,
         stream_ttl=settings.sidecar_state_ttl,
     )
-    consumer = f"{pod}:{telemetry.boot_id[:8]}"
+    consumer = consumer_name(pod, telemetry.boot_id)
 
     def on_alert(change: AlertChange) -> None:
         change.log()
