@@ -29,12 +29,12 @@ no group.
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import Any, cast
 
-import msgspec
 import psycopg
 from loguru import logger
 from opentelemetry.trace import SpanKind
@@ -46,7 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from shared.keys import Keys
 from shared.telemetry import Kind
 from shared.tracing import Tracing, links_from, remote_context
-from shared.wire import DEVICE_ID_PATTERN, MAX_SAMPLES, MAX_SEQ, TS_MAX_MS, TS_MIN_MS
+from shared.wire import MAX_SAMPLES, BatchError, decode_stored_batch
 
 from .alerts import AlertChange, AlertEvaluator, Evaluation, update_device_status
 from .consumers import DeadConsumers
@@ -96,30 +96,25 @@ _INSERT = """
     FROM inserted
 """
 
-Sample = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
-
-
-class _Batch(msgspec.Struct, gc=False):
-    """The device's batch as the service validated it; the samples are kept as raw JSON.
-
-    Unknown fields are ignored, so the service may add some (a trace context) first.
-    """
-
-    device_id: Annotated[str, msgspec.Meta(pattern=DEVICE_ID_PATTERN)]
-    seq: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
-    ts: Annotated[int, msgspec.Meta(ge=TS_MIN_MS, le=TS_MAX_MS)]
-    rate_hz: Annotated[float, msgspec.Meta(gt=0, le=10_000)]
-    ppg: msgspec.Raw
-    hr: Annotated[float, msgspec.Meta(ge=0, le=400)] | None = None
-    spo2: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
-
-
-_batch_decoder = msgspec.json.Decoder(_Batch)
 # A JSON array of numbers becomes a Postgres array literal by swapping its brackets; the
 # characters it may hold, and the whitespace that must not break a COPY line.
 _NUMBER_ARRAY_CHARS = b"0123456789+-.eE,[] \t\r\n"
 _TO_PG_ARRAY = bytes.maketrans(b"[]\t\r\n", b"{}   ")
 _NULL = b"\\N"
+# A sample whose text is not 0 but too small for a double ("1e-400") is 0 to the service's
+# decoder (and to every JSON parser), while Postgres refuses the text: it is stored as the
+# 0 the service acknowledged. Such a number is below 2.5e-324, so it has a negative exponent
+# of three digits or more, or 224 or more zeros after the point (a two-digit exponent adds
+# at most 99). Only arrays showing one of these shapes are searched for them (the shapes
+# are found in a few µs per KB: literal searches, the exponent's in the array with its
+# digits all made "d"), from a number's start and without backtracking: in linear time.
+_EXPONENT_SHAPE = bytes.maketrans(b"E0123456789", b"edddddddddd")
+_LONG_EXPONENT = re.compile(rb"e-ddd")
+_ZERO_RUN = b"0" * 200
+_UNDERFLOW_CANDIDATE = re.compile(
+    rb"(?<![-+.0-9eE])"
+    rb"(?:-?[0-9.]++[eE]-0*+[1-9][0-9]{2,}+|-?0\.0{200,}+[0-9]*+(?:[eE][-+]?[0-9]++)?+)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +138,22 @@ def _optional(value: float | None) -> bytes:
     return _NULL if value is None else repr(value).encode()
 
 
+def _zero_if_underflowing(number: re.Match[bytes]) -> bytes:
+    text = number[0]
+    if float(text) != 0.0:
+        return text
+    return b"-0" if text[:1] == b"-" else b"0"
+
+
+def _pg_array(raw: bytes) -> bytes:
+    """The JSON array of numbers ``raw`` as a Postgres array literal of the same values."""
+    if (
+        (b"e" in raw or b"E" in raw) and _LONG_EXPONENT.search(raw.translate(_EXPONENT_SHAPE))
+    ) or _ZERO_RUN in raw:
+        raw = _UNDERFLOW_CANDIDATE.sub(_zero_if_underflowing, raw)
+    return raw.translate(_TO_PG_ARRAY)
+
+
 def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
     """The entry's COPY line (text format); ``UndecodableError`` says why there is none."""
     body = fields.get(b"d")
@@ -152,9 +163,9 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
     if not received.isdigit():
         raise UndecodableError(f"'r' is not epoch milliseconds: {received[:40]!r}")
     try:
-        batch = _batch_decoder.decode(body)
-    except msgspec.DecodeError as e:  # ValidationError is a DecodeError too
-        raise UndecodableError(f"not a valid batch: {e}") from e
+        batch = decode_stored_batch(body)
+    except BatchError as e:
+        raise UndecodableError(f"not a valid batch: {e.message}") from e
     raw = bytes(batch.ppg)
     if (
         raw[:1] != b"["
@@ -171,7 +182,7 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
         batch.seq,
         batch.ts,
         repr(batch.rate_hz).encode(),
-        raw.translate(_TO_PG_ARRAY),
+        _pg_array(raw),
         _optional(batch.hr),
         _optional(batch.spo2),
         received,

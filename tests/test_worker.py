@@ -154,6 +154,33 @@ async def _has_dead_letter_records(redis: Redis, keys: Keys, pod: str) -> bool:
     return sorted(r[1] for r in records if r[0] == Kind.DEAD_LETTER) == ["rejected", "undecodable"]
 
 
+async def test_entries_from_before_the_bounds_met_the_columns_never_wait_to_be_dead(
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """Entries an older service acknowledged: samples too small for a double are stored as
+    the 0 it decoded them to; vitals a real cannot hold are dead letters at once."""
+    device = "dev-tiny-" + keys.prefix.split(":")[1]
+    tiny_samples = msgspec.json.encode(reading(device, 1, ppg=[0.25, 7.0, 8.0])).replace(
+        b"7.0,8.0", b"1e-400,-123E-0330"
+    )
+    await redis.xadd(keys.readings, {b"d": tiny_samples, b"r": b"1764000000000"})
+    await add_readings(redis, keys, [reading(device, 2, rate_hz=5e-324), reading(device, 3)])
+
+    worker = await start_worker(worker_dead_letter_after=5, worker_claim_idle=0.2)
+    await eventually(lambda: persisted(redis, keys))
+
+    rows = await query(
+        settings.database_url,
+        "SELECT seq, ppg FROM readings WHERE device_id = %s ORDER BY seq",
+        device,
+    )
+    dead = cast(Entries, await redis.xrange(keys.readings_dead))
+    assert rows == [(1, [0.25, 0.0, -0.0]), (3, [0.5, 0.6, 0.7, 0.65])]
+    assert [(f[b"dl_kind"], f[b"dl_deliveries"]) for _, f in dead] == [(b"undecodable", b"1")]
+    assert b"rate_hz" in dead[0][1][b"dl_reason"]
+    assert worker.app[WORKER].persister.rejected == 0
+
+
 async def alerts_of(database_url: str, device: str) -> list[tuple[Any, ...]]:
     return await query(
         database_url,
