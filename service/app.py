@@ -15,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from shared.health import HealthChecker
-from shared.httpserver import SERVER, HttpServer
+from shared.httpserver import SERVER, HttpServer, expect_continue
 from shared.keys import Keys
 from shared.logs import Logs
 from shared.settings import Settings
@@ -333,9 +333,11 @@ def create_app(
     # Rate-limit policies are declared with the routes: ingestion is limited per device
     # inside its write (service/store.py), other routes per client IP, health never.
     api_policy, _ = _policies(settings)
+    # Every route meets Expect: 100-continue and refuses any other expectation as JSON
+    # (expect_continue).
     # The ingest routes record their own telemetry (samples stored, WebSocket events).
-    router.add_post(HTTP_ROUTE, ingest_http)
-    router.add_get(WS_ROUTE, ingest_ws)
+    router.add_post(HTTP_ROUTE, ingest_http, expect_handler=expect_continue)
+    router.add_get(WS_ROUTE, ingest_ws, expect_handler=expect_continue)
     for path, probe in (
         ("/health/liveness", probes.liveness),
         ("/health/readiness", probes.readiness),
@@ -343,14 +345,23 @@ def create_app(
         ("/health", probes.health),
     ):
         # Never limited, never traced: probes would fill the traces with noise.
-        router.add_get(path, instrumented(path, probe, traced=False))
+        router.add_get(
+            path, instrumented(path, probe, traced=False), expect_handler=expect_continue
+        )
     router.add_get(
         alerts_api.ALERTS_ROUTE,
         instrumented(alerts_api.ALERTS_ROUTE, alerts_api.get_alerts, policy=api_policy),
+        expect_handler=expect_continue,
     )
     router.add_get(
         openapi.OPENAPI_ROUTE,
         instrumented(openapi.OPENAPI_ROUTE, openapi.openapi_handler(), policy=api_policy),
+        expect_handler=expect_continue,
     )
-    router.add_route("*", "/{path:.*}", instrumented(UNMATCHED, not_found, policy=api_policy))
+    router.add_route(
+        "*",
+        "/{path:.*}",
+        instrumented(UNMATCHED, not_found, policy=api_policy),
+        expect_handler=expect_continue,
+    )
     return app

@@ -91,6 +91,7 @@ PROTOCOL_ERROR_KINDS = (
     "bad_transfer_encoding",
     "bad_chunked_encoding",
     "unsupported_content_encoding",
+    "unsupported_expectation",
     "bad_content_encoding",
     "incomplete_body",
     "header_timeout",

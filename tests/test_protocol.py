@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient, make_mocked_request
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from service.server import Running, running
 from shared.httpserver import SERVER
@@ -26,7 +26,7 @@ from shared.telemetry import PROTOCOL_ERROR_KINDS
 from sidecar.app import create_app as create_sidecar
 
 from .conftest import AiohttpClient, Device
-from .rawhttp import Answer, converse
+from .rawhttp import Answer, converse, parse_answer
 from .sidecar_support import series_values
 
 # In every request, so an answer that quotes the request would show it.
@@ -57,6 +57,33 @@ REFUSED: dict[str, tuple[bytes, int, str]] = {
         b"GET /" + MARKER + b" HTTP/3.7\r\n" + HOST + b"\r\n",
         400,
         "bad_version",
+    ),
+    # llhttp takes these two: the connection refuses them.
+    "HTTP/2.0 request line": (
+        b"GET /" + MARKER + b" HTTP/2.0\r\n" + HOST + b"\r\n",
+        400,
+        "bad_version",
+    ),
+    "HTTP/0.9 request line": (
+        b"GET /" + MARKER + b" HTTP/0.9\r\n" + HOST + b"\r\n",
+        400,
+        "bad_version",
+    ),
+    "CONNECT to another host": (
+        b"CONNECT " + MARKER + b".example:443 HTTP/1.1\r\n" + HOST + b"\r\n",
+        400,
+        "bad_request_target",
+    ),
+    "CONNECT to a path": (
+        b"CONNECT /" + MARKER + b" HTTP/1.1\r\n" + HOST + b"\r\n",
+        400,
+        "bad_request_target",
+    ),
+    "asterisk target": (b"OPTIONS * HTTP/1.1\r\n" + HOST + b"\r\n", 400, "bad_request_target"),
+    "absolute URL without a path": (
+        b"GET http://" + MARKER + b" HTTP/1.1\r\n" + HOST + b"\r\n",
+        400,
+        "bad_request_target",
     ),
     "control byte in the URL": (
         b"GET /" + MARKER + b"\x01 HTTP/1.1\r\n" + HOST + b"\r\n",
@@ -147,12 +174,29 @@ REFUSED: dict[str, tuple[bytes, int, str]] = {
         415,
         "unsupported_content_encoding",
     ),
+    # aiohttp's parser ignores a coding it does not know: the body would pass as plain.
+    "unknown Content-Encoding": (
+        post(b"Content-Encoding: " + MARKER + b"\r\nContent-Length: 7\r\n", MARKER),
+        415,
+        "unsupported_content_encoding",
+    ),
+    "two Content-Encodings in one field": (
+        post(b"Content-Encoding: gzip, deflate\r\nContent-Length: 7\r\n", MARKER),
+        415,
+        "unsupported_content_encoding",
+    ),
+    "Expect other than 100-continue": (
+        post(b"Expect: " + MARKER + b"\r\nContent-Length: 7\r\n", MARKER),
+        417,
+        "unsupported_expectation",
+    ),
 }
 
 CODES = {
     400: "malformed",
     414: "uri_too_long",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     431: "header_fields_too_large",
 }
 
@@ -221,7 +265,8 @@ async def test_every_request_the_parser_refuses_is_a_json_4xx_counted_by_kind(
 
     for name, (_, status, kind) in REFUSED.items():
         assert_refused_as_json(answers[name], status, kind)
-    assert answers["Content-Encoding br"].headers["accept-encoding"] == "gzip, deflate"
+    for name in ("Content-Encoding br", "unknown Content-Encoding"):
+        assert answers[name].headers["accept-encoding"] == "gzip, deflate", name
     expected = Counter(kind for _, _, kind in REFUSED.values())
     counted = await protocol_errors(sidecar, expected)
     assert counted == {**dict.fromkeys(PROTOCOL_ERROR_KINDS, 0), **expected}
@@ -285,12 +330,57 @@ async def test_a_well_formed_request_is_not_counted(
     assert sum(counted.values()) == 1
 
 
+async def test_a_refused_head_behind_a_well_formed_one_is_answered_after_it(
+    service: Running, sidecar: TestClient[web.Request, web.Application]
+) -> None:
+    fine = b"GET /health/liveness HTTP/1.1\r\nHost: x\r\n\r\n"
+    refused = b"GET /health/liveness HTTP/2.0\r\nHost: x\r\n\r\n"
+
+    answer = await converse(service.port, [fine + refused])
+
+    first = parse_answer(answer.raw)
+    second = parse_answer(answer.raw[answer.raw.index(first.body) + len(first.body) :])
+    assert (first.status, first.json()) == (200, {"status": "ok"})
+    assert_refused_as_json(second, 400, "bad_version")
+    assert (await protocol_errors(sidecar, Counter(bad_version=1)))["bad_version"] == 1
+
+
+async def test_expect_100_continue_is_met_and_the_batch_stored(
+    service: Running, device: Device
+) -> None:
+    batch = json.dumps(device.batch(1)).encode()
+    head = post(
+        b"Authorization: Bearer "
+        + device.token.encode()
+        + b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+        + b"Connection: close\r\nContent-Length: %d\r\n" % len(batch)
+    )
+
+    # The body only once the server has said to go on, as a client that expects does.
+    answer = await converse(service.port, [head, 0.3, batch])
+
+    assert answer.raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), answer.raw
+    final = parse_answer(answer.raw.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n"))
+    assert (final.status, final.json()["seq"]) == (202, 1)
+
+
+async def test_an_expectation_in_http_1_0_is_ignored(service: Running) -> None:
+    answer = await converse(
+        service.port, [b"GET /health/liveness HTTP/1.0\r\nExpect: " + MARKER + b"\r\n\r\n"]
+    )
+
+    assert (answer.status, answer.json()) == (200, {"status": "ok"})
+
+
 def test_the_aiohttp_internals_the_protocol_relies_on_are_there() -> None:
     """shared/httpserver.py names them; this fails first when an aiohttp upgrade moves one."""
     slots = {name for cls in (RequestHandler, BaseProtocol) for name in cls.__slots__}
     assert {"_waiter", "_current_request", "_request_count", "_messages", "_loop"} <= slots
     for method in ("handle_error", "log_exception", "data_received", "set_parser", "force_close"):
         assert callable(getattr(RequestHandler, method)), method
+    # A refused head is queued as this, with the parser's exception (or ours) in ``exc``.
+    refusal = _ErrInfo(status=400, exc=ValueError(), message="")
+    assert (refusal.status, refusal.message) == (400, "")
     request = make_mocked_request("GET", "/", headers={"Connection": "keep-alive"})
     request._cache["keep_alive"] = False
     assert request.keep_alive is False
