@@ -109,14 +109,16 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
     sampled request) is known only here."""
     started = time.perf_counter()
     state = request.app[INGEST]
+    # For telemetry, and to refuse a body declared too large before reading any of it.
+    declared = request.content_length or 0
     samples = 0
     trace_id = None
     try:
         # Decided here, before any instrumentation runs: an unsampled request pays nothing more.
         if state.tracing.decide(request.headers.get(TRACEPARENT)):
-            response, samples, trace_id = await _traced_http(state, request)
+            response, samples, trace_id = await _traced_http(state, request, declared)
         else:
-            response, samples = await _ingest_http(state, request, traced=False)
+            response, samples = await _ingest_http(state, request, declared, traced=False)
     except Exception as e:  # noqa: BLE001 - the edge answers and logs; it never crashes
         response = fault_response(request, HTTP_ROUTE, e)
     except asyncio.CancelledError:
@@ -129,7 +131,7 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
             "POST",
             response.status,
             int((time.perf_counter() - started) * 1e6),
-            request.content_length or 0,
+            declared,
             samples,
             trace_id,
         )
@@ -138,14 +140,14 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
 
 
 async def _traced_http(
-    state: IngestState, request: web.Request
+    state: IngestState, request: web.Request, declared: int
 ) -> tuple[web.StreamResponse, int, str | None]:
     """A sampled request: the aiohttp-server instrumentation around it, its write as a span."""
     samples = 0
 
     async def handler(request: web.Request) -> web.StreamResponse:
         nonlocal samples
-        response, samples = await _ingest_http(state, request, traced=True)
+        response, samples = await _ingest_http(state, request, declared, traced=True)
         return response
 
     response, trace_id = await state.tracing.serve(request, handler)
@@ -179,9 +181,9 @@ async def _traced_store(
 
 
 async def _ingest_http(
-    state: IngestState, request: web.Request, *, traced: bool
+    state: IngestState, request: web.Request, declared: int, *, traced: bool
 ) -> tuple[web.StreamResponse, int]:
-    """(response, samples stored)."""
+    """(response, samples stored). ``declared``: the body's Content-Length (0: none)."""
     # Decided before the body is read: a request that started before shutdown is finished.
     if state.draining:
         return _unavailable(state, "the service is shutting down"), 0
@@ -196,6 +198,10 @@ async def _ingest_http(
         content_type = request.headers.get("Content-Type")
         if content_type != "application/json" and request.content_type != "application/json":
             return error_response(415, "Content-Type must be application/json"), 0
+        # A declared length over the limit is refused before reading: aiohttp's read would
+        # wait for the body first, however long it was said to be.
+        if declared > state.max_body_bytes:
+            return error_response(413, f"body exceeds {state.max_body_bytes} bytes"), 0
         try:
             # aiohttp stops reading past client_max_size (MAX_BODY_BYTES), declared or not.
             body = await request.read()
