@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
+from shared.httpserver import ACCEPT_ENCODING
 from shared.wire import DEVICE_ID_PATTERN, PpgBatch
 
 from .errors import CODES
@@ -93,17 +94,20 @@ class CheckStatus(msgspec.Struct, kw_only=True):
     message: str | msgspec.UnsetType = msgspec.UNSET
 
 
-Checks = dict[str, CheckStatus] | msgspec.UnsetType
+class HealthStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """A probe's verdict alone: what anyone without the operator's token gets."""
+
+    status: Literal["ok", "error"]
 
 
 class HealthReport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The original system's shape. Everyone gets `status`; the operator also gets the
-    checks: `info` those up, `error` those down, `details` all of them."""
+    """The original system's shape, for the operator's token: the verdict and the checks,
+    `info` those up, `error` those down, `details` all of them."""
 
     status: Literal["ok", "error"]
-    info: Checks = msgspec.UNSET
-    error: Checks = msgspec.UNSET
-    details: Checks = msgspec.UNSET
+    info: dict[str, CheckStatus]
+    error: dict[str, CheckStatus]
+    details: dict[str, CheckStatus]
 
 
 class HealthCheckResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -114,15 +118,22 @@ class HealthCheckResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     output: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class HealthJson(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """`application/health+json` (draft-inadarei-api-health-check), when asked for.
-    Everyone gets `status`; the operator also gets the rest."""
+class HealthJsonStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """`application/health+json`, when asked for: the verdict alone, for anyone without
+    the operator's token."""
 
     status: Literal["pass", "fail"]
-    version: str | msgspec.UnsetType = msgspec.UNSET
-    releaseId: str | msgspec.UnsetType = msgspec.UNSET  # the IETF draft's name
-    serviceId: str | msgspec.UnsetType = msgspec.UNSET  # the IETF draft's name
-    checks: dict[str, list[HealthCheckResult]] | msgspec.UnsetType = msgspec.UNSET
+
+
+class HealthJson(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`application/health+json` (draft-inadarei-api-health-check), when asked for, with
+    the operator's token."""
+
+    status: Literal["pass", "fail"]
+    version: str
+    releaseId: str  # the IETF draft's name
+    serviceId: str  # the IETF draft's name
+    checks: dict[str, list[HealthCheckResult]]
 
 
 class WsAck(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -152,7 +163,9 @@ _TYPES = (
     IngestAck,
     Error,
     AlertsPage,
+    HealthStatus,
     HealthReport,
+    HealthJsonStatus,
     HealthJson,
     WsAck,
     WsError,
@@ -224,6 +237,10 @@ def _headers() -> dict[str, Any]:
             "schema": {"type": "integer", "minimum": 1},
         },
         "WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}},
+        "Accept-Encoding": {
+            "description": "the content codings a body may have",
+            "schema": {"type": "string", "const": ACCEPT_ENCODING},
+        },
         "RateLimit-Policy": {
             "description": 'the policy\'s windows, e.g. `"default";q=1000;w=60`',
             "schema": {"type": "string"},
@@ -292,8 +309,15 @@ def _ingest() -> dict[str, Any]:
                 "400": _error("the body is not JSON"),
                 "401": _error(_UNAUTHORIZED, "WWW-Authenticate"),
                 "403": _error("the token is not for the body's `device_id`"),
-                "413": _error("the body exceeds `MAX_BODY_BYTES`"),
-                "415": _error("`Content-Type` is not `application/json`"),
+                "413": _error(
+                    "the body exceeds `MAX_BODY_BYTES` (a `Content-Length` over it: at once)"
+                ),
+                "415": _error(
+                    "`Content-Type` is not `application/json`, or `Content-Encoding` is"
+                    " neither gzip nor deflate (then `Accept-Encoding` says which)",
+                    "Accept-Encoding",
+                    required=False,
+                ),
                 "422": _error("a field is invalid: `details.field` is its path, e.g. `ppg[3]`"),
                 "429": _rate_limited("device (or, without a valid token, of the address)"),
                 "503": _error(
@@ -411,9 +435,10 @@ def _alerts() -> dict[str, Any]:
 
 
 def _probe(operation_id: str, summary: str) -> dict[str, Any]:
+    # Anyone gets the verdict alone, the operator the report: one shape or the other.
     content = {
-        _JSON: {"schema": _ref("HealthReport")},
-        _HEALTH_JSON: {"schema": _ref("HealthJson")},
+        _JSON: {"schema": {"oneOf": [_ref("HealthStatus"), _ref("HealthReport")]}},
+        _HEALTH_JSON: {"schema": {"oneOf": [_ref("HealthJsonStatus"), _ref("HealthJson")]}},
     }
     return {
         "get": {
@@ -423,7 +448,8 @@ def _probe(operation_id: str, summary: str) -> dict[str, Any]:
             "description": (
                 "From cached results, never limited. `Accept: application/health+json` gets"
                 " the IETF draft's format. Without the operator's token, the status alone"
-                " (docs/health.md)."
+                " (`HealthStatus`, `HealthJsonStatus`); with it, the checks too"
+                " (`HealthReport`, `HealthJson`): docs/health.md."
             ),
             "security": [{}, {"healthToken": []}],
             "responses": {
@@ -464,8 +490,10 @@ def build_document() -> dict[str, Any]:
                 "Wearable devices send PPG batches over HTTP or a WebSocket (docs/websocket.md)."
                 ' Every refusal is `{"error": {"code", "message", "details"}}` with the'
                 " status that says why; never a 500 for bad input. A request that cannot be"
-                " parsed is refused before any route, in the same shape (400, 408, 413, 414,"
-                " 415, 431: docs/errors-and-logging.md). Generated by"
+                " parsed, or that no route takes (HTTP/0.9 or HTTP/2.0, CONNECT, a"
+                " `Content-Encoding` other than gzip or deflate, an `Expect` other than"
+                " 100-continue), is refused before any route, in the same shape (400, 408,"
+                " 413, 414, 415, 417, 431: docs/protocol-limits.md). Generated by"
                 " `python -m service.openapi`."
             ),
         },

@@ -1,8 +1,10 @@
 """The published contract: docs/api/openapi.json is what service/openapi.py generates, the
 service serves it, it documents every route, and its batch schema is exactly the decoder's."""
 
+import dataclasses
 import functools
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from service.openapi import OPENAPI_ROUTE, _ecma_patterns, build_document, docum
 from shared.settings import Settings
 from shared.wire import BatchError, PpgBatch, decode_batch
 
-from .conftest import Device
+from .conftest import AiohttpClient, Device
 
 Client = TestClient[web.Request, web.Application]
 COMMITTED = Path(__file__).parent.parent / "docs" / "api" / "openapi.json"
@@ -126,6 +128,43 @@ async def test_document_describes_an_acknowledged_batch(client: Client, device: 
 
     assert response.status == 202
     assert jsonschema_rs.validator_for(schema).is_valid(await response.json())
+
+
+HEALTH_TOKEN = "health-" + uuid.uuid4().hex
+PROBES = ["/health", "/health/liveness", "/health/readiness", "/health/startup"]
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/health+json"])
+@pytest.mark.parametrize("path", PROBES)
+async def test_document_gives_each_probe_answer_the_shape_of_who_asked(
+    aiohttp_client: AiohttpClient, settings: Settings, device: Device, path: str, accept: str
+) -> None:
+    """Anyone gets the status alone, the operator the report: the document's ``oneOf``
+    names the first shape for one and the second for the other."""
+    app = create_app(dataclasses.replace(settings, health_detail_token=HEALTH_TOKEN))
+    client = await aiohttp_client(app)
+    anonymous = await client.get(path, headers={"Accept": accept})
+    operator = await client.get(
+        path, headers={"Accept": accept, "Authorization": f"Bearer {HEALTH_TOKEN}"}
+    )
+    document = build_document()
+    components = document["components"]
+
+    def shapes(status: int) -> list[jsonschema_rs.Validator]:
+        content = document["paths"][path]["get"]["responses"][str(status)]["content"]
+        return [
+            jsonschema_rs.validator_for({**shape, "components": components})
+            for shape in content[accept]["schema"]["oneOf"]
+        ]
+
+    status_only, report = shapes(anonymous.status)
+    anonymous_body = await anonymous.json(content_type=None)
+    assert anonymous.content_type == accept
+    assert (status_only.is_valid(anonymous_body), report.is_valid(anonymous_body)) == (True, False)
+    status_only, report = shapes(operator.status)
+    operator_body = await operator.json(content_type=None)
+    assert operator.content_type == accept
+    assert (status_only.is_valid(operator_body), report.is_valid(operator_body)) == (False, True)
 
 
 def test_batch_schema_is_the_decoders_type_with_portable_patterns() -> None:
