@@ -17,6 +17,7 @@ through can be stored as decoded: they are the bounds of the ``readings`` column
   would have to escape.
 
 JSON has no NaN or infinity, and a number too large for a double is refused as out of range.
+``seq`` and ``ts`` are integers as JSON Schema reads them: ``7.0`` is 7, ``7.5`` is refused.
 """
 
 import re
@@ -82,6 +83,34 @@ class StoredBatch(msgspec.Struct, gc=False):
     spo2: Spo2 | None = None
 
 
+class _WholeNumbers(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """``PpgBatch`` with ``seq`` and ``ts`` taken as any JSON number. JSON has one number type
+    and JSON Schema's ``integer`` (the OpenAPI document's) is any number without a fraction,
+    so ``7.0`` and ``7e0`` are the integer 7. Decoded only after ``PpgBatch`` refused a float
+    there, so batches written with plain integers pay nothing for it."""
+
+    device_id: DeviceId
+    seq: Seq | Annotated[float, msgspec.Meta(ge=0, le=MAX_SEQ)]
+    ts: Timestamp | Annotated[float, msgspec.Meta(ge=TS_MIN_MS, le=TS_MAX_MS)]
+    rate_hz: RateHz
+    ppg: Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
+    hr: HeartRate | None = None
+    spo2: Spo2 | None = None
+
+
+class _StoredWholeNumbers(msgspec.Struct, gc=False):
+    """``StoredBatch`` as ``_WholeNumbers`` is ``PpgBatch``: a readings entry's ``seq`` or ``ts``
+    written as a whole float by the device is the integer it stands for."""
+
+    device_id: DeviceId
+    seq: Seq | Annotated[float, msgspec.Meta(ge=0, le=MAX_SEQ)]
+    ts: Timestamp | Annotated[float, msgspec.Meta(ge=TS_MIN_MS, le=TS_MAX_MS)]
+    rate_hz: RateHz
+    ppg: msgspec.Raw
+    hr: HeartRate | None = None
+    spo2: Spo2 | None = None
+
+
 class BatchError(ValueError):
     """A batch that cannot be accepted: ``malformed`` (not JSON) or ``invalid`` (a bad field)."""
 
@@ -98,6 +127,9 @@ class BatchError(ValueError):
 
 _decoder = msgspec.json.Decoder(PpgBatch)
 _stored_decoder = msgspec.json.Decoder(StoredBatch)
+_whole_decoder = msgspec.json.Decoder(_WholeNumbers)
+_stored_whole_decoder = msgspec.json.Decoder(_StoredWholeNumbers)
+_WHOLE_FIELDS = ("seq", "ts")
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED_FIELD = re.compile(r"field `(?P<name>[^`]+)`")
 
@@ -131,12 +163,62 @@ def _malformed(e: msgspec.DecodeError) -> BatchError:
     return BatchError("malformed", f"body is not valid JSON: {e}", None)
 
 
+def _float_for_integer(e: msgspec.ValidationError) -> bool:
+    """Whether msgspec refused a float where ``seq`` or ``ts`` wants an integer."""
+    reason, field = _field_of(str(e))
+    return field in _WHOLE_FIELDS and reason.endswith("got `float`")
+
+
+def _whole(value: int | float, field: str) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise BatchError(
+                "invalid", f"invalid field {field}: Expected `int`, got `float`", field
+            )
+        return int(value)
+    return value
+
+
+def _decode_whole_numbers(body: bytes | str) -> PpgBatch:
+    try:
+        whole = _whole_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise _invalid(e) from e
+    return PpgBatch(
+        device_id=whole.device_id,
+        seq=_whole(whole.seq, "seq"),
+        ts=_whole(whole.ts, "ts"),
+        rate_hz=whole.rate_hz,
+        ppg=whole.ppg,
+        hr=whole.hr,
+        spo2=whole.spo2,
+    )
+
+
+def _decode_stored_whole_numbers(body: bytes | str) -> StoredBatch:
+    try:
+        whole = _stored_whole_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise _invalid(e) from e
+    return StoredBatch(
+        device_id=whole.device_id,
+        seq=_whole(whole.seq, "seq"),
+        ts=_whole(whole.ts, "ts"),
+        rate_hz=whole.rate_hz,
+        ppg=whole.ppg,
+        hr=whole.hr,
+        spo2=whole.spo2,
+    )
+
+
 def decode_batch(body: bytes | str) -> PpgBatch:
     """The batch a device sent; ``BatchError`` says why it is refused."""
     try:
         batch = _decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise _invalid(e) from e
+        if not _float_for_integer(e):
+            raise _invalid(e) from e
+        batch = _decode_whole_numbers(body)
     except msgspec.DecodeError as e:
         raise _malformed(e) from e
     # What the Meta bounds cannot say: 0 is fine, a tiny nonzero value is not.
@@ -155,7 +237,9 @@ def decode_stored_batch(body: bytes | str) -> StoredBatch:
     try:
         batch = _stored_decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise _invalid(e) from e
+        if not _float_for_integer(e):
+            raise _invalid(e) from e
+        batch = _decode_stored_whole_numbers(body)
     except msgspec.DecodeError as e:
         raise _malformed(e) from e
     hr = batch.hr

@@ -440,13 +440,15 @@ def test_a_sample_below_the_smallest_double_is_stored_as_the_zero_acknowledged(
         ("hr", "1e-46"),
         ("spo2", "1e-46"),
         ("device_id", '"store-base\\n"'),
+        ("seq", "1.5"),
+        ("ts", "1764000000000.5"),
     ],
 )
 def test_a_value_its_column_cannot_hold_is_refused_naming_the_field(
     harness: StoreHarness, field: str, text: str
 ) -> None:
     token = harness.token(BASE_DEVICE)
-    status, reply = harness.post(_body(_batch(1, **{field: text})), token)
+    status, reply = harness.post(_body({**_batch(1), field: text}), token)
 
     assert (status, reply["error"]["details"]) == (422, {"field": field})
     harness.check_no_failures()
@@ -469,3 +471,14 @@ def test_the_smallest_values_a_real_holds_are_stored(
     seq = uuid.uuid4().int % MAX_SEQ
 
     assert _ingest_and_check(harness, _batch(seq, **{field: text})) == 202
+
+
+@pytest.mark.parametrize("form", ["{}.0", "{}e0", "{}.000E+0"])
+def test_a_seq_and_ts_written_as_whole_floats_are_the_integers_they_stand_for(
+    harness: StoreHarness, form: str
+) -> None:
+    """JSON Schema's ``integer`` (the OpenAPI document's) is any number without a fraction."""
+    seq = uuid.uuid4().int % 10**9
+    fields = {**_batch(seq), "seq": form.format(seq), "ts": form.format(1_764_000_000_000)}
+
+    assert _ingest_and_check(harness, fields) == 202
