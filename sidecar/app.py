@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from shared.health import HealthChecker
-from shared.httpserver import server_header
+from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
@@ -156,13 +156,17 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.App
     app.cleanup_ctx.extend([app[TRACING].export_ctx, _redis, _postgres, _http_client, _health])
     app.on_response_prepare.append(server_header)
     router = app.router
+    # Every route meets Expect: 100-continue and refuses any other expectation as JSON
+    # (expect_continue), as the service's do.
     if settings.metrics_enabled:
         app.cleanup_ctx.append(_telemetry)
-        router.add_get("/metrics", metrics_handler)
-    router.add_get("/", dashboard)
-    router.add_get("/dashboard/live", dashboard_live)
-    router.add_post("/signin", sign_in)
-    router.add_get("/health", health)
-    router.add_get("/health/liveness", liveness)
-    router.add_static("/static", _HERE / "static", append_version=False)
+        router.add_get("/metrics", metrics_handler, expect_handler=expect_continue)
+    router.add_get("/", dashboard, expect_handler=expect_continue)
+    router.add_get("/dashboard/live", dashboard_live, expect_handler=expect_continue)
+    router.add_post("/signin", sign_in, expect_handler=expect_continue)
+    router.add_get("/health", health, expect_handler=expect_continue)
+    router.add_get("/health/liveness", liveness, expect_handler=expect_continue)
+    router.add_static(
+        "/static", _HERE / "static", append_version=False, expect_handler=expect_continue
+    )
     return app
