@@ -124,17 +124,17 @@ class DeviceState:
             late,
         )
 
-    def encode_pending(self) -> str:
-        return _encoder.encode(self.pending).decode()
+    def encode_pending(self) -> bytes:
+        return _encoder.encode(self.pending)
 
-    def encode_runs(self) -> str:
+    def encode_runs(self) -> bytes:
         saved: dict[str, _Saved] = {}
         for name, run in self.runs.items():
             open_id = run.open.alert_id if isinstance(run.open, Episode) else run.open
             if run.start is None and run.last is None and open_id is None:
                 continue
             saved[name] = _Saved(run.start, run.last, open_id)
-        return _encoder.encode(saved).decode()
+        return _encoder.encode(saved)
 
 
 @dataclass(slots=True)

@@ -551,7 +551,12 @@ class ReadingsPersister:
         )
 
     async def _write(self, rows: list[Row]) -> tuple[int, int, Evaluation]:
-        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        # Results in binary: the inserted rows come back to be evaluated, and parse faster so.
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(binary=True) as cur,
+        ):
             async with cur.copy(_COPY) as copy:
                 await copy.write(b"".join(row.line for row in rows))
             await cur.execute(_INSERT)
