@@ -12,15 +12,19 @@ intervals within 30 % of the median (others are taken as missed or extra beats),
 
 Input is validated strictly (msgspec): malformed JSON 400, not JSON 415, too large 413, a
 bad field 422 (its path in ``details.field``), a window with no detectable pulse 422; never
-a 500 for bad input. Listens on ``PORT`` (default 8000).
+a 500 for bad input. Listens on ``PORT`` (default 8000), served as the service is
+(``shared/httpserver.py``): a request refused below the routes is a JSON 4xx, every answer
+says ``Server: pulsecal``, an ``Expect`` other than ``100-continue`` is a JSON 417. The
+probes answer anyone their status, the operator their details (``shared/access.py``).
 """
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -30,15 +34,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from loguru import logger
 
+from shared.access import health_reply
 from shared.cli import LOGGING_ENV, parse_program_args
-from shared.health import CheckResult, render_health
+from shared.health import now_result
+from shared.httpserver import HttpServer, Limits, expect_continue, server_header
 from shared.logs import install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
-from shared.version import build_version
 
 from .errors import error_response, fault_response
 
-__all__ = ("AnalysisError", "Estimate", "analyse", "create_app", "main")
+__all__ = ("AnalysisError", "Estimate", "analyse", "create_app", "main", "running")
 
 DEFAULT_PORT = 8000
 MAX_SAMPLES = 600_000  # ten minutes at 1 kHz
@@ -56,6 +61,12 @@ It serves until SIGTERM or SIGINT.
 """
 ENV_VARS = {
     "PORT": "HTTP port, on all interfaces (the service's default of 3001 does not apply)",
+    "HEALTH_DETAIL_TOKEN": "bearer token that sees health details (default: METRICS_TOKEN)",
+    "METRICS_TOKEN": "sees health details when HEALTH_DETAIL_TOKEN is unset",
+    "ENVIRONMENT": "with no token set, health details are shown only in development",
+    "HTTP_HEADER_TIMEOUT": "seconds a request head gets from its first byte (then 408)",
+    "HTTP_BODY_TIMEOUT": "seconds a request body gets once its head is in (then 408)",
+    "HTTP_KEEPALIVE_TIMEOUT": "seconds an idle keep-alive connection is kept open",
     **LOGGING_ENV,
 }
 
@@ -194,24 +205,32 @@ async def analyze(request: web.Request) -> web.Response:
 
 
 _STARTED = web.AppKey("started", float)
+_SETTINGS = web.AppKey("settings", Settings)
 
 
 async def health(request: web.Request) -> web.Response:
+    """Every probe: the process answers. Its pid and uptime for the operator alone."""
     uptime = round(time.time() - request.app[_STARTED], 1)
-    status, body, content_type = render_health(
-        {
-            "process": CheckResult(
-                up=True,
-                checked_at=time.time(),
-                duration_ms=0.0,
-                details={"pid": os.getpid(), "uptime_s": uptime},
-            )
-        },
-        accept=request.headers.get("Accept", ""),
-        version=build_version(),
+    return health_reply(
+        request,
+        {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)},
+        settings=request.app[_SETTINGS],
         service_id=_SERVICE_ID,
     )
-    return web.Response(status=status, body=body, content_type=content_type)
+
+
+async def _unrouted(request: web.Request) -> web.StreamResponse:
+    """The catch-all route, so that a request no other route takes meets
+    ``expect_continue`` too: 405 (with ``Allow``) for a known path, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound
 
 
 @web.middleware
@@ -229,28 +248,43 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def create_app(settings: Settings) -> web.Application:
-    del settings  # nothing to configure yet besides the port, which serve() takes
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_errors_as_json])
+    app[_SETTINGS] = settings
     app[_STARTED] = time.time()
-    app.router.add_post("/analyze", analyze)
+    app.on_response_prepare.append(server_header)
+    router = app.router
+    # Every route meets Expect: 100-continue and refuses any other expectation as JSON.
+    router.add_post("/analyze", analyze, expect_handler=expect_continue)
     for path in ("/health", "/health/liveness", "/health/readiness", "/health/startup"):
-        app.router.add_get(path, health)
+        router.add_get(path, health, expect_handler=expect_continue)
+    router.add_route("*", "/{path:.*}", _unrouted, expect_handler=expect_continue)
     return app
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, *, host: str, port: int) -> AsyncIterator[HttpServer]:
+    """The app listening on ``host``:``port`` (0: a free one, see ``HttpServer.port``)
+    through ``shared/httpserver.py``'s connections; leaving the block stops it."""
+    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
+    await runner.setup()
+    http = HttpServer(runner, limits=Limits.from_settings(settings))
+    try:
+        await http.start(host, port, reuse_address=True)
+        yield http
+    finally:
+        await http.close()
+        await runner.cleanup()
 
 
 async def serve(settings: Settings, *, port: int, host: str = "0.0.0.0") -> None:
     install_loop_handler(asyncio.get_running_loop())
-    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    logger.info("pulsecal-analysis listening on {}:{}", host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    async with running(settings, host=host, port=port) as http:
+        logger.info("pulsecal-analysis listening on {}:{}", host, http.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
     logger.info("shutdown complete")
 
 
