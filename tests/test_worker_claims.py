@@ -6,6 +6,7 @@ killed worker's entries within the test's bounds.
 """
 
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,18 +76,27 @@ async def batches_of(redis: Redis, keys: Keys, ids: list[bytes]) -> list[tuple[s
 async def kill_when_busy(
     redis: Redis, keys: Keys, migrated: str, device_ids: list[str], victim: WorkerProcess, pod: str
 ) -> tuple[float, list[tuple[str, int]]]:
-    """Kill ``victim`` while it holds entries; when, and the batches it held."""
+    """Kill ``victim`` while it holds entries; when, and the batches it held.
+
+    The victim is stopped (SIGSTOP) while its pending entries are read, so what it holds
+    cannot change between the look and the kill.
+    """
 
     async def holding() -> bool:
         stored = len(await stored_counts(migrated, device_ids))
         return stored >= 2000 and bool(await consumer_of(redis, keys, pod))
 
-    await eventually(holding, within=30, every=0.005)
-    consumer = await consumer_of(redis, keys, pod)
+    while True:
+        await eventually(holding, within=30, every=0.005)
+        victim.send_signal(signal.SIGSTOP)
+        consumer = await consumer_of(redis, keys, pod)
+        held = await pending_of(redis, keys, consumer) if consumer else []
+        if held:
+            break
+        victim.send_signal(signal.SIGCONT)
     victim.kill()
     killed_at = time.monotonic()
-    held = await batches_of(redis, keys, await pending_of(redis, keys, consumer))
-    return killed_at, held
+    return killed_at, await batches_of(redis, keys, held)
 
 
 async def stored_after(
