@@ -3,6 +3,7 @@
 Run from the repository root with the project's virtualenv::
 
     .venv/bin/python bench/worker.py [--entries 200000] [--duration 10] [--sustain 60]
+        [--episodes 0.3] [--no-service --rate 5000]
 
 Every process under test is pinned to core 0 (``taskset -c 0``); the load side (wrk, the
 stream writer, the harness's own ``redis-server``) to core 1. Postgres is the local one (a
@@ -15,10 +16,15 @@ and is not pinned: it is the worker's database, not the worker.
 2. Worker throughput: the stream is pre-filled with ``--entries`` batches in the service's
    exact entry format (``d`` = the batch JSON as wrk sends it, ``r`` = received ms); then
    ``pulsecal-worker`` (analysis off) persists them. Rows/s and samples/s are measured
-   between 10 % and 90 % of the way, from the persist group's acknowledgements.
-3. Sustained: a writer appends batches at the service's measured peak rate for
-   ``--sustain`` seconds while the worker runs; the backlog (the group's lag + pending) is
-   sampled every second.
+   between 10 % and 90 % of the way, from the persist group's acknowledgements. Each device
+   sends one batch (one second of data) per second of its own clock, in rotation; with
+   ``--episodes F`` a fraction F of the devices has ``hr`` 150 for 80 s out of every 120 s
+   (so their ``hr_high`` alerts open and clear), the others stay between 60 and 100.
+3. Sustained: a writer appends batches at the service's measured peak rate (``--rate``
+   with ``--no-service``) for ``--sustain`` seconds while the worker runs; the backlog (the
+   group's lag + pending) is sampled every second.
+
+``--no-service`` skips step 1 (for a machine without wrk, or to measure the worker alone).
 
 The report goes to stdout; raw figures to ``bench/results/worker.json``.
 """
@@ -87,10 +93,20 @@ def batch_body(device_id: str, seq: int, ts_ms: int, samples: int, rng: random.R
     ).encode()
 
 
-class Writer:
-    """Appends batches to the stream in the service's entry format, from core 1."""
+EPISODE_HR = 150.0  # above ALERT_HR_HIGH (120)
+EPISODE_ON_S, EPISODE_CYCLE_S = 80, 120  # longer than ALERT_HR_DURATION (60 s), then normal
 
-    def __init__(self, client: redis.Redis, devices: list[str], samples: int) -> None:
+
+class Writer:
+    """Appends batches to the stream in the service's entry format, from core 1.
+
+    Device ``i % n`` sends entry ``i``; its clock advances one second (one batch of 50
+    samples at 50 Hz) each time its turn comes round.
+    """
+
+    def __init__(
+        self, client: redis.Redis, devices: list[str], samples: int, *, episodes: float = 0.0
+    ) -> None:
         self._client = client
         self._devices = devices
         self._rng = random.Random(7)
@@ -98,20 +114,31 @@ class Writer:
         self._templates = [
             batch_body(d, 0, 0, samples, self._rng).split(b',"rate_hz"', 1)[1] for d in devices[:16]
         ]
+        self._hot_templates = [
+            t.split(b',"hr":', 1)[0] + b',"hr":%.1f,"spo2":97.0}' % EPISODE_HR
+            for t in self._templates
+        ]
+        self._in_episodes = round(episodes * len(devices))
         self._seq = time.time_ns() // 1_000_000
+        self._ts0 = self._seq
+        self._i = 0
         self.samples = samples
 
     def entries(self, count: int) -> list[dict[bytes, bytes]]:
         received = b"%d" % (time.time_ns() // 1_000_000)
         out = []
+        n = len(self._devices)
         for _ in range(count):
-            self._seq += 1
-            device = self._devices[self._seq % len(self._devices)]
+            i = self._i
+            self._i += 1
+            second = i // n
+            hot = i % n < self._in_episodes and second % EPISODE_CYCLE_S < EPISODE_ON_S
+            templates = self._hot_templates if hot else self._templates
             body = b'{"device_id":"%s","seq":%d,"ts":%d,"rate_hz"%s' % (
-                device.encode(),
-                self._seq,
-                self._seq,
-                self._templates[self._seq % len(self._templates)],
+                self._devices[i % n].encode(),
+                self._seq + i,
+                self._ts0 + second * 1000,
+                templates[i % len(templates)],
             )
             out.append({b"d": body, b"r": received})
         return out
@@ -252,6 +279,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=32)
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument(
+        "--episodes", type=float, default=0.0, help="fraction of devices with hr episodes (0)"
+    )
+    p.add_argument("--no-service", action="store_true", help="skip the service's peak (wrk)")
+    p.add_argument(
+        "--rate", type=float, default=5000.0, help="sustained rows/s with --no-service (5000)"
+    )
     p.add_argument("--output", type=Path, default=BENCH / "results" / "worker.json")
     args = p.parse_args(argv)
     # bench/run.py's Bench wants its own options; these are the ones it reads here.
@@ -284,29 +318,18 @@ def main(argv: list[str] | None = None) -> int:
         }
 
         # 1. The service's peak, as bench/run.py measures it.
-        service_bin = Path(sys.executable).with_name("pulsecal-service")
-        spec = ServerSpec(
-            "service",
-            (str(service_bin),),
-            tuple(
-                {
-                    **common,
-                    "POD_NAME": "bench",
-                    "READINGS_MAX_BACKLOG": HUGE_BACKLOG,
-                    "RATE_LIMIT_INGEST_MAX": "10000000",
-                }.items()
-            ),
-        )
-        server = bench.start_server(spec, "service")
-        bench.wrk(server.port, args.warmup, server.proc.pid)
-        peak = bench.wrk(server.port, args.duration, server.proc.pid)
-        bench.stop_server(server, "service")
+        if args.no_service:
+            peak = {"rps": args.rate, "non_2xx": 0, "cpu": {"process_cpu_pct": {}}}
+        else:
+            peak = service_peak(bench, args, common)
         peak_rps = peak["rps"] if not peak["non_2xx"] else 0.0
         peak_samples = peak_rps * args.samples
         client.flushall()
 
         # 2. The worker alone, on a full stream.
-        writer = Writer(client, [d.device_id for d in devices], args.samples)
+        writer = Writer(
+            client, [d.device_id for d in devices], args.samples, episodes=args.episodes
+        )
         worker_env = {
             **common,
             "POD_NAME": "bench-worker",
@@ -321,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Sustained at the service's peak rate.
         sustain = sustained(bench, client, writer, worker_env, peak_rps, args.sustain)
+        with psycopg.connect(database.url) as conn:
+            alerts = conn.execute(
+                "SELECT count(*), count(cleared_at) FROM alerts WHERE rule = 'hr_high'"
+            ).fetchone()
         result = {
+            "episodes": args.episodes,
+            "hr_high_alerts": {"opened": alerts[0], "cleared": alerts[1]} if alerts else None,
+            "service_measured": not args.no_service,
             "service_peak": {
                 "rps": peak["rps"],
                 "samples_per_s": round(peak_samples, 1),
@@ -353,17 +383,44 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"could not drop the bench database: {e}", file=sys.stderr)
 
 
+def service_peak(bench: Bench, args: argparse.Namespace, common: dict[str, str]) -> Any:
+    service_bin = Path(sys.executable).with_name("pulsecal-service")
+    spec = ServerSpec(
+        "service",
+        (str(service_bin),),
+        tuple(
+            {
+                **common,
+                "POD_NAME": "bench",
+                "READINGS_MAX_BACKLOG": HUGE_BACKLOG,
+                "RATE_LIMIT_INGEST_MAX": "10000000",
+            }.items()
+        ),
+    )
+    server = bench.start_server(spec, "service")
+    bench.wrk(server.port, args.warmup, server.proc.pid)
+    peak = bench.wrk(server.port, args.duration, server.proc.pid)
+    bench.stop_server(server, "service")
+    return peak
+
+
 def report(r: dict[str, Any]) -> str:
     s, w, u = r["service_peak"], r["worker"], r["sustained"]
     return "\n".join(
         [
             "| figure (core 0) | rows/s | samples/s |",
             "| --- | ---: | ---: |",
-            f"| service peak ingest (wrk, 50 samples/batch) | {s['rps']:,.0f} |"
-            f" {s['samples_per_s']:,.0f} |",
+            (
+                f"| service peak ingest (wrk, 50 samples/batch) | {s['rps']:,.0f} |"
+                f" {s['samples_per_s']:,.0f} |"
+                if r["service_measured"]
+                else f"| service not measured (--no-service); sustained at | {s['rps']:,.0f} |"
+                f" {s['samples_per_s']:,.0f} |"
+            ),
             f"| worker, persisted (10-90 % of {w['entries']:,} batches) | {w['rows_per_s']:,.0f} |"
             f" {w['samples_per_s']:,.0f} |",
             "",
+            f"devices in hr episodes: {r['episodes']:.0%}; hr_high alerts {r['hr_high_alerts']}",
             f"worker / service (samples/s): {r['worker_over_service_samples']}",
             f"worker CPU {w['worker_cpu_pct']} % of a core, {w['worker_us_per_row']} µs per row;"
             f" service CPU {s['server_cpu_pct']} %",
