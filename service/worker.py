@@ -25,14 +25,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from shared.access import health_reply
 from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
 from shared.health import (
     CheckResult,
     HealthChecker,
-    health_response,
     now_result,
     startup_results,
 )
+from shared.httpserver import HttpServer, Limits, expect_continue, server_header
 from shared.keys import Keys
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.settings import Settings, load_settings_or_exit
@@ -76,6 +77,9 @@ ENV_VARS = {
     "AI_SERVICE_URL": "analysis service (POST /analyze); no analysis jobs when unset",
     "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
     "SHUTDOWN_TIMEOUT": "seconds the persist round in hand gets to finish on SIGTERM",
+    "HEALTH_DETAIL_TOKEN": "operator token: health details (else METRICS_TOKEN)",
+    "METRICS_TOKEN": "the operator token when HEALTH_DETAIL_TOKEN is unset",
+    "ENVIRONMENT": "development shows health details when no operator token is set",
     **LOGGING_ENV,
     **TRACING_ENV,
 }
@@ -372,7 +376,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
 
 
 def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Response:
-    return health_response(request, results, service_id=_SERVICE_ID)
+    return health_reply(request, results, settings=request.app[SETTINGS], service_id=_SERVICE_ID)
 
 
 async def liveness(request: web.Request) -> web.Response:
@@ -419,6 +423,7 @@ def create_app(
 ) -> web.Application:
     """The worker. ``tracing`` and ``logs``: the process's (see ``service.app.create_app``)."""
     app = web.Application()
+    app.on_response_prepare.append(server_header)
     app[SETTINGS] = settings
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     if logs is not None:
@@ -432,7 +437,7 @@ def create_app(
         ("/health/startup", startup),
         ("/health", health),
     ):
-        app.router.add_get(path, probe)
+        app.router.add_get(path, probe, expect_handler=expect_continue)
     return app
 
 
@@ -448,8 +453,8 @@ async def serve(
     app = create_app(settings, tracing=tracing, logs=logs)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, settings.worker_port, reuse_address=True)
-    await site.start()
+    http = HttpServer(runner, limits=Limits.from_settings(settings))
+    await http.start(host, settings.worker_port, reuse_address=True)
     logger.info("{} probes on {}:{} as pod {}", PROGRAM, host, settings.worker_port, settings.pod)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -459,6 +464,7 @@ async def serve(
     logger.info("shutting down")
     app[WORKER].draining = True
     app[WORKER].persister.stop()
+    await http.close()
     await runner.cleanup()
     logger.info("shutdown complete")
 

@@ -448,6 +448,29 @@ async def test_probes_and_heartbeat_describe_the_worker(
     assert heartbeat.ws_connections == 0
 
 
+async def test_probes_give_anyone_the_status_and_the_operator_the_details(
+    start_worker: StartWorker,
+) -> None:
+    worker = await start_worker(metrics_token="operator-secret-token", environment="production")
+
+    async def started() -> bool:
+        return (await worker.get("/health/startup")).status == 200
+
+    await eventually(started)
+    anonymous = await worker.get("/health")
+    wrong = await worker.get("/health", headers={"Authorization": "Bearer nope"})
+    operator = await worker.get(
+        "/health", headers={"Authorization": "Bearer operator-secret-token"}
+    )
+
+    assert await anonymous.json() == {"status": "ok"}
+    assert await wrong.json() == {"status": "ok"}
+    assert set(await operator.json()) == {"status", "info", "error", "details"}
+    assert "database" in (await operator.json())["details"]
+    for response in (anonymous, wrong, operator):
+        assert response.headers["Server"] == "pulsecal"
+
+
 async def test_persist_telemetry_counts_rows_and_samples(
     start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
 ) -> None:
