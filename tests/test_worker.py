@@ -8,6 +8,7 @@ reference one (``service.analysis``), or, where it must fail on demand, a stand-
 import asyncio
 import dataclasses
 import math
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -451,7 +452,8 @@ async def test_probes_and_heartbeat_describe_the_worker(
 async def test_probes_give_anyone_the_status_and_the_operator_the_details(
     start_worker: StartWorker,
 ) -> None:
-    worker = await start_worker(metrics_token="operator-secret-token", environment="production")
+    token = uuid.uuid4().hex
+    worker = await start_worker(metrics_token=token, environment="production")
 
     async def started() -> bool:
         return (await worker.get("/health/startup")).status == 200
@@ -459,9 +461,7 @@ async def test_probes_give_anyone_the_status_and_the_operator_the_details(
     await eventually(started)
     anonymous = await worker.get("/health")
     wrong = await worker.get("/health", headers={"Authorization": "Bearer nope"})
-    operator = await worker.get(
-        "/health", headers={"Authorization": "Bearer operator-secret-token"}
-    )
+    operator = await worker.get("/health", headers={"Authorization": f"Bearer {token}"})
 
     assert await anonymous.json() == {"status": "ok"}
     assert await wrong.json() == {"status": "ok"}
