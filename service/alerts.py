@@ -269,8 +269,8 @@ class AlertEvaluator:
 
     async def _record(self, cur: Cursor, events: list[Episode | Clearing]) -> list[AlertChange]:
         """Insert the episodes, clear the alerts cleared; the changes in the order they happened."""
-        episodes = [e for e in events if isinstance(e, Episode)]
-        new = await self._insert(cur, episodes) if episodes else []
+        # Clearings first: an alert cleared here may be open in the table still, and the one
+        # open alert per device and rule would make a new episode of its rule conflict with it.
         clearings = [e for e in events if isinstance(e, Clearing)]
         cleared: set[int] = set()
         if clearings:
@@ -283,6 +283,8 @@ class AlertEvaluator:
                 ),
             )
             cleared = {row[0] for row in await cur.fetchall()}
+        episodes = [e for e in events if isinstance(e, Episode)]
+        new = await self._insert(cur, episodes) if episodes else []
         changes: list[AlertChange] = []
         for event in events:
             device_id, rule = event.device_id, event.rule.name

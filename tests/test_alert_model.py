@@ -381,7 +381,7 @@ def harness(migrated: str) -> Iterator[Harness]:
 
 
 @settings(
-    max_examples=30,
+    max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

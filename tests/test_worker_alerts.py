@@ -201,6 +201,28 @@ async def test_a_reading_later_than_the_bound_is_stored_skipped_by_the_rules_and
     ]
 
 
+async def test_an_alert_cleared_and_a_new_episode_of_its_rule_in_one_group_are_both_recorded(
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    device = device_of(keys, "twice")
+    await start_worker()
+    # Low SpO2 for 40 s: the alert opens at 30 s and is still open when the group is stored.
+    await add_readings(redis, keys, [reading(device, seq, spo2=85.0) for seq in range(41)])
+    await eventually(lambda: persisted(redis, keys))
+    # One group: back to normal at 41 s (clearing it), low again from 51 s for 70 s.
+    await add_readings(
+        redis,
+        keys,
+        [reading(device, seq, spo2=97.0 if seq <= 50 else 85.0) for seq in range(41, 121)],
+    )
+    await eventually(lambda: persisted(redis, keys))
+
+    assert await alert_rows(settings.database_url, device) == [
+        ("spo2_low", BASE_TS, BASE_TS + 30_000, BASE_TS + 41_000, 85.0),
+        ("spo2_low", BASE_TS + 51_000, BASE_TS + 81_000, None, 85.0),
+    ]
+
+
 async def test_worker_restarted_mid_episode_resumes_the_run_where_it_was(
     start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
 ) -> None:
