@@ -7,6 +7,7 @@ exactly once, whatever happened to the worker or to Postgres on the way.
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,7 +91,13 @@ async def test_kill_9_mid_batch_then_another_worker_stores_every_batch_exactly_o
         stored = len(await stored_counts(migrated, device_ids))
         return stored >= 2000 and (await group_state(redis, keys))[1] > 0
 
-    await eventually(some_stored_and_a_batch_in_hand, within=30, every=0.01)
+    # Stopped while its batch in hand is seen, so the kill cannot come just after its ack.
+    while True:
+        await eventually(some_stored_and_a_batch_in_hand, within=30, every=0.01)
+        first.send_signal(signal.SIGSTOP)
+        if (await group_state(redis, keys))[1] > 0:
+            break
+        first.send_signal(signal.SIGCONT)
     first.kill()
     _, pending_after_kill = await group_state(redis, keys)
     stored_at_kill = len(await stored_counts(migrated, device_ids))
