@@ -21,7 +21,7 @@ JSON has no NaN or infinity, and a number too large for a double is refused as o
 """
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -130,6 +130,7 @@ _stored_decoder = msgspec.json.Decoder(StoredBatch)
 _whole_decoder = msgspec.json.Decoder(_WholeNumbers)
 _stored_whole_decoder = msgspec.json.Decoder(_StoredWholeNumbers)
 _WHOLE_FIELDS = ("seq", "ts")
+_Batch = TypeVar("_Batch", PpgBatch, StoredBatch)
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED_FIELD = re.compile(r"field `(?P<name>[^`]+)`")
 
@@ -179,36 +180,28 @@ def _whole(value: int | float, field: str) -> int:
     return value
 
 
-def _decode_whole_numbers(body: bytes | str) -> PpgBatch:
+def _whole_numbers(
+    decoder: "msgspec.json.Decoder[Any]", body: bytes | str, batch_type: type[_Batch]
+) -> _Batch:
+    """``body`` by the lenient ``decoder``, as ``batch_type`` with ``seq`` and ``ts`` integers."""
     try:
-        whole = _whole_decoder.decode(body)
+        whole = decoder.decode(body)
     except msgspec.ValidationError as e:
         raise _invalid(e) from e
-    return PpgBatch(
-        device_id=whole.device_id,
-        seq=_whole(whole.seq, "seq"),
-        ts=_whole(whole.ts, "ts"),
-        rate_hz=whole.rate_hz,
-        ppg=whole.ppg,
-        hr=whole.hr,
-        spo2=whole.spo2,
-    )
+    fields = msgspec.structs.asdict(whole)
+    fields["seq"] = _whole(whole.seq, "seq")
+    fields["ts"] = _whole(whole.ts, "ts")
+    return batch_type(**fields)
 
 
-def _decode_stored_whole_numbers(body: bytes | str) -> StoredBatch:
-    try:
-        whole = _stored_whole_decoder.decode(body)
-    except msgspec.ValidationError as e:
-        raise _invalid(e) from e
-    return StoredBatch(
-        device_id=whole.device_id,
-        seq=_whole(whole.seq, "seq"),
-        ts=_whole(whole.ts, "ts"),
-        rate_hz=whole.rate_hz,
-        ppg=whole.ppg,
-        hr=whole.hr,
-        spo2=whole.spo2,
-    )
+def _check_vitals(batch: PpgBatch | StoredBatch) -> None:
+    """What the Meta bounds cannot say: 0 is fine, a tiny nonzero value is not."""
+    hr = batch.hr
+    if hr is not None and 0.0 < hr <= REAL_UNDERFLOW:
+        raise _underflowing("hr", hr)
+    spo2 = batch.spo2
+    if spo2 is not None and 0.0 < spo2 <= REAL_UNDERFLOW:
+        raise _underflowing("spo2", spo2)
 
 
 def decode_batch(body: bytes | str) -> PpgBatch:
@@ -218,16 +211,10 @@ def decode_batch(body: bytes | str) -> PpgBatch:
     except msgspec.ValidationError as e:
         if not _float_for_integer(e):
             raise _invalid(e) from e
-        batch = _decode_whole_numbers(body)
+        batch = _whole_numbers(_whole_decoder, body, PpgBatch)
     except msgspec.DecodeError as e:
         raise _malformed(e) from e
-    # What the Meta bounds cannot say: 0 is fine, a tiny nonzero value is not.
-    hr = batch.hr
-    if hr is not None and 0.0 < hr <= REAL_UNDERFLOW:
-        raise _underflowing("hr", hr)
-    spo2 = batch.spo2
-    if spo2 is not None and 0.0 < spo2 <= REAL_UNDERFLOW:
-        raise _underflowing("spo2", spo2)
+    _check_vitals(batch)
     return batch
 
 
@@ -239,13 +226,8 @@ def decode_stored_batch(body: bytes | str) -> StoredBatch:
     except msgspec.ValidationError as e:
         if not _float_for_integer(e):
             raise _invalid(e) from e
-        batch = _decode_stored_whole_numbers(body)
+        batch = _whole_numbers(_stored_whole_decoder, body, StoredBatch)
     except msgspec.DecodeError as e:
         raise _malformed(e) from e
-    hr = batch.hr
-    if hr is not None and 0.0 < hr <= REAL_UNDERFLOW:
-        raise _underflowing("hr", hr)
-    spo2 = batch.spo2
-    if spo2 is not None and 0.0 < spo2 <= REAL_UNDERFLOW:
-        raise _underflowing("spo2", spo2)
+    _check_vitals(batch)
     return batch
