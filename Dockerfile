@@ -8,8 +8,8 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# Build: the tools venv (pip, setuptools, wheel, exactly as requirements/tools.txt locks them)
-# builds the project's wheel and installs it, with exactly requirements/runtime.txt, into the
+# Build: the tools venv (pip, setuptools, wheel, exactly as requirements-tools.txt locks them)
+# builds the project's wheel and installs it, with exactly requirements.txt, into the
 # runtime venv, which never gets pip. Wheels only for dependencies: every one ships manylinux
 # wheels, so no compiler. Byte-compiled ahead of time: the root filesystem is read-only at run time.
 FROM ${PYTHON_IMAGE} AS build
@@ -17,12 +17,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ONLY_BINARY=:all:
 WORKDIR /src
-COPY requirements/tools.txt requirements/runtime.txt ./requirements/
+COPY requirements-tools.txt requirements.txt ./
 RUN python -m venv /opt/tools \
-    && /opt/tools/bin/pip install --require-hashes --no-deps -r requirements/tools.txt \
+    && /opt/tools/bin/pip install --require-hashes --no-deps -r requirements-tools.txt \
     && python -m venv --without-pip /opt/pulsecal \
     && /opt/tools/bin/pip --python /opt/pulsecal/bin/python install --require-hashes --no-deps \
-        -r requirements/runtime.txt
+        -r requirements.txt
 COPY pyproject.toml setup.cfg README.md ./
 COPY shared ./shared
 COPY service ./service

@@ -1,10 +1,10 @@
 # PulseCal: `make run` starts the whole stack locally, `make test` runs the test suite.
-# Every install comes from the committed locks in requirements/ (docs/dependencies.md).
+# Every install comes from the committed locks requirements*.txt (docs/dependencies.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-LOCKS := requirements/tools.txt requirements/runtime.txt requirements/dev.txt
+LOCKS := requirements-tools.txt requirements.txt requirements-dev.txt
 # pip-compile with hashes, every pin (pip and setuptools too), no machine-specific index lines.
 PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
@@ -15,8 +15,8 @@ PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet
 # project itself without touching its dependencies; pip check proves the set is complete.
 $(INSTALLED): setup.cfg pyproject.toml $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/tools.txt
-	$(VENV)/bin/pip-sync -q --pip-args "--no-deps --disable-pip-version-check" requirements/dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements-tools.txt
+	$(VENV)/bin/pip-sync -q --pip-args "--no-deps --disable-pip-version-check" requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check -q
 	touch $@
@@ -38,13 +38,13 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Regenerate the locks from setup.cfg and requirements/tools.in, keeping every pin that still
+# Regenerate the locks from setup.cfg and requirements-tools.in, keeping every pin that still
 # satisfies them. Order matters: runtime and dev are constrained to the pins before them.
 lock: install
-	$(PIP_COMPILE) -o requirements/tools.txt requirements/tools.in
-	$(PIP_COMPILE) -c requirements/tools.txt -o requirements/runtime.txt setup.cfg
-	$(PIP_COMPILE) --all-extras -c requirements/tools.txt -c requirements/runtime.txt \
-		-o requirements/dev.txt setup.cfg requirements/tools.in
+	$(PIP_COMPILE) -o requirements-tools.txt requirements-tools.in
+	$(PIP_COMPILE) -c requirements-tools.txt -o requirements.txt setup.cfg
+	$(PIP_COMPILE) --all-extras -c requirements-tools.txt -c requirements.txt \
+		-o requirements-dev.txt setup.cfg requirements-tools.in
 
 # Every package to the newest release the constraints allow, then the whole suite on it.
 upgrade: LOCK_ARGS = --upgrade

@@ -2,7 +2,7 @@
 
 Offline on purpose: ``make lock`` asks the index, this test only reads files and installed
 metadata, so it gives the same answer whatever the registries serve today. It fails when
-setup.cfg or requirements/tools.in gains, loses or narrows a dependency without ``make lock``.
+setup.cfg or requirements-tools.in gains, loses or narrows a dependency without ``make lock``.
 """
 
 import configparser
@@ -18,14 +18,13 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "requirements"
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
 _PROJECT = canonicalize_name("pulsecal")
 
 
 def _read_lock(name: str) -> dict[NormalizedName, Version]:
     pins: dict[NormalizedName, Version] = {}
-    lines = (REQUIREMENTS / name).read_text().splitlines()
+    lines = (ROOT / name).read_text().splitlines()
     for number, line in enumerate(lines):
         match = _PIN.match(line)
         if match is None:
@@ -58,7 +57,7 @@ def _project_requirements() -> tuple[list[Requirement], list[Requirement]]:
 
 
 def _tools_requirements() -> list[Requirement]:
-    return list(_requirement_lines((REQUIREMENTS / "tools.in").read_text().splitlines()))
+    return list(_requirement_lines((ROOT / "requirements-tools.in").read_text().splitlines()))
 
 
 def _applies(requirement: Requirement, extra: str = "") -> bool:
@@ -107,14 +106,14 @@ def _assert_satisfied(
 
 def test_the_locks_satisfy_the_metadata_they_come_from() -> None:
     runtime, extras = _project_requirements()
-    _assert_satisfied(runtime, _read_lock("runtime.txt"))
-    _assert_satisfied(runtime + extras + _tools_requirements(), _read_lock("dev.txt"))
-    _assert_satisfied(_tools_requirements(), _read_lock("tools.txt"))
+    _assert_satisfied(runtime, _read_lock("requirements.txt"))
+    _assert_satisfied(runtime + extras + _tools_requirements(), _read_lock("requirements-dev.txt"))
+    _assert_satisfied(_tools_requirements(), _read_lock("requirements-tools.txt"))
 
 
-@pytest.mark.parametrize("subset", ["runtime.txt", "tools.txt"])
+@pytest.mark.parametrize("subset", ["requirements.txt", "requirements-tools.txt"])
 def test_every_lock_pins_the_same_versions_as_the_dev_lock(subset: str) -> None:
-    dev = _read_lock("dev.txt")
+    dev = _read_lock("requirements-dev.txt")
     pins = _read_lock(subset)
     assert {name: dev.get(name) for name in pins} == pins
 
@@ -123,9 +122,9 @@ def test_the_locks_pin_exactly_what_the_metadata_needs() -> None:
     """Nothing missing, nothing stale: a dependency dropped from setup.cfg leaves the lock too."""
     runtime, extras = _project_requirements()
     tools = _tools_requirements()
-    assert set(_read_lock("runtime.txt")) == _closure(runtime)
-    assert set(_read_lock("tools.txt")) == _closure(tools)
-    assert set(_read_lock("dev.txt")) == _closure(runtime + extras + tools)
+    assert set(_read_lock("requirements.txt")) == _closure(runtime)
+    assert set(_read_lock("requirements-tools.txt")) == _closure(tools)
+    assert set(_read_lock("requirements-dev.txt")) == _closure(runtime + extras + tools)
 
 
 def test_the_environment_is_exactly_the_dev_lock() -> None:
@@ -134,11 +133,11 @@ def test_the_environment_is_exactly_the_dev_lock() -> None:
         for dist in metadata.distributions()
     }
     assert installed.pop(_PROJECT) == Version(metadata.version("pulsecal"))
-    assert installed == _read_lock("dev.txt")
+    assert installed == _read_lock("requirements-dev.txt")
 
 
 def test_aiohttp_is_locked_to_the_release_its_fast_paths_were_written_against() -> None:
     # service/acks.py and service/wsframes.py reach into aiohttp internals; their
     # fast-path-taken tests trip on an upgrade that changes them. Moving this pin is an
     # upgrade of its own: run those tests, then change the version here.
-    assert _read_lock("runtime.txt")[canonicalize_name("aiohttp")] == Version("3.14.5")
+    assert _read_lock("requirements.txt")[canonicalize_name("aiohttp")] == Version("3.14.5")
