@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every PulseCal program; the container's command picks the program:
 #   pulsecal-service (default, :3001), pulsecal-sidecar (:9464), pulsecal-worker (:3002),
-#   pulsecal-analysis (:8000), pulsecal-admin, pulsecal-sim
+#   pulsecal-analysis (:8000), pulsecal-admin
 # Build: docker build -t pulsecal:dev .      Run: docker run --rm pulsecal:dev pulsecal-sidecar
 # It runs as uid 10001 with a read-only root filesystem: LOG_DIR and /tmp must be writable
 # volumes (the Kubernetes manifests mount emptyDirs there).
@@ -24,8 +24,12 @@ RUN python -m venv /opt/tools \
     && /opt/tools/bin/pip --python /opt/pulsecal/bin/python install --require-hashes --no-deps \
         -r requirements.txt
 COPY pyproject.toml setup.cfg README.md ./
+# One package per process and shared/; devtools/ (simulator, local stack) stays out.
 COPY shared ./shared
 COPY service ./service
+COPY worker ./worker
+COPY analysis ./analysis
+COPY admin ./admin
 COPY sidecar ./sidecar
 RUN /opt/tools/bin/pip wheel --no-deps --no-build-isolation --no-binary=pulsecal -w /tmp/dist . \
     && /opt/tools/bin/pip --python /opt/pulsecal/bin/python install --no-deps /tmp/dist/pulsecal-*.whl \

@@ -12,19 +12,21 @@ PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet
 .PHONY: install run test lint format bench clean lock upgrade lock-check
 
 # The tools first (pip, pip-tools, the build backend), then exactly the dev lock, then the
-# project itself without touching its dependencies; pip check proves the set is complete.
-$(INSTALLED): setup.cfg pyproject.toml $(LOCKS)
+# project and its development tools (devtools/, a distribution the image never ships) without
+# touching their dependencies; pip check proves the set is complete.
+$(INSTALLED): setup.cfg pyproject.toml devtools/pyproject.toml $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements-tools.txt
 	$(VENV)/bin/pip-sync -q --pip-args "--no-deps --disable-pip-version-check" requirements-dev.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+		-e . -e ./devtools
 	$(PY) -m pip check -q
 	touch $@
 
 install: $(INSTALLED)
 
 run: install
-	$(PY) -m service.devstack
+	$(PY) -m devtools.devstack
 
 test: install
 	$(PY) -m pytest
@@ -32,7 +34,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict service sidecar shared
+	$(VENV)/bin/mypy --strict service worker analysis admin sidecar shared devtools
 
 format: install
 	$(VENV)/bin/ruff check --fix .
@@ -53,7 +55,7 @@ upgrade: lock
 
 # Offline (also part of make test): the locks agree with each other, with setup.cfg and tools.in, and with the venv.
 lock-check: install
-	$(PY) -m pytest -q tests/test_lock.py
+	$(PY) -m pytest -q tests/deploy/test_lock.py
 
 BENCH_ARGS ?=
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvloop
 
 from service import store
+from service.fastpath.resp import RespConnection, encode_command
 from service.ratelimit import Policy, Window
-from service.resp import RespConnection, encode_command
 from shared.keys import Keys
 
 BATCH = 16

@@ -18,7 +18,7 @@ TARGET = ROOT / "k8s" / "components" / "prometheus-operator" / "prometheusrule.y
 
 _HEADER = """\
 # GENERATED from ops/alerts.yml by `python ops/sync_rules.py`: edit that file, not this one.
-# The same rules for a Prometheus run by the prometheus-operator (tests/test_ops.py checks
+# The same rules for a Prometheus run by the prometheus-operator (tests/deploy/test_ops.py checks
 # that the two agree). Part of the optional component k8s/components/prometheus-operator (see
 # docs/deploy.md). Your Prometheus resource may select rules by a label (e.g. `release`): add
 # it in an overlay.

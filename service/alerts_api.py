@@ -19,11 +19,12 @@ import msgspec
 import psycopg
 from aiohttp import web
 
+from shared.alerts import list_alerts
+from shared.appkeys import PG_POOL, SETTINGS
+from shared.errors import error_response
 from shared.wire import DEVICE_ID_PATTERN
 
-from .alerts import list_alerts
-from .appkeys import INGEST, PG_POOL, SETTINGS
-from .errors import error_response
+from .appkeys import INGEST
 
 __all__ = ("ALERTS_ROUTE", "get_alerts")
 

@@ -14,10 +14,13 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.appkeys import CHECKER, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING
 from shared.health import HealthChecker
 from shared.httpserver import SERVER, HttpServer, expect_continue
 from shared.keys import Keys
 from shared.logs import Logs
+from shared.reporting import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
+from shared.resources import health_checks, http_client, pool_stats, static_details
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, encode_heartbeat
@@ -25,25 +28,14 @@ from shared.tracing import Tracing
 from shared.version import build_version
 
 from . import alerts_api, openapi, probes
-from .appkeys import (
-    CHECKER,
-    INGEST,
-    LOGS,
-    PG_POOL,
-    REDIS_AUX,
-    REDIS_DATA,
-    SETTINGS,
-    TRACING,
-)
+from .appkeys import INGEST, REDIS_DATA
 from .edge import UNMATCHED, instrumented, not_found
+from .fastpath.keepalive import close_going_away, keep_alive
+from .fastpath.resp import RespConnection
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
-from .keepalive import close_going_away, keep_alive
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
-from .resources import health_checks, http_client, pool_stats, static_details
-from .resp import RespConnection
 from .state import IngestState
 from .store import BacklogMonitor, ReadingsWriter
-from .telemetry import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from .tokens import TokenCache, TokenRefresher
 
 __all__ = ("create_app", "drain")

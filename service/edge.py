@@ -11,11 +11,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from shared.appkeys import TRACING
+from shared.errors import CLIENT_CLOSED, error_response, fault_response, hung_up
 from shared.telemetry import Kind
 from shared.tracing import TRACEPARENT
 
-from .appkeys import INGEST, TRACING
-from .errors import CLIENT_CLOSED, error_response, fault_response, hung_up
+from .appkeys import INGEST
 from .ratelimit import Policy, RateLimitUnavailableError, over_limit_record, rate_limit_headers
 
 __all__ = ("UNMATCHED", "count_hang_up", "instrumented", "not_found")

@@ -16,15 +16,16 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from loguru import logger
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, set_span_in_context
 
+from shared.errors import error_body, error_response, fault_response
 from shared.telemetry import Kind
 from shared.tracing import TRACEPARENT, format_traceparent, links_from
 from shared.wire import BatchError, decode_batch
 
-from .acks import AckResponse
 from .appkeys import INGEST
 from .edge import count_hang_up
-from .errors import error_body, error_response, fault_response
-from .keepalive import Peer
+from .fastpath.acks import AckResponse
+from .fastpath.keepalive import Peer
+from .fastpath.wsframes import TextSocket
 from .ratelimit import (
     Decision,
     RateLimitUnavailableError,
@@ -35,7 +36,6 @@ from .ratelimit import (
 )
 from .state import IngestState
 from .store import StoreUnavailableError, WriteResult
-from .wsframes import TextSocket
 
 __all__ = ("HTTP_ROUTE", "WS_ROUTE", "ingest_http", "ingest_ws")
 
@@ -329,7 +329,7 @@ class _Message:
 class _DeviceSocket:
     """A device's socket: each text message is validated and submitted as it is parsed, and
     answered, in the order received, as soon as its write returns. The handler's task is
-    not resumed per message (``service/wsframes.py``); a device may send several messages
+    not resumed per message (``service/fastpath/wsframes.py``); a device may send several messages
     without waiting, up to ``MAX_UNANSWERED``. Kept small: a pod holds thousands.
 
     It holds its device's token (``TokenHolder``): when the token cache applies a revocation
@@ -361,7 +361,7 @@ class _DeviceSocket:
         self.ws = TextSocket(
             self.take,
             max_msg_size=state.max_body_bytes,
-            # Keep-alive is one sweeper task for all sockets (service/keepalive.py), which
+            # Keep-alive is one sweeper task for all sockets (service/fastpath/keepalive.py), which
             # sees pings and pongs only when they are not answered and swallowed here.
             autoping=False,
             # Device batches are small and CPU is the scarce resource on the ingest path.

@@ -3,7 +3,7 @@
 The request body's schema is ``shared.wire.PpgBatch`` itself, through msgspec's JSON Schema
 generator, so every bound the decoder enforces is in the document. The handlers write their
 answers as bytes or plain dicts (the hot path never builds a Struct to encode it); the Structs
-below describe those answers, and ``tests/test_fuzz.py`` holds the running service to them.
+below describe those answers, and ``tests/service/test_fuzz.py`` holds the running service to them.
 The WebSocket protocol is in ``docs/websocket.md``.
 
 The document is committed as ``docs/api/openapi.json``; regenerate it with
@@ -19,10 +19,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
+from shared.errors import CODES
 from shared.httpserver import ACCEPT_ENCODING
 from shared.wire import DEVICE_ID_PATTERN, PpgBatch
-
-from .errors import CODES
 
 __all__ = ("OPENAPI_ROUTE", "build_document", "document_bytes", "openapi_handler")
 

@@ -9,9 +9,10 @@ import time
 from aiohttp import web
 
 from shared.access import health_reply
+from shared.appkeys import CHECKER, SETTINGS
 from shared.health import CheckResult, now_result, startup_results
 
-from .appkeys import CHECKER, INGEST, SETTINGS
+from .appkeys import INGEST
 
 __all__ = ("health", "liveness", "readiness", "startup")
 

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from shared.reporting import LoopLagMonitor, Telemetry
 from shared.tracing import Tracing
 
-from .keepalive import Peer
+from .fastpath.keepalive import Peer
 from .ratelimit import Policy, RateLimiter, TrustedProxies
 from .store import BacklogMonitor, ReadingsWriter
-from .telemetry import LoopLagMonitor, Telemetry
 from .tokens import TokenCache
 
 __all__ = ("IngestState",)

@@ -20,8 +20,8 @@ from redis.exceptions import RedisError, ResponseError
 from shared.keys import Keys
 from shared.tasks import cancel_and_wait
 
+from .fastpath.resp import RespConnection, encode_bulk_strings, encode_command
 from .ratelimit import GCRA_LUA, Policy
-from .resp import RespConnection, encode_bulk_strings, encode_command
 
 __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 

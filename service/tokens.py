@@ -19,7 +19,7 @@ from loguru import logger
 from psycopg import Error as PsycopgError
 from psycopg_pool import AsyncConnectionPool
 
-from .devices import TokenChange, load_token_changes
+from shared.devices import TokenChange, load_token_changes
 
 __all__ = ("TokenCache", "TokenHolder", "TokenRefresher", "next_refresh_in")
 

@@ -35,7 +35,7 @@ aiohttp's own ``data_received`` from the handshake on. One task checks the deadl
 a second or so, over the connections that are not WebSockets.
 
 aiohttp has no public hook for any of this, so the module relies on aiohttp's internals, here
-and nowhere else (``tests/test_protocol.py`` fails on the pinned aiohttp if they change):
+and nowhere else (``tests/shared/test_protocol.py`` fails on the pinned aiohttp if they change):
 ``RequestHandler``'s methods ``handle_error`` (given the parser's exception for a refused
 head), ``log_exception`` (given a payload error from the read after the handler),
 ``data_received``, ``set_parser``, ``connection_made``, ``connection_lost``, its attributes

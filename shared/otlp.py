@@ -4,7 +4,7 @@ The exporter's encoder builds a protobuf message object per span, attribute and 
 then serializes them, all of it on the service's event loop (its cost per span and this
 encoder's: BENCHMARKS.md, "What tracing costs a request"). This writes the same bytes (field
 for field, in field order, as the reference encoder's output serializes;
-``tests/test_tracing.py`` holds the two equal) from the spans' own data in one pass, with
+``tests/service/test_tracing.py`` holds the two equal) from the spans' own data in one pass, with
 each resource and instrumentation scope encoded once per process. The attributes of spans,
 events and links go through the caller's ``sanitize`` on the way (so no count of dropped
 attributes is sent: the SDK's counts would tell nothing about what the allow-list removed).

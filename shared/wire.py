@@ -2,7 +2,7 @@
 
 Limits here are part of the public contract (README, "Ingestion API"). Every batch they let
 through can be stored as decoded: they are the bounds of the ``readings`` columns
-(``service/devices.py``) or tighter, so nothing acknowledged is refused by Postgres later.
+(``shared/devices.py``) or tighter, so nothing acknowledged is refused by Postgres later.
 
 - ``seq``, ``ts``: ``bigint``, far inside it (``ts`` becomes a ``timestamptz``).
 - ``rate_hz``, ``hr``, ``spo2``: ``real`` (float4). The worker copies the decoded double,
@@ -11,7 +11,7 @@ through can be stored as decoded: they are the bounds of the ``readings`` column
   The top of the real range (3.4028235e38) is far above every bound here.
 - ``ppg``: ``double precision[]``, which holds every double a sample can decode to. The
   samples are copied as the device wrote them; a text that underflows a double (``1e-400``)
-  decodes to 0 here, and the worker stores 0 for it (``service/persist.py``), as Postgres
+  decodes to 0 here, and the worker stores 0 for it (``worker/persist.py``), as Postgres
   would refuse the text itself.
 - ``device_id``: ASCII letters, digits and ``._:-``, so no NUL, no newline, nothing COPY
   would have to escape.

@@ -7,7 +7,7 @@ share the machine's servers without seeing each other's data.
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
@@ -17,14 +17,11 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from service.app import create_app
-from service.devices import add_device, upgrade_schema
+from shared.devices import add_device
 from shared.keys import Keys
+from shared.schema import upgrade_schema
 from shared.settings import Settings
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+from tests.support.env import POSTGRES_URL, REDIS_URL, AiohttpClient, Device, DeviceFactory
 
 
 @pytest.fixture(scope="session")
@@ -99,32 +96,6 @@ def settings(migrated: str, key_prefix: str, tmp_path: Any) -> Settings:
         write_timeout=1.0,
         max_body_bytes=64 * 1024,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class Device:
-    device_id: str
-    token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
-
-    def batch(self, seq: int, **overrides: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "device_id": self.device_id,
-            "seq": seq,
-            "ts": 1_764_000_000_000 + seq * 1000,
-            "rate_hz": 50,
-            "ppg": [0.5, 0.6, 0.7, 0.65],
-            "hr": 72,
-            "spo2": 98,
-        }
-        body.update(overrides)
-        return body
-
-
-DeviceFactory = Callable[[], Awaitable[Device]]
 
 
 @pytest.fixture

@@ -1,0 +1,26 @@
+"""Typed keys of what every PulseCal process keeps on its aiohttp application.
+
+A program's own keys (the service's ingest state, the worker's state) live in its package.
+"""
+
+from aiohttp import ClientSession, web
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from .health import HealthChecker
+from .logs import Logs
+from .settings import Settings
+from .tracing import Tracing
+
+__all__ = ("CHECKER", "HTTP_CLIENT", "LOGS", "PG_POOL", "REDIS_AUX", "SETTINGS", "TRACING")
+
+SETTINGS = web.AppKey("settings", Settings)
+# The redis-py client for everything but the service's group-committed writes: telemetry,
+# heartbeats, health checks, the worker's stream reads.
+REDIS_AUX = web.AppKey("redis_aux", Redis)
+PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
+HTTP_CLIENT = web.AppKey("http_client", ClientSession)
+CHECKER = web.AppKey("checker", HealthChecker)
+TRACING = web.AppKey("tracing", Tracing)
+# Only when the process set logging up (not in tests): for the Logstash drop count.
+LOGS = web.AppKey("logs", Logs)

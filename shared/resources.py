@@ -1,0 +1,68 @@
+"""What the service and the worker both keep on their application: the HTTP client (the AI
+service's calls) and the dependency checks behind their health probes."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
+from .health import Check, ai_services_check, disk_check, redis_check, threshold_check
+from .reporting import process_memory
+from .settings import Settings
+
+__all__ = ("health_checks", "http_client", "pool_stats", "static_details")
+
+
+async def http_client(app: web.Application) -> AsyncIterator[None]:
+    timeout = app[SETTINGS].health_check_timeout_ms / 1000
+    async with app[TRACING].client_session(timeout) as session:
+        app[HTTP_CLIENT] = session
+        yield
+
+
+def health_checks(app: web.Application) -> dict[str, Check]:
+    settings = app[SETTINGS]
+    pool = app[PG_POOL]
+    redis = app[REDIS_AUX]
+    session = app[HTTP_CLIENT]
+
+    async def database() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    mb = 1024 * 1024
+    return {
+        "database": database,
+        "redis": redis_check(redis),
+        "ai-services": ai_services_check(settings.ai_service_url, session),
+        "memory_heap": threshold_check(
+            lambda: process_memory()[1] // mb, settings.memory_heap_threshold_mb, "MB"
+        ),
+        "memory_rss": threshold_check(
+            lambda: process_memory()[0] // mb, settings.memory_rss_threshold_mb, "MB"
+        ),
+        "disk": disk_check(settings.log_dir, settings.disk_threshold_percent),
+    }
+
+
+def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
+    redis = urlsplit(settings.redis_url)
+    details: dict[str, dict[str, Any]] = {
+        "redis": {"host": redis.hostname or "localhost", "port": redis.port or 6379}
+    }
+    if settings.ai_service_url is not None:
+        details["ai-services"] = {"url": settings.ai_service_url}
+    return details
+
+
+def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
+    """The Postgres pool as the heartbeat reports it: size, available, waiting."""
+    stats = pool.get_stats()
+    return {
+        "size": stats.get("pool_size", 0),
+        "available": stats.get("pool_available", 0),
+        "waiting": stats.get("requests_waiting", 0),
+    }

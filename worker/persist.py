@@ -1,0 +1,694 @@
+"""Readings from the Redis stream to Postgres: exactly once in ``readings``, whatever crashes.
+
+One consumer group (``persist``) on the readings stream; every worker process is a consumer
+of its own. A round reads up to ``WORKER_BATCH`` entries (``XREADGROUP``), copies them into
+a per-connection temporary table with one ``COPY`` and inserts them into ``readings`` with
+``ON CONFLICT (device_id, ts, seq) DO NOTHING``; the device status and the vital alert rules
+are updated in the same transaction. The entries are acknowledged (``XACK``) only after the
+commit. So a crash before the commit leaves them pending and they are stored later; a crash
+between commit and acknowledgement has them delivered again, and the conflict clause keeps
+them from being stored twice.
+
+Entries a dead consumer left pending (its process's heartbeat is gone, or is another
+process's: ``worker.consumers``) are claimed at once, before any new entry is read; any
+entry idle for ``WORKER_CLAIM_IDLE`` is claimed (``XAUTOCLAIM``) as well. While Postgres is
+unavailable the round is retried with backoff (no new entries are read meanwhile, and
+retries do not count as deliveries). An entry that is
+not a valid batch goes to the dead-letter stream at once; one that Postgres refuses is
+found by trying the entries one by one (each in a savepoint), left pending with the reason
+recorded, and moved to the dead-letter stream once it has been delivered
+``WORKER_DEAD_LETTER_AFTER`` times; so is an entry that kept being delivered without ever
+being acknowledged (one that crashes its consumer, say).
+
+Trimming (``StreamJanitor``): an entry may go only once every consumer group has
+acknowledged it. For each group the first entry it may still need is its oldest pending
+entry, or, with nothing pending, the one after its last-delivered id; the stream is trimmed
+(``XTRIM MINID``, exact) below the smallest of these over all groups, and not at all while it has
+no group.
+"""
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import psycopg
+from loguru import logger
+from opentelemetry.trace import SpanKind
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared.keys import Keys
+from shared.reporting import Telemetry
+from shared.telemetry import Kind
+from shared.tracing import Tracing, links_from, remote_context
+from shared.wire import MAX_SAMPLES, BatchError, decode_stored_batch
+
+from .alerts import AlertChange, AlertEvaluator, Evaluation, update_device_status
+from .consumers import DeadConsumers
+
+__all__ = (
+    "PERSIST_GROUP",
+    "STAGING_DDL",
+    "ReadingsPersister",
+    "Row",
+    "StreamJanitor",
+    "decode_entry",
+    "ensure_group",
+    "ensure_partitions",
+    "safe_trim_id",
+    "stream_entries",
+)
+
+PERSIST_GROUP = "persist"
+
+# Created on every pooled connection (the pool's ``configure``); emptied by every commit.
+STAGING_DDL = """
+    CREATE TEMP TABLE IF NOT EXISTS readings_staging (
+        device_id   text NOT NULL,
+        seq         bigint NOT NULL,
+        ts_ms       bigint NOT NULL,
+        rate_hz     real NOT NULL,
+        ppg         double precision[] NOT NULL,
+        hr          real,
+        spo2        real,
+        received_ms bigint NOT NULL
+    ) ON COMMIT DELETE ROWS
+"""
+_COPY = (
+    "COPY readings_staging (device_id, seq, ts_ms, rate_hz, ppg, hr, spo2, received_ms) FROM STDIN"
+)
+_INSERT = """
+    WITH inserted AS (
+        INSERT INTO readings (device_id, seq, ts, rate_hz, ppg, hr, spo2, received_at)
+        SELECT device_id, seq, to_timestamp(ts_ms / 1000.0), rate_hz, ppg, hr, spo2,
+            to_timestamp(received_ms / 1000.0)
+        FROM readings_staging
+        ON CONFLICT (device_id, ts, seq) DO NOTHING
+        RETURNING device_id, seq, ts, hr, spo2, cardinality(ppg) AS samples
+    )
+    SELECT device_id, seq, round(extract(epoch FROM ts) * 1000)::bigint, hr, spo2, samples
+    FROM inserted
+"""
+
+# A JSON array of numbers becomes a Postgres array literal by swapping its brackets; the
+# characters it may hold, and the whitespace that must not break a COPY line.
+_NUMBER_ARRAY_CHARS = b"0123456789+-.eE,[] \t\r\n"
+_TO_PG_ARRAY = bytes.maketrans(b"[]\t\r\n", b"{}   ")
+_NULL = b"\\N"
+# A sample whose text is not 0 but too small for a double ("1e-400") is 0 to the service's
+# decoder (and to every JSON parser), while Postgres refuses the text: it is stored as the
+# 0 the service acknowledged. Such a number is below 2.5e-324, so it has a negative exponent
+# of three digits or more, or 224 or more zeros after the point (a two-digit exponent adds
+# at most 99). Only arrays showing one of these shapes are searched for them (the shapes
+# are found in a few µs per KB: literal searches, the exponent's in the array with its
+# digits all made "d"), from a number's start and without backtracking: in linear time.
+_EXPONENT_SHAPE = bytes.maketrans(b"E0123456789", b"edddddddddd")
+_LONG_EXPONENT = re.compile(rb"e-ddd")
+_ZERO_RUN = b"0" * 200
+_UNDERFLOW_CANDIDATE = re.compile(
+    rb"(?<![-+.0-9eE])"
+    rb"(?:-?[0-9.]++[eE]-0*+[1-9][0-9]{2,}+|-?0\.0{200,}+[0-9]*+(?:[eE][-+]?[0-9]++)?+)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One decoded readings entry: its COPY line and what the worker needs besides."""
+
+    entry_id: bytes
+    device_id: str
+    ts_ms: int
+    samples: int
+    line: bytes
+    # The traceparent of the sampled request that wrote it (field ``t``), if any.
+    trace: bytes | None = None
+
+
+class UndecodableError(ValueError):
+    pass
+
+
+def _optional(value: float | None) -> bytes:
+    return _NULL if value is None else repr(value).encode()
+
+
+def _zero_if_underflowing(number: re.Match[bytes]) -> bytes:
+    text = number[0]
+    if float(text) != 0.0:
+        return text
+    return b"-0" if text[:1] == b"-" else b"0"
+
+
+def _pg_array(raw: bytes) -> bytes:
+    """The JSON array of numbers ``raw`` as a Postgres array literal of the same values."""
+    if (
+        (b"e" in raw or b"E" in raw) and _LONG_EXPONENT.search(raw.translate(_EXPONENT_SHAPE))
+    ) or _ZERO_RUN in raw:
+        raw = _UNDERFLOW_CANDIDATE.sub(_zero_if_underflowing, raw)
+    return raw.translate(_TO_PG_ARRAY)
+
+
+def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
+    """The entry's COPY line (text format); ``UndecodableError`` says why there is none."""
+    body = fields.get(b"d")
+    received = fields.get(b"r")
+    if body is None or received is None:
+        raise UndecodableError("the entry has no 'd' (batch) or 'r' (received at) field")
+    if not received.isdigit():
+        raise UndecodableError(f"'r' is not epoch milliseconds: {received[:40]!r}")
+    try:
+        batch = decode_stored_batch(body)
+    except BatchError as e:
+        raise UndecodableError(f"not a valid batch: {e.message}") from e
+    raw = bytes(batch.ppg)
+    if (
+        raw[:1] != b"["
+        or raw.count(b"[") != 1
+        or raw.translate(None, _NUMBER_ARRAY_CHARS)
+        or not raw.translate(None, b"[], \t\r\n")
+    ):
+        raise UndecodableError("ppg is not a non-empty array of numbers")
+    samples = raw.count(b",") + 1
+    if samples > MAX_SAMPLES:
+        raise UndecodableError(f"ppg has {samples} samples, more than {MAX_SAMPLES}")
+    line = b"%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n" % (
+        batch.device_id.encode(),
+        batch.seq,
+        batch.ts,
+        repr(batch.rate_hz).encode(),
+        _pg_array(raw),
+        _optional(batch.hr),
+        _optional(batch.spo2),
+        received,
+    )
+    return Row(entry_id, batch.device_id, batch.ts, samples, line, fields.get(b"t"))
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create the group (from the stream's first entry) unless it exists."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+async def ensure_partitions(pool: AsyncConnectionPool, *, days_ahead: int) -> int:
+    """Daily partitions of ``readings`` from yesterday (UTC) to ``days_ahead`` days ahead."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT readings_ensure_partitions((now() AT TIME ZONE 'UTC')::date - 1, %s)",
+            (days_ahead + 2,),
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of a one-stream ``XREAD``/``XREADGROUP`` reply (RESP2, bytes)."""
+    if not reply:
+        return []
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], reply[0][1])
+
+
+def _id_tuple(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+async def safe_trim_id(redis: Redis, stream: str) -> bytes | None:
+    """The first id some group may still need (everything below it is acknowledged)."""
+    groups = await redis.xinfo_groups(stream)
+    if not groups:
+        return None
+    firsts: list[tuple[int, int]] = []
+    for group in groups:
+        pending = await redis.xpending(stream, group["name"])
+        if pending["pending"]:
+            firsts.append(_id_tuple(pending["min"]))
+        else:
+            ms, seq = _id_tuple(group["last-delivered-id"])
+            firsts.append((ms, seq + 1))
+    ms, seq = min(firsts)
+    return b"%d-%d" % (ms, seq)
+
+
+def _transient(error: BaseException) -> bool:
+    """Worth retrying the same round: Postgres away or busy, not refusing the data."""
+    if isinstance(error, psycopg.DataError | psycopg.IntegrityError):
+        return False
+    return isinstance(error, psycopg.Error | OSError)
+
+
+@dataclass(slots=True)
+class _Entry:
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+    deliveries: int
+
+
+class ReadingsPersister:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: AsyncConnectionPool,
+        keys: Keys,
+        *,
+        consumer: str,
+        batch: int,
+        block_ms: int,
+        claim_idle: float,
+        dead_letter_after: int,
+        dead_letter_maxlen: int,
+        retry_max: float,
+        alerts: AlertEvaluator,
+        telemetry: Telemetry,
+        on_alert: Callable[[AlertChange], None],
+        on_late: Callable[[int], None] | None = None,
+        on_persisted: Callable[[list[Row]], Awaitable[None]] | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self._redis = redis
+        self._tracing = tracing if tracing is not None else Tracing(provider=None)
+        self._pool = pool
+        self._stream = keys.readings
+        self._dead = keys.readings_dead
+        self._errors = keys.readings_errors
+        self._consumer = consumer
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = max(1, int(claim_idle * 1000))
+        self._claim_every = min(max(claim_idle / 2, 0.05), 5.0)
+        self._dead_letter_after = dead_letter_after
+        self._dead_letter_maxlen = dead_letter_maxlen
+        self._retry_max = retry_max
+        self._alerts = alerts
+        self._telemetry = telemetry
+        self._on_alert = on_alert
+        self._on_late = on_late
+        self._on_persisted = on_persisted
+        self._claim_cursor = b"0-0"
+        self._next_claim = 0.0
+        self._dead_consumers = DeadConsumers(
+            redis,
+            keys,
+            self._stream,
+            PERSIST_GROUP,
+            consumer=consumer,
+            min_idle_ms=min(self._claim_idle_ms, DeadConsumers.MIN_IDLE_MS),
+        )
+        self._next_dead_check = 0.0
+        self._stopping = asyncio.Event()
+        self.group_ready = False
+        self.db_ok = True
+        self.last_commit = 0.0
+        self.rows = 0
+        self.samples = 0
+        self.duplicates = 0
+        self.groups = 0
+        self.dead_letters = 0
+        self.rejected = 0
+        self.claimed = 0
+        # Set by the janitor: the persist group's lag + pending, and its lag alone (-1:
+        # not measured yet).
+        self.backlog = 0
+        self.undelivered = -1
+
+    def stop(self) -> None:
+        """Finish the round in hand, then return from ``run``."""
+        self._stopping.set()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        await self._until_done("creating the consumer group", self._ensure_group)
+        while not self._stopping.is_set():
+            entries = await self._until_done("reading the readings stream", self._next_entries)
+            if not entries:
+                continue
+            try:
+                await self.handle(entries)
+            except Exception:  # noqa: BLE001 - a bug must not stop persisting the rest
+                # The entries stay pending: claimed again once idle, and dead-lettered if
+                # they keep failing.
+                logger.exception("worker: a round of {} entries failed", len(entries))
+                await asyncio.sleep(1.0)
+
+    async def _ensure_group(self) -> None:
+        await ensure_group(self._redis, self._stream, PERSIST_GROUP)
+        self.group_ready = True
+
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Redis steps: retried with backoff until they work (the stream is the truth)."""
+        delay = 0.05
+        failing = False
+        while True:
+            try:
+                result = await step()
+            except (RedisError, OSError) as e:
+                if not failing:
+                    logger.warning("worker: Redis failed while {}, retrying: {}", what, e)
+                failing = True
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self._retry_max)
+                continue
+            if failing:
+                logger.info("worker: Redis is back ({})", what)
+            return result
+
+    async def _next_entries(self) -> list[_Entry]:
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_dead_check:
+            # A dead consumer's entries first, before newer ones: they are older.
+            taken = await self._dead_consumers.claim(count=self._batch)
+            if taken:
+                self.claimed += len(taken)
+                logger.info("worker: claimed {} readings entries of a dead consumer", len(taken))
+                return [_Entry(entry_id, fields, n) for entry_id, fields, n in taken]
+            self._next_dead_check = loop.time() + DeadConsumers.CHECK_EVERY
+        if loop.time() >= self._next_claim:
+            claimed = await self._claim()
+            if claimed:
+                return claimed
+            self._next_claim = loop.time() + self._claim_every
+        block = min(self._block_ms, max(1, int(self._claim_every * 1000)))
+        reply = await self._redis.xreadgroup(
+            PERSIST_GROUP, self._consumer, {self._stream: ">"}, count=self._batch, block=block
+        )
+        return [_Entry(entry_id, fields, 1) for entry_id, fields in stream_entries(reply)]
+
+    async def _claim(self) -> list[_Entry]:
+        reply = await self._redis.xautoclaim(
+            self._stream,
+            PERSIST_GROUP,
+            self._consumer,
+            min_idle_time=self._claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self._batch,
+        )
+        cursor, claimed, deleted = reply[0], reply[1], (reply[2] if len(reply) > 2 else [])
+        self._claim_cursor = cursor
+        if deleted:
+            # Trimmed or deleted while pending: nothing left to store.
+            await self._redis.xack(self._stream, PERSIST_GROUP, *deleted)
+        if not claimed:
+            return []
+        self.claimed += len(claimed)
+        pending = await self._redis.xpending_range(
+            self._stream,
+            PERSIST_GROUP,
+            min=claimed[0][0],
+            max=claimed[-1][0],
+            count=len(claimed) * 2,
+            consumername=self._consumer,
+        )
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        logger.info("worker: claimed {} pending readings entries", len(claimed))
+        return [
+            _Entry(entry_id, fields, deliveries.get(entry_id, self._dead_letter_after))
+            for entry_id, fields in claimed
+            if fields is not None
+        ]
+
+    # ------------------------------------------------------------------ one round
+
+    async def handle(self, entries: list[_Entry]) -> None:
+        """Store a round of entries; everything stored or dead-lettered is acknowledged."""
+        rows: list[Row] = []
+        dead: list[tuple[_Entry, str, str]] = []
+        reasons = await self._recorded_reasons(entries)
+        for entry in entries:
+            # Tried that often already (a rejected entry is buried at its last try): it
+            # keeps its consumers from acknowledging it, perhaps by crashing them.
+            if entry.deliveries > self._dead_letter_after:
+                reason = reasons.get(entry.entry_id) or (
+                    f"delivered {entry.deliveries} times without being acknowledged"
+                )
+                kind = "rejected" if entry.entry_id in reasons else "redelivered"
+                dead.append((entry, kind, reason))
+                continue
+            try:
+                rows.append(decode_entry(entry.entry_id, entry.fields))
+            except UndecodableError as e:
+                dead.append((entry, "undecodable", str(e)))
+        if dead:
+            await self._until_done(
+                "moving entries to the dead-letter stream", lambda: self._bury(dead)
+            )
+        if rows:
+            await self._persist(rows, {e.entry_id: e for e in entries})
+
+    async def _recorded_reasons(self, entries: list[_Entry]) -> dict[bytes, str]:
+        redelivered = [e.entry_id for e in entries if e.deliveries > 1]
+        if not redelivered:
+            return {}
+
+        async def read() -> dict[bytes, str]:
+            values = await self._redis.hmget(self._errors, redelivered)
+            return {
+                entry_id: value.decode(errors="replace") if isinstance(value, bytes) else value
+                for entry_id, value in zip(redelivered, values, strict=True)
+                if value is not None
+            }
+
+        result: dict[bytes, str] = await self._until_done("reading failure reasons", read)
+        return result
+
+    async def _persist(self, rows: list[Row], entries: dict[bytes, _Entry]) -> None:
+        """Commit ``rows``; a group holding sampled batches is a span of their traces."""
+        traces = [row.trace.decode() for row in rows if row.trace] if self._tracing.enabled else []
+        if not traces:
+            await self._commit(rows, entries)
+            return
+        # A child of the first sampled batch's write (so the trace runs on across the
+        # stream into Postgres), linked to the others the same commit stored.
+        with self._tracing.tracer.start_as_current_span(
+            "persist readings",
+            context=remote_context(traces[0]),
+            kind=SpanKind.CONSUMER,
+            links=links_from(traces[1:]),
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation": "process",
+                "messaging.destination.name": "readings",
+                "messaging.batch.message_count": len(rows),
+                "db.system": "postgresql",
+            },
+        ):
+            await self._commit(rows, entries)
+
+    async def _commit(self, rows: list[Row], entries: dict[bytes, _Entry]) -> None:
+        delay = 0.05
+        failing_since: float | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                try:
+                    inserted, samples, evaluation = await self._write(rows)
+                    rejected: list[tuple[Row, str]] = []
+                except (psycopg.DataError, psycopg.IntegrityError) as e:
+                    logger.warning("worker: Postgres refused a group ({}); isolating", e)
+                    rejected = await self._find_rejected(rows)
+                    bad = {row.entry_id for row, _ in rejected}
+                    rows = [row for row in rows if row.entry_id not in bad]
+                    inserted, samples, evaluation = (
+                        await self._write(rows) if rows else (0, 0, Evaluation())
+                    )
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                self.db_ok = False
+                self._record(503, started, 0, 0)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    logger.warning(
+                        "worker: cannot store {} readings, Postgres unavailable; retrying: {}",
+                        len(rows),
+                        f"{type(e).__name__}: {e}".strip(),
+                    )
+                if self._stopping.is_set():
+                    return  # left pending: another worker (or the next start) stores them
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self._retry_max)
+                continue
+            break
+        if failing_since is not None:
+            logger.info("worker: Postgres is back after {:.1f} s", time.monotonic() - failing_since)
+        self.db_ok = True
+        self.last_commit = time.time()
+        self.groups += 1
+        self.rows += inserted
+        self.samples += samples
+        self.duplicates += len(rows) - inserted
+        self._record(422 if rejected else 200, started, inserted, samples)
+        for change in evaluation.changes:
+            self._on_alert(change)
+        if evaluation.late and self._on_late is not None:
+            self._on_late(evaluation.late)
+        if rejected:
+            await self._until_done(
+                "recording rejected entries", lambda: self._reject(rejected, entries)
+            )
+        if rows:
+            ids = [row.entry_id for row in rows]
+            redelivered = [i for i in ids if entries[i].deliveries > 1]
+            await self._until_done(
+                "acknowledging stored entries", lambda: self._ack(ids, redelivered)
+            )
+            if self._on_persisted is not None:
+                await self._on_persisted(rows)
+
+    def _record(self, status: int, started: float, rows: int, samples: int) -> None:
+        duration = int((time.perf_counter() - started) * 1e6)
+        self._telemetry.record(
+            (Kind.PERSIST, "readings", "COPY", status, duration, rows, samples, None)
+        )
+
+    async def _write(self, rows: list[Row]) -> tuple[int, int, Evaluation]:
+        # Results in binary: the inserted rows come back to be evaluated, and parse faster so.
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(binary=True) as cur,
+        ):
+            async with cur.copy(_COPY) as copy:
+                await copy.write(b"".join(row.line for row in rows))
+            await cur.execute(_INSERT)
+            # Only what this commit stores is evaluated: a redelivered row is not again.
+            inserted = await cur.fetchall()
+            await update_device_status(cur)
+            evaluation = await self._alerts.evaluate(cur, inserted)
+        return len(inserted), sum(row[5] for row in inserted), evaluation
+
+    async def _find_rejected(self, rows: list[Row]) -> list[tuple[Row, str]]:
+        """Each row tried alone, in a savepoint of a transaction that is rolled back."""
+        rejected: list[tuple[Row, str]] = []
+        async with (
+            self._pool.connection() as conn,
+            conn.transaction(force_rollback=True),
+            conn.cursor() as cur,
+        ):
+            for row in rows:
+                try:
+                    async with conn.transaction():
+                        await self._try_row(cur, row)
+                except (psycopg.DataError, psycopg.IntegrityError) as e:
+                    reason = f"{type(e).__name__}: {str(e).strip()}"
+                    rejected.append((row, reason[:500]))
+        return rejected
+
+    @staticmethod
+    async def _try_row(cur: psycopg.AsyncCursor[TupleRow], row: Row) -> None:
+        await cur.execute("DELETE FROM readings_staging")
+        async with cur.copy(_COPY) as copy:
+            await copy.write(row.line)
+        await cur.execute(_INSERT)
+
+    async def _reject(self, rejected: list[tuple[Row, str]], entries: dict[bytes, _Entry]) -> None:
+        self.rejected += len(rejected)
+        now_dead: list[tuple[_Entry, str, str]] = []
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for row, reason in rejected:
+                entry = entries[row.entry_id]
+                logger.bind(entryId=row.entry_id.decode(), deviceId=row.device_id).warning(
+                    "worker: Postgres refused readings entry {} (delivery {}): {}",
+                    row.entry_id.decode(),
+                    entry.deliveries,
+                    reason,
+                )
+                if entry.deliveries >= self._dead_letter_after:
+                    now_dead.append((entry, "rejected", reason))
+                else:
+                    pipe.hset(self._errors, row.entry_id, reason)
+            pipe.expire(self._errors, 7 * 86_400)
+            await pipe.execute()
+        if now_dead:
+            await self._bury(now_dead)
+
+    async def _ack(self, ids: list[bytes], redelivered: list[bytes]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self._stream, PERSIST_GROUP, *ids)
+            if redelivered:
+                pipe.hdel(self._errors, *redelivered)
+            await pipe.execute()
+
+    async def _bury(self, dead: list[tuple[_Entry, str, str]]) -> None:
+        """Dead letters: each added to the dead-letter stream and acknowledged, atomically."""
+        now_ms = b"%d" % (time.time_ns() // 1_000_000)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for entry, kind, reason in dead:
+                fields: dict[Any, Any] = {
+                    **entry.fields,
+                    b"dl_id": entry.entry_id,
+                    b"dl_kind": kind.encode(),
+                    b"dl_reason": reason.encode(),
+                    b"dl_deliveries": b"%d" % entry.deliveries,
+                    b"dl_consumer": self._consumer.encode(),
+                    b"dl_at": now_ms,
+                }
+                pipe.xadd(self._dead, fields, maxlen=self._dead_letter_maxlen, approximate=True)
+                pipe.xack(self._stream, PERSIST_GROUP, entry.entry_id)
+                pipe.hdel(self._errors, entry.entry_id)
+            await pipe.execute()
+        for entry, kind, reason in dead:
+            self.dead_letters += 1
+            self._telemetry.record((Kind.DEAD_LETTER, kind, "", 0, 0, 0, 0, None))
+            logger.bind(entryId=entry.entry_id.decode()).error(
+                "worker: readings entry {} moved to the dead-letter stream ({}): {}",
+                entry.entry_id.decode(),
+                kind,
+                reason,
+            )
+
+
+class StreamJanitor:
+    """Trims the streams below what every group acknowledged; measures the backlogs."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        streams: list[str],
+        *,
+        interval: float,
+        on_measure: Callable[[dict[str, dict[str, int]]], None],
+    ) -> None:
+        self._redis = redis
+        self._streams = streams
+        self._interval = interval
+        self._on_measure = on_measure
+        self.trimmed = 0
+
+    async def run_once(self) -> dict[str, dict[str, int]]:
+        measured: dict[str, dict[str, int]] = {}
+        for stream in self._streams:
+            if not await self._redis.exists(stream):
+                measured[stream] = {"length": 0}
+                continue
+            first = await safe_trim_id(self._redis, stream)
+            if first is not None:
+                self.trimmed += int(await self._redis.xtrim(stream, minid=first, approximate=False))
+            groups: dict[str, int] = {}
+            length = int(await self._redis.xlen(stream))
+            for group in await self._redis.xinfo_groups(stream) if length else []:
+                lag = group.get("lag")
+                name = bytes(group["name"]).decode()
+                groups[f"{name}.lag"] = length if lag is None else int(lag)
+                groups[f"{name}.pending"] = int(group.get("pending", 0))
+            groups["length"] = length
+            measured[stream] = groups
+        return measured
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(max(self._interval * 4, 5.0)):
+                    self._on_measure(await self.run_once())
+            except (RedisError, OSError, TimeoutError) as e:
+                logger.debug("stream janitor skipped a round: {}", e)
+            await asyncio.sleep(self._interval)
