@@ -25,7 +25,7 @@ from tests.support.env import AiohttpClient, Device, DeviceFactory
 
 Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ws"
-# The README's promise, which the test settings' refresh interval (0.1 s) keeps with room.
+# docs/revocation.md's promise, which the test settings' refresh interval (0.1 s) keeps with room.
 BOUND = 5.0
 
 
@@ -223,5 +223,5 @@ def test_refreshes_start_one_interval_apart_however_long_each_takes() -> None:
 
 
 def test_the_default_interval_keeps_the_documented_bound() -> None:
-    """README and docs/revocation.md: within 5 s plus one query, with the defaults."""
+    """docs/revocation.md and docs/ingestion.md: within 5 s plus one query, with the defaults."""
     assert Settings().token_refresh_interval <= BOUND
