@@ -43,7 +43,7 @@ class Keys:
         """The sidecar's checkpoint: its stream position and the totals that match it."""
         return f"{self.prefix}sidecar:{{{pod}}}:state"
 
-    # The worker (README, "Worker"). Its readings keys sit beside the stream under {ingest}:
+    # The worker (docs/worker-and-alerts.md). Its readings keys sit beside the stream under {ingest}:
     # a dead letter is added and its original acknowledged in one MULTI.
     @property
     def readings_dead(self) -> str:

@@ -27,7 +27,7 @@ MIGRATIONS: Sequence[tuple[int, str, LiteralString]] = (
         CREATE INDEX devices_updated_at ON devices (updated_at);
         """,
     ),
-    # The worker's tables (README, "Worker"). readings is partitioned by day on ts; rows
+    # The worker's tables (docs/worker-and-alerts.md). readings is partitioned by day on ts; rows
     # outside every daily partition land in readings_default, and
     # readings_ensure_partitions moves them into a day's partition when it creates it.
     (
