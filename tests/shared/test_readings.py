@@ -4,7 +4,7 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -113,7 +113,8 @@ async def test_entries_written_by_the_encoder_and_the_script_decode_alike(
     await writer.submit("dev-1", 1, BATCH, TRACEPARENT)
     [(_, by_script)] = cast(Entries, await redis.xrange(keys.readings))
     received_ms = decode_entry(by_script).received_ms
-    await redis.xadd(keys.readings, encode_entry(BATCH, received_ms, TRACEPARENT))  # type: ignore[arg-type]  # redis-py's invariant dict
+    by_encoder: dict[Any, Any] = encode_entry(BATCH, received_ms, TRACEPARENT)  # redis-py's type
+    await redis.xadd(keys.readings, by_encoder)
 
     entries = cast(Entries, await redis.xrange(keys.readings))
 
@@ -179,7 +180,7 @@ async def test_a_dead_letter_round_trips_through_the_stream_with_its_original_fi
     redis: Redis, keys: Keys, kind: str
 ) -> None:
     original = encode_entry(b"{not json", 1_764_000_000_000, TRACEPARENT)
-    fields = encode_dead_letter(
+    fields: dict[Any, Any] = encode_dead_letter(
         b"1764000000000-3",
         original,
         kind=kind,
@@ -188,7 +189,7 @@ async def test_a_dead_letter_round_trips_through_the_stream_with_its_original_fi
         consumer="pod-a:0123abcd",
         at_ms=1_764_000_000_500,
     )
-    await redis.xadd(keys.readings_dead, fields)  # type: ignore[arg-type]  # redis-py's invariant dict
+    await redis.xadd(keys.readings_dead, fields)
 
     [(_, stored)] = cast(Entries, await redis.xrange(keys.readings_dead))
 
