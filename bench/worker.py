@@ -47,7 +47,8 @@ from typing import Any
 import psycopg
 import redis
 
-from shared.readings import encode_entry
+from shared.keys import Keys
+from shared.readings import PERSIST_GROUP, encode_entry
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -70,8 +71,8 @@ from run import (  # noqa: E402 - bench/run.py's process and database helpers
 )
 
 KEY_PREFIX = "bench:"
-STREAM = f"{KEY_PREFIX}{{ingest}}:readings"
-GROUP = "persist"
+STREAM = Keys(KEY_PREFIX).readings
+GROUP = PERSIST_GROUP
 RATE_HZ = 50
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -22,6 +22,7 @@ import msgspec
 __all__ = (
     "BATCH_FIELD",
     "DEAD_LETTER_KINDS",
+    "PERSIST_GROUP",
     "RECEIVED_FIELD",
     "TRACE_FIELD",
     "DeadLetter",
@@ -32,6 +33,9 @@ __all__ = (
     "encode_dead_letter",
     "encode_entry",
 )
+
+# The consumer group the worker reads the stream as (Postgres is its destination).
+PERSIST_GROUP = "persist"
 
 BATCH_FIELD = b"d"
 RECEIVED_FIELD = b"r"

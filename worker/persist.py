@@ -44,7 +44,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
-from shared.readings import EntryError, encode_dead_letter
+from shared.readings import PERSIST_GROUP, EntryError, encode_dead_letter
 from shared.readings import decode_entry as decode_readings_entry
 from shared.reporting import Telemetry
 from shared.telemetry import Kind
@@ -66,8 +66,6 @@ __all__ = (
     "safe_trim_id",
     "stream_entries",
 )
-
-PERSIST_GROUP = "persist"
 
 # Created on every pooled connection (the pool's ``configure``); emptied by every commit.
 STAGING_DDL = """
