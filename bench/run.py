@@ -53,6 +53,8 @@ import psycopg
 import redis
 from psycopg.conninfo import conninfo_to_dict
 
+from shared.keys import Keys
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PEERS = BENCH / "peers"
@@ -857,7 +859,7 @@ class Bench:
         checks: dict[str, Any] = {"2xx_responses_seen_by_wrk": ok_responses}
         client = self.redis.client()
         if spec.name == "service":
-            checks["stream_entries"] = client.xlen(f"{SERVICE_KEY_PREFIX}{{ingest}}:readings")
+            checks["stream_entries"] = client.xlen(Keys(SERVICE_KEY_PREFIX).readings)
         elif spec.name == "conventional":
             checks["stream_entries"] = client.xlen(CONVENTIONAL_STREAM)
             time.sleep(5.5)  # BatchSpanProcessor exports every 5 s
@@ -970,9 +972,7 @@ class Bench:
             if spec.name == "service":
                 assert self.redis is not None
                 result["checks"] = {
-                    "stream_entries": self.redis.client().xlen(
-                        f"{SERVICE_KEY_PREFIX}{{ingest}}:readings"
-                    )
+                    "stream_entries": self.redis.client().xlen(Keys(SERVICE_KEY_PREFIX).readings)
                 }
             result.update(self.stop_server(server, f"WS {spec.name}{self.tag}"))
         finally:

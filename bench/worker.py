@@ -14,12 +14,13 @@ and is not pinned: it is the worker's database, not the worker.
    ``bench/run.py`` runs it: 50 samples per batch, devices registered with
    ``pulsecal-admin``); its acknowledged samples/s is the figure to beat.
 2. Worker throughput: the stream is pre-filled with ``--entries`` batches in the service's
-   exact entry format (``d`` = the batch JSON as wrk sends it, ``r`` = received ms); then
-   ``pulsecal-worker`` (analysis off) persists them. Rows/s and samples/s are measured
-   between 10 % and 90 % of the way, from the persist group's acknowledgements. Each device
-   sends one batch (one second of data) per second of its own clock, in rotation; with
-   ``--episodes F`` a fraction F of the devices has ``hr`` 150 for 80 s out of every 120 s
-   (so their ``hr_high`` alerts open and clear), the others stay between 60 and 100.
+   exact entry format (``shared.readings.encode_entry``: the batch JSON as wrk sends it and
+   the time received); then ``pulsecal-worker`` (analysis off) persists them. Rows/s and
+   samples/s are measured between 10 % and 90 % of the way, from the persist group's
+   acknowledgements. Each device sends one batch (one second of data) per second of its own
+   clock, in rotation; with ``--episodes F`` a fraction F of the devices has ``hr`` 150 for
+   80 s out of every 120 s (so their ``hr_high`` alerts open and clear), the others stay
+   between 60 and 100.
 3. Sustained: a writer appends batches at the service's measured peak rate (``--rate``
    with ``--no-service``) for ``--sustain`` seconds while the worker runs; the backlog (the
    group's lag + pending) is sampled every second.
@@ -46,6 +47,9 @@ from typing import Any
 import psycopg
 import redis
 
+from shared.keys import Keys
+from shared.readings import PERSIST_GROUP, encode_entry
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -67,8 +71,8 @@ from run import (  # noqa: E402 - bench/run.py's process and database helpers
 )
 
 KEY_PREFIX = "bench:"
-STREAM = f"{KEY_PREFIX}{{ingest}}:readings"
-GROUP = "persist"
+STREAM = Keys(KEY_PREFIX).readings
+GROUP = PERSIST_GROUP
 RATE_HZ = 50
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -125,7 +129,7 @@ class Writer:
         self.samples = samples
 
     def entries(self, count: int) -> list[dict[bytes, bytes]]:
-        received = b"%d" % (time.time_ns() // 1_000_000)
+        received_ms = time.time_ns() // 1_000_000
         out = []
         n = len(self._devices)
         for _ in range(count):
@@ -140,7 +144,7 @@ class Writer:
                 self._ts0 + second * 1000,
                 templates[i % len(templates)],
             )
-            out.append({b"d": body, b"r": received})
+            out.append(encode_entry(body, received_ms))
         return out
 
     def write(self, count: int) -> None:

@@ -43,6 +43,7 @@ from service import store
 from service.fastpath.resp import RespConnection, encode_command
 from service.ratelimit import Policy, Window
 from shared.keys import Keys
+from shared.readings import BATCH_FIELD, encode_entry
 
 BATCH = 16
 IN_FLIGHT = 8
@@ -153,7 +154,7 @@ async def raw_row(payload: bytes, seconds: float, kind: str) -> float:
         await asyncio.sleep(0.3)
         conn = RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
         sha = await conn.execute(encode_command([b"SCRIPT", b"LOAD", _SEEN_ONLY_LUA]))
-        entry = [b"d", payload, b"r", b"1700000000000"]
+        entry = [part for pair in encode_entry(payload, 1_700_000_000_000).items() for part in pair]
         blob = b"\n".join([payload] * BATCH)
         seen_keys = [b"bench:seen:%02d" % i for i in range(BATCH)]
 
@@ -161,13 +162,13 @@ async def raw_row(payload: bytes, seconds: float, kind: str) -> float:
             if kind == "each":
                 return [encode_command([b"XADD", b"bench:r", b"*", *entry])] * BATCH
             if kind == "one":
-                return [encode_command([b"XADD", b"bench:r", b"*", b"d", blob])]
+                return [encode_command([b"XADD", b"bench:r", b"*", BATCH_FIELD, blob])]
             seqs = [b"%d" % (n * 100 + i) for i in range(BATCH)]
             script = [b"EVALSHA", sha, b"%d" % BATCH, *seen_keys, *seqs]
             return [
                 encode_command([b"MULTI"]),
                 encode_command(script),
-                encode_command([b"XADD", b"bench:r", b"*", b"d", blob]),
+                encode_command([b"XADD", b"bench:r", b"*", BATCH_FIELD, blob]),
                 encode_command([b"EXEC"]),
             ]
 

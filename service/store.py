@@ -10,6 +10,7 @@ accepted its batch.
 
 import asyncio
 import hashlib
+import string
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
+from shared.readings import BATCH_FIELD, RECEIVED_FIELD, TRACE_FIELD
 from shared.tasks import cancel_and_wait
 
 from .fastpath.resp import RespConnection, encode_bulk_strings, encode_command
@@ -37,14 +39,14 @@ __all__ = ("BacklogMonitor", "ReadingsWriter", "StoreUnavailableError")
 #
 # KEYS: the stream, then per batch its seen-set and one GCRA cell per policy window.
 # ARGV: window, keep, ttl, received ms, window count, shadow, (limit, period ms) per window,
-# then per batch its seq, payload and traceparent ('' when not sampled). An entry holds the
-# body (d), the time it was received in ms (r) and, for a sampled request, the traceparent
-# of the span that wrote it (t), so a consumer continues the trace.
+# then per batch its seq, payload and traceparent ('' when not sampled). The entry is the
+# one shared.readings.encode_entry writes (the field names are put in from there): the body,
+# the time it was received in ms and, for a sampled request, the traceparent.
 # Reply: five integers per batch (see WriteResult).
 _WRITE_BATCH_LUA = (
     "#!lua\n"
     + GCRA_LUA
-    + """
+    + string.Template("""
 local stream = KEYS[1]
 local window = tonumber(ARGV[1])
 local keep_from = -1 - tonumber(ARGV[2])
@@ -69,9 +71,10 @@ for i = 0, (#KEYS - 1) / stride - 1 do
     if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
       local trace = ARGV[items + 3 * i + 2]
       if trace == '' then
-        redis.call('XADD', stream, '*', 'd', ARGV[items + 3 * i + 1], 'r', received)
+        redis.call('XADD', stream, '*', '$batch', ARGV[items + 3 * i + 1], '$received', received)
       else
-        redis.call('XADD', stream, '*', 'd', ARGV[items + 3 * i + 1], 'r', received, 't', trace)
+        redis.call('XADD', stream, '*', '$batch', ARGV[items + 3 * i + 1], '$received', received,
+          '$trace', trace)
       end
       local held = redis.call('ZCARD', seen)
       if held == 1 or held > window then
@@ -87,7 +90,9 @@ for i = 0, (#KEYS - 1) / stride - 1 do
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = stored, verdict, w, remaining, reset
 end
 return out
-"""
+""").substitute(
+        batch=BATCH_FIELD.decode(), received=RECEIVED_FIELD.decode(), trace=TRACE_FIELD.decode()
+    )
 )
 
 # What Redis answered for one batch: stored (1), duplicate (0) or not attempted because

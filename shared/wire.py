@@ -34,6 +34,7 @@ __all__ = (
     "StoredBatch",
     "decode_batch",
     "decode_stored_batch",
+    "stored_samples",
 )
 
 MAX_SAMPLES = 4096
@@ -69,7 +70,8 @@ class PpgBatch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 class StoredBatch(msgspec.Struct, gc=False):
     """A batch as the worker reads it from the readings stream: the same fields and bounds,
-    but the samples kept as the raw JSON array (they go to Postgres without being parsed).
+    but the samples kept as the raw JSON array (they go to Postgres without being parsed;
+    ``stored_samples`` checks its shape and counts them).
 
     Unknown fields are ignored, so the service may add some.
     """
@@ -124,6 +126,9 @@ class BatchError(ValueError):
     def details(self) -> dict[str, Any] | None:
         return None if self.field is None else {"field": self.field}
 
+
+# What a raw ``ppg`` array may hold: numbers, commas, brackets and JSON whitespace.
+_NUMBER_ARRAY_CHARS = b"0123456789+-.eE,[] \t\r\n"
 
 _decoder = msgspec.json.Decoder(PpgBatch)
 _stored_decoder = msgspec.json.Decoder(StoredBatch)
@@ -231,3 +236,20 @@ def decode_stored_batch(body: bytes | str) -> StoredBatch:
         raise _malformed(e) from e
     _check_vitals(batch)
     return batch
+
+
+def stored_samples(ppg: bytes) -> int:
+    """How many samples a stored batch's raw ``ppg`` holds; ``BatchError`` unless it is a
+    flat, non-empty JSON array of numbers, at most ``MAX_SAMPLES`` of them, as ``PpgBatch``
+    requires (the samples' bounds aside: the array is not parsed)."""
+    if (
+        ppg[:1] != b"["
+        or ppg.count(b"[") != 1
+        or ppg.translate(None, _NUMBER_ARRAY_CHARS)
+        or not ppg.translate(None, b"[], \t\r\n")
+    ):
+        raise BatchError("invalid", "ppg is not a non-empty array of numbers", "ppg")
+    samples = ppg.count(b",") + 1
+    if samples > MAX_SAMPLES:
+        raise BatchError("invalid", f"ppg has {samples} samples, more than {MAX_SAMPLES}", "ppg")
+    return samples

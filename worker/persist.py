@@ -44,10 +44,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
+from shared.readings import PERSIST_GROUP, EntryError, encode_dead_letter
+from shared.readings import decode_entry as decode_readings_entry
 from shared.reporting import Telemetry
 from shared.telemetry import Kind
 from shared.tracing import Tracing, links_from, remote_context
-from shared.wire import MAX_SAMPLES, BatchError, decode_stored_batch
+from shared.wire import BatchError, decode_stored_batch, stored_samples
 
 from .alerts import AlertChange, AlertEvaluator, Evaluation, update_device_status
 from .consumers import DeadConsumers
@@ -64,8 +66,6 @@ __all__ = (
     "safe_trim_id",
     "stream_entries",
 )
-
-PERSIST_GROUP = "persist"
 
 # Created on every pooled connection (the pool's ``configure``); emptied by every commit.
 STAGING_DDL = """
@@ -97,8 +97,7 @@ _INSERT = """
 """
 
 # A JSON array of numbers becomes a Postgres array literal by swapping its brackets; the
-# characters it may hold, and the whitespace that must not break a COPY line.
-_NUMBER_ARRAY_CHARS = b"0123456789+-.eE,[] \t\r\n"
+# whitespace must not break a COPY line.
 _TO_PG_ARRAY = bytes.maketrans(b"[]\t\r\n", b"{}   ")
 _NULL = b"\\N"
 # A sample whose text is not 0 but too small for a double ("1e-400") is 0 to the service's
@@ -156,27 +155,19 @@ def _pg_array(raw: bytes) -> bytes:
 
 def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
     """The entry's COPY line (text format); ``UndecodableError`` says why there is none."""
-    body = fields.get(b"d")
-    received = fields.get(b"r")
-    if body is None or received is None:
-        raise UndecodableError("the entry has no 'd' (batch) or 'r' (received at) field")
-    if not received.isdigit():
-        raise UndecodableError(f"'r' is not epoch milliseconds: {received[:40]!r}")
     try:
-        batch = decode_stored_batch(body)
+        entry = decode_readings_entry(fields)
+    except EntryError as e:
+        raise UndecodableError(str(e)) from e
+    try:
+        batch = decode_stored_batch(entry.batch)
     except BatchError as e:
         raise UndecodableError(f"not a valid batch: {e.message}") from e
     raw = bytes(batch.ppg)
-    if (
-        raw[:1] != b"["
-        or raw.count(b"[") != 1
-        or raw.translate(None, _NUMBER_ARRAY_CHARS)
-        or not raw.translate(None, b"[], \t\r\n")
-    ):
-        raise UndecodableError("ppg is not a non-empty array of numbers")
-    samples = raw.count(b",") + 1
-    if samples > MAX_SAMPLES:
-        raise UndecodableError(f"ppg has {samples} samples, more than {MAX_SAMPLES}")
+    try:
+        samples = stored_samples(raw)
+    except BatchError as e:
+        raise UndecodableError(e.message) from e
     line = b"%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n" % (
         batch.device_id.encode(),
         batch.seq,
@@ -185,9 +176,9 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
         _pg_array(raw),
         _optional(batch.hr),
         _optional(batch.spo2),
-        received,
+        entry.received,
     )
-    return Row(entry_id, batch.device_id, batch.ts, samples, line, fields.get(b"t"))
+    return Row(entry_id, batch.device_id, batch.ts, samples, line, entry.traceparent)
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -620,18 +611,19 @@ class ReadingsPersister:
 
     async def _bury(self, dead: list[tuple[_Entry, str, str]]) -> None:
         """Dead letters: each added to the dead-letter stream and acknowledged, atomically."""
-        now_ms = b"%d" % (time.time_ns() // 1_000_000)
+        now_ms = time.time_ns() // 1_000_000
         async with self._redis.pipeline(transaction=True) as pipe:
             for entry, kind, reason in dead:
-                fields: dict[Any, Any] = {
-                    **entry.fields,
-                    b"dl_id": entry.entry_id,
-                    b"dl_kind": kind.encode(),
-                    b"dl_reason": reason.encode(),
-                    b"dl_deliveries": b"%d" % entry.deliveries,
-                    b"dl_consumer": self._consumer.encode(),
-                    b"dl_at": now_ms,
-                }
+                # redis-py's field type is a dict of every encodable type (invariant).
+                fields: dict[Any, Any] = encode_dead_letter(
+                    entry.entry_id,
+                    entry.fields,
+                    kind=kind,
+                    reason=reason,
+                    deliveries=entry.deliveries,
+                    consumer=self._consumer,
+                    at_ms=now_ms,
+                )
                 pipe.xadd(self._dead, fields, maxlen=self._dead_letter_maxlen, approximate=True)
                 pipe.xack(self._stream, PERSIST_GROUP, entry.entry_id)
                 pipe.hdel(self._errors, entry.entry_id)

@@ -1,7 +1,7 @@
 """Helpers of the worker tests: readings entries, the worker and Postgres as real processes.
 
-Entries are written in the service's exact format (field ``d``: the batch as the device sent
-it, ``r``: received at, epoch ms), which is what ``service.store`` writes.
+Entries are written in the service's exact format (``shared.readings.encode_entry``: the
+batch as the device sent it, and when it was received), which is what ``service.store`` writes.
 """
 
 import asyncio
@@ -23,6 +23,7 @@ import psycopg
 from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.readings import encode_entry
 from shared.settings import Settings
 from tests.support.env import REDIS_URL
 from tests.support.procs import _SETTINGS_ENV, _Process, free_port
@@ -31,6 +32,7 @@ from worker.persist import PERSIST_GROUP
 __all__ = (
     "PostgresCluster",
     "WorkerProcess",
+    "add_bodies",
     "add_readings",
     "eventually",
     "reading",
@@ -86,10 +88,16 @@ def reading(
 
 async def add_readings(redis: Redis, keys: Keys, batches: Sequence[Mapping[str, Any]]) -> None:
     """Append batches to the readings stream as the service does (one pipeline)."""
-    received = b"%d" % (time.time_ns() // 1_000_000)
+    await add_bodies(redis, keys, [msgspec.json.encode(batch) for batch in batches])
+
+
+async def add_bodies(redis: Redis, keys: Keys, bodies: Sequence[bytes]) -> None:
+    """Append entries holding these bodies as they are (valid batches or not), received now."""
+    received_ms = time.time_ns() // 1_000_000
     async with redis.pipeline(transaction=False) as pipe:
-        for batch in batches:
-            pipe.xadd(keys.readings, {b"d": msgspec.json.encode(batch), b"r": received})
+        for body in bodies:
+            fields: dict[Any, Any] = encode_entry(body, received_ms)  # redis-py's field type
+            pipe.xadd(keys.readings, fields)
         await pipe.execute()
 
 

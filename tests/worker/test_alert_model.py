@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.readings import encode_entry
 from shared.settings import Settings
 from shared.telemetry import BATCH_FIELD, Kind, decode_batch
 from tests.support.env import REDIS_URL
@@ -231,7 +232,6 @@ class Harness:
 
     async def add(self, batches: Sequence[Vitals], device_id: str) -> None:
         """One group: the batches appended at once, in the service's entry format."""
-        received = b"%d" % BASE_TS
         async with self.redis.pipeline(transaction=True) as pipe:
             for v in batches:
                 body: dict[str, Any] = {
@@ -245,7 +245,8 @@ class Harness:
                     body["hr"] = v.hr
                 if v.spo2 is not None:
                     body["spo2"] = v.spo2
-                pipe.xadd(self.keys.readings, {b"d": msgspec.json.encode(body), b"r": received})
+                fields: dict[Any, Any] = encode_entry(msgspec.json.encode(body), BASE_TS)
+                pipe.xadd(self.keys.readings, fields)
             await pipe.execute()
 
     async def persisted(self) -> bool:

@@ -22,10 +22,18 @@ from redis.asyncio import Redis
 
 from analysis.app import create_app as create_analysis_app
 from shared.keys import Keys
+from shared.readings import DeadLetter, decode_dead_letter, decode_entry
 from shared.settings import Settings
 from shared.telemetry import BATCH_FIELD, Kind, Record, decode_batch, decode_heartbeat
 from tests.support.env import AiohttpClient, Device, DeviceFactory
-from tests.support.worker import BASE_TS, add_readings, eventually, reading, stored_counts
+from tests.support.worker import (
+    BASE_TS,
+    add_bodies,
+    add_readings,
+    eventually,
+    reading,
+    stored_counts,
+)
 from tests.support.worker import worker_settings as tuned
 from worker.analysis_jobs import CircuitBreaker
 from worker.app import create_app
@@ -123,30 +131,35 @@ async def test_poison_entries_go_to_the_dead_letter_stream_and_the_rest_flow(
 ) -> None:
     device = "dev-poison-" + keys.prefix.split(":")[1]
     await add_readings(redis, keys, [reading(device, seq) for seq in range(5)])
-    await redis.xadd(keys.readings, {b"d": b"{not json", b"r": b"1764000000000"})
-    # Valid JSON the service would have refused: Postgres cannot hold 1e999 in a double.
+    # Not JSON; and valid JSON the service would have refused: Postgres cannot hold 1e999
+    # in a double.
     rejected = msgspec.json.encode(reading(device, 5)).replace(b"0.65", b"1e999")
-    await redis.xadd(keys.readings, {b"d": rejected, b"r": b"1764000000000"})
+    await add_bodies(redis, keys, [b"{not json", rejected])
     await add_readings(redis, keys, [reading(device, seq) for seq in range(6, 10)])
 
     worker = await start_worker(worker_dead_letter_after=2, worker_claim_idle=0.2)
     await eventually(lambda: _length_is(redis, keys.readings_dead, 2))
     await eventually(lambda: _pending_is(redis, keys, PERSIST_GROUP, 0, lag=0))
 
-    dead = cast(Entries, await redis.xrange(keys.readings_dead))
-    kinds = {fields[b"dl_kind"]: fields for _, fields in dead}
+    dead = await dead_letters(redis, keys)
+    kinds = {letter.kind: letter for letter in dead}
     counts = await stored_counts(settings.database_url, [device])
-    assert set(kinds) == {b"undecodable", b"rejected"}
-    assert b"not a valid batch" in kinds[b"undecodable"][b"dl_reason"]
-    assert b"out of range" in kinds[b"rejected"][b"dl_reason"]
-    assert kinds[b"rejected"][b"dl_deliveries"] == b"2"
-    assert kinds[b"rejected"][b"d"] == rejected
+    assert set(kinds) == {"undecodable", "rejected"}
+    assert "not a valid batch" in kinds["undecodable"].reason
+    assert "out of range" in kinds["rejected"].reason
+    assert kinds["rejected"].deliveries == 2
+    assert decode_entry(kinds["rejected"].fields).batch == rejected
     assert sorted(counts) == [(device, seq) for seq in range(10) if seq != 5]
     assert worker.app[WORKER].persister.dead_letters == 2
     assert await redis.hlen(keys.readings_errors) == 0
     records = await telemetry_records(redis, keys, settings.pod)
     await eventually(lambda: _has_dead_letter_records(redis, keys, settings.pod))
     assert any(r[0] == Kind.PERSIST and r[3] == 422 for r in records)
+
+
+async def dead_letters(redis: Redis, keys: Keys) -> list[DeadLetter]:
+    entries = cast(Entries, await redis.xrange(keys.readings_dead))
+    return [decode_dead_letter(fields) for _, fields in entries]
 
 
 async def _has_dead_letter_records(redis: Redis, keys: Keys, pod: str) -> bool:
@@ -163,7 +176,7 @@ async def test_entries_from_before_the_bounds_met_the_columns_never_wait_to_be_d
     tiny_samples = msgspec.json.encode(reading(device, 1, ppg=[0.25, 7.0, 8.0])).replace(
         b"7.0,8.0", b"1e-400,-123E-0330"
     )
-    await redis.xadd(keys.readings, {b"d": tiny_samples, b"r": b"1764000000000"})
+    await add_bodies(redis, keys, [tiny_samples])
     await add_readings(redis, keys, [reading(device, 2, rate_hz=5e-324), reading(device, 3)])
 
     worker = await start_worker(worker_dead_letter_after=5, worker_claim_idle=0.2)
@@ -174,10 +187,10 @@ async def test_entries_from_before_the_bounds_met_the_columns_never_wait_to_be_d
         "SELECT seq, ppg FROM readings WHERE device_id = %s ORDER BY seq",
         device,
     )
-    dead = cast(Entries, await redis.xrange(keys.readings_dead))
+    dead = await dead_letters(redis, keys)
     assert rows == [(1, [0.25, 0.0, -0.0]), (3, [0.5, 0.6, 0.7, 0.65])]
-    assert [(f[b"dl_kind"], f[b"dl_deliveries"]) for _, f in dead] == [(b"undecodable", b"1")]
-    assert b"rate_hz" in dead[0][1][b"dl_reason"]
+    assert [(letter.kind, letter.deliveries) for letter in dead] == [("undecodable", 1)]
+    assert "rate_hz" in dead[0].reason
     assert worker.app[WORKER].persister.rejected == 0
 
 
