@@ -25,7 +25,7 @@ from shared.runtime.serving import Program, running, serve
 from shared.settings import Settings
 from shared.telemetry import WorkerHeartbeat, decode_heartbeat
 from shared.tracing import Tracing
-from tests.support.env import AiohttpClient
+from tests.support.env import REDIS_URL, AiohttpClient
 from tests.support.rawhttp import converse
 
 OPERATOR = "operator-token-for-tests"
@@ -285,8 +285,10 @@ async def test_the_heartbeat_loop_writes_what_the_program_builds_with_its_ttl(
         return built[-1]
 
     key = keys.heartbeat("pod-h")
-    publisher = HeartbeatPublisher(redis, key, build, interval=0.05, ttl=7)
-    loop = asyncio.create_task(publisher.run())
+    # A client of its own: the loop is cancelled mid-command, which may leave its
+    # connection waiting for a reply nobody reads.
+    looping = Redis.from_url(REDIS_URL)
+    loop = asyncio.create_task(HeartbeatPublisher(looping, key, build, interval=0.05, ttl=7).run())
     try:
         async with asyncio.timeout(5):
             while len(built) < 3:
@@ -294,7 +296,9 @@ async def test_the_heartbeat_loop_writes_what_the_program_builds_with_its_ttl(
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
-    await publisher.publish()  # the last one, on the way out
+        await looping.aclose()
+    # The last one, on the way out.
+    await HeartbeatPublisher(redis, key, build, interval=0.05, ttl=7).publish()
     raw = await redis.get(key)
 
     assert raw is not None
