@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -32,17 +30,19 @@ import msgspec
 import numpy as np
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from loguru import logger
 
-from shared.access import health_reply
+from shared.appkeys import PROBES, SETTINGS
 from shared.cli import LOGGING_ENV, parse_program_args
 from shared.errors import error_response, fault_response
-from shared.health import now_result
-from shared.httpserver import HttpServer, Limits, expect_continue, server_header
-from shared.logs import install_loop_handler, setup_logging
+from shared.httpserver import expect_continue, server_header
+from shared.logs import Logs, setup_logging
+from shared.runtime import serving
+from shared.runtime.probes import Probes
+from shared.runtime.serving import Program, Running
 from shared.settings import Settings, load_settings_or_exit
+from shared.tracing import Tracing
 
-__all__ = ("AnalysisError", "Estimate", "analyse", "create_app", "main", "running")
+__all__ = ("ANALYSIS", "AnalysisError", "Estimate", "analyse", "create_app", "main", "running")
 
 DEFAULT_PORT = 8000
 MAX_SAMPLES = 600_000  # ten minutes at 1 kHz
@@ -203,21 +203,6 @@ async def analyze(request: web.Request) -> web.Response:
     )
 
 
-_STARTED = web.AppKey("started", float)
-_SETTINGS = web.AppKey("settings", Settings)
-
-
-async def health(request: web.Request) -> web.Response:
-    """Every probe: the process answers. Its pid and uptime for the operator alone."""
-    uptime = round(time.time() - request.app[_STARTED], 1)
-    return health_reply(
-        request,
-        {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)},
-        settings=request.app[_SETTINGS],
-        service_id=_SERVICE_ID,
-    )
-
-
 async def _unrouted(request: web.Request) -> web.StreamResponse:
     """The catch-all route, so that a request no other route takes meets
     ``expect_continue`` too: 405 (with ``Allow``) for a known path, else 404."""
@@ -248,48 +233,47 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_errors_as_json])
-    app[_SETTINGS] = settings
-    app[_STARTED] = time.time()
+    app[SETTINGS] = settings
+    # No conditions of its own and no checker: every probe says the process answers, its
+    # pid and uptime for the operator alone.
+    probes = Probes(settings=settings, service_id=_SERVICE_ID)
+    app[PROBES] = probes
     app.on_response_prepare.append(server_header)
     router = app.router
     # Every route meets Expect: 100-continue and refuses any other expectation as JSON.
     router.add_post("/analyze", analyze, expect_handler=expect_continue)
-    for path in ("/health", "/health/liveness", "/health/readiness", "/health/startup"):
-        router.add_get(path, health, expect_handler=expect_continue)
+    for path, probe in probes.routes():
+        router.add_get(path, probe, expect_handler=expect_continue)
     router.add_route("*", "/{path:.*}", _unrouted, expect_handler=expect_continue)
     return app
 
 
+def _served_app(
+    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+) -> web.Application:
+    # Not traced, and no drops to report: the app needs nothing of the process.
+    del tracing, logs
+    return create_app(settings)
+
+
+def _port(settings: Settings) -> int:
+    return settings.port
+
+
+ANALYSIS = Program(name=PROGRAM, create_app=_served_app, port=_port)
+
+
 @contextlib.asynccontextmanager
-async def running(settings: Settings, *, host: str, port: int) -> AsyncIterator[HttpServer]:
-    """The app listening on ``host``:``port`` (0: a free one, see ``HttpServer.port``)
-    through ``shared/httpserver.py``'s connections; leaving the block stops it."""
-    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
-    await runner.setup()
-    http = HttpServer(runner, limits=Limits.from_settings(settings))
-    try:
-        await http.start(host, port, reuse_address=True)
-        yield http
-    finally:
-        await http.close()
-        await runner.cleanup()
-
-
-async def serve(settings: Settings, *, port: int, host: str = "0.0.0.0") -> None:
-    install_loop_handler(asyncio.get_running_loop())
-    async with running(settings, host=host, port=port) as http:
-        logger.info("pulsecal-analysis listening on {}:{}", host, http.port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-    logger.info("shutdown complete")
+async def running(settings: Settings, *, host: str) -> AsyncIterator[Running]:
+    """The app listening on ``host``:``settings.port`` (0: a free one, see ``Running.port``)
+    as ``pulsecal-analysis`` serves it; leaving the block stops it."""
+    async with serving.running(ANALYSIS, settings, host=host) as served:
+        yield served
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv, defaults={"PORT": DEFAULT_PORT})
     # PORT is shared with the service, whose default is 3001; this program's is 8000.
     settings = load_settings_or_exit({"PORT": str(DEFAULT_PORT), **os.environ}, PROGRAM)
-    with setup_logging(settings, program=PROGRAM):
-        asyncio.run(serve(settings, port=settings.port))
+    with setup_logging(settings, program=PROGRAM) as logs:
+        serving.run(ANALYSIS, settings, logs=logs)

@@ -1,23 +1,19 @@
 """``pulsecal-service``: load settings, set up logging, run the app until SIGTERM."""
 
-import asyncio
-import gc
 import os
-import signal
 from collections.abc import Sequence
 
-from loguru import logger
-
 from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
-from shared.logs import Logs, install_loop_handler, setup_logging
-from shared.settings import Settings, load_settings_or_exit
-from shared.tracing import Tracing, setup_tracing
+from shared.logs import setup_logging
+from shared.runtime.serving import run
+from shared.settings import load_settings_or_exit
+from shared.telemetry import SERVICE_PROGRAM
 
-from .server import running
+from .server import SERVICE
 
-__all__ = ("main", "serve")
+__all__ = ("main",)
 
-PROGRAM = "pulsecal-service"
+PROGRAM = SERVICE_PROGRAM
 DESCRIPTION = """
 The PulseCal ingestion service: devices post PPG batches over HTTP or stream them over a
 WebSocket, authenticated by their tokens (cached from Postgres); a batch is acknowledged once
@@ -44,50 +40,12 @@ ENV_VARS = {
 }
 
 
-async def serve(
-    settings: Settings,
-    *,
-    host: str = "0.0.0.0",
-    tracing: Tracing | None = None,
-    logs: Logs | None = None,
-) -> None:
-    """Run until SIGTERM/SIGINT, then drain: stop accepting, answer every request and batch
-    received, close device sockets with their close handshake, flush (``service/server.py``)."""
-    install_loop_handler(asyncio.get_running_loop())
-    async with running(settings, host=host, tracing=tracing, logs=logs):
-        # Everything made so far (modules, the app, its clients, the token cache) lives as
-        # long as the process: frozen, a full collection no longer walks it; and the young
-        # generation is collected per 20,000 allocations, not 700. Under load (make bench)
-        # this took the service's p99 from 8-14 ms to 5-6 ms with tracing on.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
-        logger.info(
-            "pulsecal-service listening on {}:{} as pod {}", host, settings.port, settings.pod
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        logger.info("shutting down: draining")
-    logger.info("shutdown complete")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
     settings = load_settings_or_exit(os.environ, PROGRAM)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM) as logs:
-        tracing = setup_tracing(settings, service_name="pulsecal-api")
-        try:
-            import uvloop
-        except ImportError:
-            asyncio.run(serve(settings, tracing=tracing, logs=logs))
-        else:
-            uvloop.run(serve(settings, tracing=tracing, logs=logs))
-        finally:
-            tracing.shutdown()  # exports what is queued, within the exporter's timeout
+        run(SERVICE, settings, logs=logs)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,29 @@ from typing import Any
 
 from aiohttp import web
 from loguru import logger
-from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from shared.appkeys import CHECKER, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING
+from shared.appkeys import (
+    CHECKER,
+    HTTP_SERVER,
+    LOGS,
+    PG_POOL,
+    PROBES,
+    REDIS_AUX,
+    SETTINGS,
+    TRACING,
+)
 from shared.health import HealthChecker
-from shared.httpserver import SERVER, HttpServer, expect_continue
+from shared.httpserver import SERVER, expect_continue
 from shared.keys import Keys
 from shared.logs import Logs
-from shared.reporting import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
-from shared.resources import health_checks, http_client, pool_stats, static_details
+from shared.reporting import LoopLagMonitor, Telemetry, process_memory
+from shared.resources import health_checks, pool_stats, static_details
+from shared.runtime.clients import http_client, postgres_pool, redis_client
+from shared.runtime.heartbeat import HeartbeatPublisher
+from shared.runtime.probes import Probes
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
-from shared.telemetry import Heartbeat, encode_heartbeat
+from shared.telemetry import ServiceHeartbeat
 from shared.tracing import Tracing
 from shared.version import build_version
 
@@ -41,39 +49,16 @@ from .tokens import TokenCache, TokenRefresher
 __all__ = ("create_app", "drain")
 
 
-async def _redis_clients(app: web.Application) -> AsyncIterator[None]:
+async def _data_connection(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[REDIS_DATA] = RespConnection(settings.redis_url, connect_timeout=settings.write_timeout)
-    # Telemetry, heartbeats and checks: a failed command is simply tried again next round.
-    timeout = settings.health_check_timeout_ms / 1000
-    app[REDIS_AUX] = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
-    app[TRACING].instrument_redis(app[REDIS_AUX])
+    connection = RespConnection(settings.redis_url, connect_timeout=settings.write_timeout)
+    app[REDIS_DATA] = connection
     yield
-    app[REDIS_DATA].close()
-    await app[REDIS_AUX].aclose()
+    connection.close()
 
 
-async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    pool: AsyncConnectionPool = AsyncConnectionPool(
-        settings.database_url,
-        min_size=1,
-        max_size=2,
-        open=False,
-        timeout=settings.health_check_timeout_ms / 1000,
-        kwargs={"connect_timeout": max(1, settings.health_check_timeout_ms // 1000)},
-        configure=app[TRACING].instrument_postgres,
-    )
-    await pool.open(wait=False)
-    app[PG_POOL] = pool
-    yield
-    await pool.close()
+# The token refresher and the alerts API.
+_postgres_pool = postgres_pool(max_size=lambda _: 2)
 
 
 def _policies(settings: Settings) -> tuple[Policy | None, Policy | None]:
@@ -156,22 +141,28 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         static_details=static_details(settings),
     )
     app[CHECKER] = checker
+    process = app[PROBES]
+    process.ready = probes.readiness_checks(state, checker)
+    process.draining = lambda: state.draining
+    process.checker = checker
+    http = app.get(HTTP_SERVER)
+    if http is not None:
+        state.count_connections = lambda: len(http.connections)
     refresher = TokenRefresher(tokens, app[PG_POOL], interval=settings.token_refresh_interval)
     version = build_version()
     pool = app[PG_POOL]
 
     logs = app.get(LOGS)
 
-    def heartbeat() -> Heartbeat:
+    def heartbeat() -> ServiceHeartbeat:
         rss, heap = process_memory()
         writer = state.writer
-        return Heartbeat(
+        return ServiceHeartbeat(
             pod=pod,
-            program="pulsecal-service",
             boot_id=state.telemetry.boot_id,
             pid=os.getpid(),
             version=version,
-            started_ms=state.started_ms,
+            started_ms=process.started_ms,
             sent_ms=time.time_ns() // 1_000_000,
             ready=not state.draining and tokens.loaded and writer.healthy,
             draining=state.draining,
@@ -196,6 +187,14 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             db_pool=pool_stats(pool),
         )
 
+    heartbeats = HeartbeatPublisher(
+        app[REDIS_AUX],
+        keys.heartbeat(pod),
+        heartbeat,
+        interval=settings.heartbeat_interval,
+        ttl=settings.heartbeat_ttl,
+    )
+
     # Serve only once the tokens are known; if Postgres is down, start anyway and keep
     # trying (the startup probe says "not yet" meanwhile).
     try:
@@ -212,14 +211,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         "ws-keepalive": keep_alive(state.websockets, interval=settings.ws_heartbeat),
         "tokens": refresher.run(),
         "checker": checker.run(),
-        "heartbeat": publish_heartbeats(
-            app[REDIS_AUX],
-            keys.heartbeat(pod),
-            heartbeat,
-            encode_heartbeat,
-            interval=settings.heartbeat_interval,
-            ttl=settings.heartbeat_ttl,
-        ),
+        "heartbeat": heartbeats.run(),
     }
     tasks = [asyncio.create_task(coro, name=name) for name, coro in background.items()]
     yield
@@ -233,23 +225,26 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):
             await state.telemetry.flush()
-            await app[REDIS_AUX].set(
-                keys.heartbeat(pod), encode_heartbeat(heartbeat()), ex=settings.heartbeat_ttl
-            )
+            await heartbeats.publish()
 
 
-async def drain(app: web.Application, *, grace: float, http: HttpServer | None = None) -> None:
+async def drain(app: web.Application) -> None:
     """Stop taking batches, answer those already taken, close device sockets cleanly, and
-    (given the process's ``http`` server, no longer accepting) answer every request
-    received, each connection closing after its last answer. All within ``grace`` seconds.
+    (when the runtime serves the app, no longer accepting) answer every request received,
+    each connection closing after its last answer. All within ``SHUTDOWN_TIMEOUT``. Once:
+    a later call (aiohttp's ``on_shutdown``, after the runtime's) finds it done.
 
     Runs while connections are still open, so a body still arriving and a device's answer
     to the close frame are read. Devices get ``WS_HANDSHAKE_TIMEOUT`` to answer the close.
     """
     state = app[INGEST]
+    if state.draining:
+        return
     state.draining = True
+    settings = app[SETTINGS]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
+    deadline = loop.time() + settings.shutdown_timeout
+    http = app.get(HTTP_SERVER)
     answered = None
     if http is not None:
         http.close_after_answers()
@@ -260,7 +255,7 @@ async def drain(app: web.Application, *, grace: float, http: HttpServer | None =
         await asyncio.sleep(0.005)
     if state.batches_in_flight:
         logger.warning("shutdown: {} batches still unanswered", state.batches_in_flight)
-    handshake = min(app[SETTINGS].ws_handshake_timeout, max(0.0, deadline - loop.time()))
+    handshake = min(settings.ws_handshake_timeout, max(0.0, deadline - loop.time()))
     await _close_websockets(state, handshake=handshake)
     if answered is not None:
         left = await answered
@@ -288,12 +283,6 @@ async def _close_websockets(state: IngestState, *, handshake: float) -> None:
                 peer.transport.close()
 
 
-async def _drain_now(app: web.Application) -> None:
-    # When something else runs the app (tests), its shutdown is the only signal there is;
-    # after serve()'s own drain this finds nothing left to do.
-    await drain(app, grace=app[SETTINGS].shutdown_timeout)
-
-
 async def _answer_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer but the ingest route's 202 (written by ``AckResponse``) and the
     parser's refusals (``shared/httpserver.py``): no versions in ``Server``, and while
@@ -315,11 +304,23 @@ def create_app(
     if logs is not None:
         app[LOGS] = logs
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
+    app[PROBES] = Probes(
+        settings=settings, service_id=probes.SERVICE_ID, serving=probes.SERVING_CHECK
+    )
     # The span export first, so it stops last: the spans of the shutdown leave too.
     app.cleanup_ctx.extend(
-        [app[TRACING].export_ctx, _redis_clients, _postgres_pool, http_client, _ingest]
+        [
+            app[TRACING].export_ctx,
+            redis_client(),
+            _data_connection,
+            _postgres_pool,
+            http_client,
+            _ingest,
+        ]
     )
-    app.on_shutdown.append(_drain_now)
+    # Served by the runtime, the drain has run before (shared/runtime/serving.py); run by
+    # anything else (tests), aiohttp's shutdown is the only signal there is.
+    app.on_shutdown.append(drain)
     app.on_response_prepare.append(_answer_headers)
     router = app.router
     # Rate-limit policies are declared with the routes: ingestion is limited per device
@@ -330,12 +331,7 @@ def create_app(
     # The ingest routes record their own telemetry (samples stored, WebSocket events).
     router.add_post(HTTP_ROUTE, ingest_http, expect_handler=expect_continue)
     router.add_get(WS_ROUTE, ingest_ws, expect_handler=expect_continue)
-    for path, probe in (
-        ("/health/liveness", probes.liveness),
-        ("/health/readiness", probes.readiness),
-        ("/health/startup", probes.startup),
-        ("/health", probes.health),
-    ):
+    for path, probe in app[PROBES].routes():
         # Never limited, never traced: probes would fill the traces with noise.
         router.add_get(
             path, instrumented(path, probe, traced=False), expect_handler=expect_continue

@@ -1,26 +1,23 @@
-"""The service on its port: the app served through ``shared/httpserver.py``'s connections
-(JSON refusals, read deadlines), its protocol errors counted, and the drain on shutdown."""
+"""The service as the runtime runs it (``shared/runtime/serving.py``): its port, its drain,
+its protocol errors counted, and its collector settled once it has started."""
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from shared.httpserver import HttpServer, Limits, ProtocolError
+from shared.httpserver import ProtocolError
 from shared.logs import Logs
+from shared.runtime import serving
+from shared.runtime.serving import Program, Running
 from shared.settings import Settings
-from shared.telemetry import Kind
+from shared.telemetry import SERVICE_PROGRAM, Kind
 from shared.tracing import Tracing
 
 from .app import create_app, drain
 from .appkeys import INGEST
 
-__all__ = ("Running", "protocol_error_recorder", "running")
-
-# aiohttp's own shutdown, after drain() has answered what could be answered: what is left
-# of a handler is cancelled after this long.
-_RUNNER_SHUTDOWN_TIMEOUT = 2.0
+__all__ = ("SERVICE", "Running", "protocol_error_recorder", "running")
 
 
 def protocol_error_recorder(app: web.Application) -> Callable[[ProtocolError], None]:
@@ -35,29 +32,20 @@ def protocol_error_recorder(app: web.Application) -> Callable[[ProtocolError], N
     return record
 
 
-@dataclass(slots=True, eq=False)
-class Running:
-    app: web.Application
-    runner: web.AppRunner
-    http: HttpServer
-    grace: float
-    _stopped: bool = field(default=False, init=False)
+def _port(settings: Settings) -> int:
+    return settings.port
 
-    @property
-    def port(self) -> int:
-        return self.http.port
 
-    async def shutdown(self) -> None:
-        """Stop accepting, drain (``drain``), then aiohttp's own cleanup. Once."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.http.stop_accepting()
-        try:
-            await drain(self.app, grace=self.grace, http=self.http)
-        finally:
-            await self.http.close()
-            await self.runner.cleanup()
+SERVICE = Program(
+    name=SERVICE_PROGRAM,
+    create_app=create_app,
+    port=_port,
+    traced_as="pulsecal-api",
+    drain=drain,
+    protocol_errors=protocol_error_recorder,
+    backlog=4096,
+    freeze_gc=True,
+)
 
 
 @contextlib.asynccontextmanager
@@ -70,20 +58,5 @@ async def running(
 ) -> AsyncIterator[Running]:
     """The service listening on ``host``:``settings.port`` (0: any free port, see
     ``Running.port``); leaving the block shuts it down within ``SHUTDOWN_TIMEOUT``."""
-    app = create_app(settings, tracing=tracing, logs=logs)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=_RUNNER_SHUTDOWN_TIMEOUT
-    )
-    await runner.setup()
-    server = runner.server
-    assert server is not None
-    http = HttpServer(
-        runner, limits=Limits.from_settings(settings), on_error=protocol_error_recorder(app)
-    )
-    service = Running(app, runner, http, settings.shutdown_timeout)
-    try:
-        await http.start(host, settings.port, backlog=4096, reuse_address=True)
-        app[INGEST].count_connections = lambda: len(server.connections)
-        yield service
-    finally:
-        await service.shutdown()
+    async with serving.running(SERVICE, settings, host=host, tracing=tracing, logs=logs) as served:
+        yield served

@@ -8,15 +8,27 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from .health import HealthChecker
+from .httpserver import HttpServer
 from .logs import Logs
+from .runtime.probes import Probes
 from .settings import Settings
 from .tracing import Tracing
 
-__all__ = ("CHECKER", "HTTP_CLIENT", "LOGS", "PG_POOL", "REDIS_AUX", "SETTINGS", "TRACING")
+__all__ = (
+    "CHECKER",
+    "HTTP_CLIENT",
+    "HTTP_SERVER",
+    "LOGS",
+    "PG_POOL",
+    "PROBES",
+    "REDIS_AUX",
+    "SETTINGS",
+    "TRACING",
+)
 
 SETTINGS = web.AppKey("settings", Settings)
 # The redis-py client for everything but the service's group-committed writes: telemetry,
-# heartbeats, health checks, the worker's stream reads.
+# heartbeats, health checks, the worker's stream reads, the sidecar's.
 REDIS_AUX = web.AppKey("redis_aux", Redis)
 PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)
@@ -24,3 +36,6 @@ CHECKER = web.AppKey("checker", HealthChecker)
 TRACING = web.AppKey("tracing", Tracing)
 # Only when the process set logging up (not in tests): for the Logstash drop count.
 LOGS = web.AppKey("logs", Logs)
+PROBES = web.AppKey("probes", Probes)
+# Only when the process serves through the runtime (not under pytest-aiohttp's server).
+HTTP_SERVER = web.AppKey("http_server", HttpServer)

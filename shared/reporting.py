@@ -1,4 +1,5 @@
-"""Per-request telemetry records and the heartbeat, written to Redis for the sidecar.
+"""Per-request telemetry records, written to Redis for the sidecar, and the process figures
+its heartbeat reports (the heartbeat loop: ``shared/runtime/heartbeat.py``).
 
 Recording a request costs one tuple and one list append. A background task writes the
 buffer as one stream entry per interval (``XADD ... MAXLEN ~``); if Redis is away the
@@ -12,16 +13,15 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
 
 from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .keys import Keys
-from .telemetry import BATCH_FIELD, Heartbeat, Record, TelemetryBatch, encode_batch
+from .telemetry import BATCH_FIELD, Record, TelemetryBatch, encode_batch
 
-__all__ = ("LoopLagMonitor", "Telemetry", "process_memory", "publish_heartbeats")
+__all__ = ("LoopLagMonitor", "Telemetry", "process_memory")
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -133,21 +133,3 @@ class LoopLagMonitor:
             expected = loop.time() + self._interval
             await asyncio.sleep(self._interval)
             self._worst = max(self._worst, loop.time() - expected)
-
-
-async def publish_heartbeats(
-    redis: Redis,
-    key: str,
-    snapshot: Callable[[], Heartbeat],
-    encode: Callable[[Heartbeat], bytes],
-    *,
-    interval: float,
-    ttl: int,
-) -> None:
-    while True:
-        try:
-            async with asyncio.timeout(max(interval, 1.0)):
-                await redis.set(key, encode(snapshot()), ex=ttl)
-        except (RedisError, OSError, TimeoutError):
-            pass  # a missing heartbeat is itself the signal the sidecar reports
-        await asyncio.sleep(interval)

@@ -1,26 +1,18 @@
-"""What the service and the worker both keep on their application: the HTTP client (the AI
-service's calls) and the dependency checks behind their health probes."""
+"""The dependency checks behind the service's and the worker's health probes, and the
+figures their heartbeats report of their clients (the clients: ``shared/runtime/clients.py``)."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
+from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS
 from .health import Check, ai_services_check, disk_check, redis_check, threshold_check
 from .reporting import process_memory
 from .settings import Settings
 
-__all__ = ("health_checks", "http_client", "pool_stats", "static_details")
-
-
-async def http_client(app: web.Application) -> AsyncIterator[None]:
-    timeout = app[SETTINGS].health_check_timeout_ms / 1000
-    async with app[TRACING].client_session(timeout) as session:
-        app[HTTP_CLIENT] = session
-        yield
+__all__ = ("health_checks", "pool_stats", "static_details")
 
 
 def health_checks(app: web.Application) -> dict[str, Check]:

@@ -34,23 +34,31 @@ kind it does not know rather than failing.
   ``shared/httpserver.py``). route = the kind, one of ``PROTOCOL_ERROR_KINDS``; method = "";
   status = the status the refusal calls for (the one answered, unless a route answered it).
 
-The heartbeat is one JSON object per process. The service's and the worker's share the
-struct: fields one of them has no use for keep their defaults (``program`` says which sent
-it). Fields are only ever appended, with defaults, so an older reader still decodes a newer
-heartbeat and a newer reader an older one.
+The heartbeat is one JSON object per process, of its program's type: ``ServiceHeartbeat`` or
+``WorkerHeartbeat``, told apart by ``program`` (the console script's name). Both carry the
+fields of ``HeartbeatBase``. Fields are only ever appended, with defaults, so an older reader
+still decodes a newer heartbeat and a newer reader an older one; fields of the other program
+(which heartbeats of one shared struct used to carry as zeros) are ignored.
 """
 
 import enum
+from typing import ClassVar
 
 import msgspec
 
 __all__ = (
+    "ALERT_RULES",
     "BATCH_FIELD",
     "PROTOCOL_ERROR_KINDS",
+    "SERVICE_PROGRAM",
+    "WORKER_PROGRAM",
     "Heartbeat",
+    "HeartbeatBase",
     "Kind",
     "Record",
+    "ServiceHeartbeat",
     "TelemetryBatch",
+    "WorkerHeartbeat",
     "decode_batch",
     "decode_heartbeat",
     "encode_batch",
@@ -112,9 +120,21 @@ class TelemetryBatch(msgspec.Struct, array_like=True, gc=False):
     records: list[Record]
 
 
-class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
+# The rules of the worker's ALERT records (their route): every one is a series of
+# ``alerts_created_total{rule}``, 0 until it first opens.
+ALERT_RULES = ("hr_high", "hr_low", "spo2_low", "silence")
+
+# The programs that write a heartbeat: the ``program`` of each, its console script's name.
+SERVICE_PROGRAM = "pulsecal-service"
+WORKER_PROGRAM = "pulsecal-worker"
+
+
+class HeartbeatBase(msgspec.Struct, kw_only=True, gc=False, tag_field="program"):
+    """What every program's heartbeat says of its process."""
+
+    # The console script that sent it: the tag that picks the type on decoding.
+    program: ClassVar[str]
     pod: str
-    program: str
     boot_id: str
     pid: int
     version: str
@@ -125,7 +145,17 @@ class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
     rss_bytes: int
     heap_bytes: int
     loop_lag_ms: float
-    # The service's; 0 in the worker's heartbeat.
+    redis_ok: bool
+    telemetry_dropped: int
+    # Connection pool: size, available, waiting.
+    db_pool: dict[str, int] = {}
+    # Spans lost (collector away or queue full), log lines Logstash missed.
+    spans_dropped: int = 0
+    log_lines_dropped: int = 0
+
+
+class ServiceHeartbeat(HeartbeatBase, tag=SERVICE_PROGRAM):
+    program: ClassVar[str] = SERVICE_PROGRAM
     http_connections: int = 0
     ws_connections: int = 0
     pending_writes: int = 0
@@ -133,20 +163,22 @@ class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
     writes_duplicate: int = 0
     writes_failed: int = 0
     write_batches: int = 0
-    redis_ok: bool
-    # The service: the readings backlog (largest lag + pending of any group). The worker: 0.
+    # The readings backlog (largest lag + pending of any group).
     backlog: int = 0
     backlog_exceeded: bool = False
-    telemetry_dropped: int
     tokens_loaded: int = 0
-    # Connection pool: size, available, waiting.
-    db_pool: dict[str, int] = {}
-    # The worker's (0 in the service's). queue_depth: analysis jobs not yet picked up by any
-    # worker (the same figure in every worker pod); queue_jobs_active: this process's jobs
-    # in progress; readings_lag: readings not yet persisted by the persist group (undelivered
-    # + unacknowledged); dead_letters: entries in the dead-letter stream; rows_persisted /
-    # samples_persisted: this process's totals since it started (boot_id); ai_circuit:
-    # ``closed``, ``open`` or ``half-open``.
+    # Rate-limit decisions made per process while Redis was away.
+    rate_limit_fallbacks: int = 0
+
+
+class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
+    """queue_depth: analysis jobs not yet picked up by any worker (the same figure in every
+    worker pod); queue_jobs_active: this process's jobs in progress; readings_lag: readings
+    not yet persisted by the persist group (undelivered + unacknowledged); dead_letters:
+    entries in the dead-letter stream; rows_persisted / samples_persisted: this process's
+    totals since it started (boot_id); ai_circuit: ``closed``, ``open`` or ``half-open``."""
+
+    program: ClassVar[str] = WORKER_PROGRAM
     queue_depth: int = 0
     queue_jobs_active: int = 0
     readings_lag: int = 0
@@ -155,16 +187,15 @@ class Heartbeat(msgspec.Struct, kw_only=True, gc=False):
     samples_persisted: int = 0
     alerts_open: int = 0
     ai_circuit: str = "closed"
-    # Every process's: spans lost (collector away or queue full), log lines Logstash missed.
-    # The service's: rate-limit decisions made per process while Redis was away.
-    spans_dropped: int = 0
-    log_lines_dropped: int = 0
-    rate_limit_fallbacks: int = 0
+
+
+Heartbeat = ServiceHeartbeat | WorkerHeartbeat
 
 
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(TelemetryBatch)
-_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+_heartbeat_encoder = msgspec.json.Encoder()
+_heartbeat_decoder: msgspec.json.Decoder[Heartbeat] = msgspec.json.Decoder(Heartbeat)
 
 
 def encode_batch(batch: TelemetryBatch) -> bytes:
@@ -175,8 +206,8 @@ def decode_batch(data: bytes) -> TelemetryBatch:
     return _batch_decoder.decode(data)
 
 
-def encode_heartbeat(heartbeat: Heartbeat) -> bytes:
-    return msgspec.json.encode(heartbeat)
+def encode_heartbeat(heartbeat: HeartbeatBase) -> bytes:
+    return _heartbeat_encoder.encode(heartbeat)
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:

@@ -1,22 +1,17 @@
-"""``pulsecal-sidecar``: load settings, set up logging, serve until SIGTERM, save and exit."""
+"""``pulsecal-sidecar``: load settings, set up logging, run until SIGTERM; its cleanup saves
+the telemetry checkpoint."""
 
-import asyncio
 import os
-import signal
 from collections.abc import Sequence
 
-from aiohttp import web
-from loguru import logger
-
 from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
-from shared.httpserver import HttpServer, Limits
-from shared.logs import install_loop_handler, setup_logging
+from shared.logs import setup_logging
+from shared.runtime.serving import Program, run
 from shared.settings import Settings, load_settings_or_exit
-from shared.tracing import Tracing, setup_tracing
 
 from .app import create_app
 
-__all__ = ("main", "serve")
+__all__ = ("SIDECAR", "main")
 
 PROGRAM = "pulsecal-sidecar"
 DESCRIPTION = """
@@ -41,50 +36,19 @@ ENV_VARS = {
 }
 
 
-async def serve(
-    settings: Settings, *, host: str = "0.0.0.0", tracing: Tracing | None = None
-) -> None:
-    """Run until SIGTERM/SIGINT; the cleanup then saves the telemetry checkpoint."""
-    install_loop_handler(asyncio.get_running_loop())
-    app = create_app(settings, tracing=tracing)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    # JSON refusals and read deadlines, as the service's (shared/httpserver.py).
-    http = HttpServer(runner, limits=Limits.from_settings(settings))
-    await http.start(host, settings.sidecar_port, reuse_address=True)
-    logger.info(
-        "{} listening on {}:{} for pod {} (metrics {})",
-        PROGRAM,
-        host,
-        settings.sidecar_port,
-        settings.pod,
-        "on" if settings.metrics_enabled else "off",
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    logger.info("shutting down")
-    await http.close()
-    await runner.cleanup()
-    logger.info("shutdown complete")
+def _port(settings: Settings) -> int:
+    return settings.sidecar_port
+
+
+SIDECAR = Program(name=PROGRAM, create_app=create_app, port=_port, traced_as=PROGRAM)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
     settings = load_settings_or_exit(os.environ, PROGRAM)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
-    with setup_logging(settings, program=PROGRAM):
-        tracing = setup_tracing(settings, service_name=PROGRAM)
-        try:
-            import uvloop
-        except ImportError:
-            asyncio.run(serve(settings, tracing=tracing))
-        else:
-            uvloop.run(serve(settings, tracing=tracing))
-        finally:
-            tracing.shutdown()
+    with setup_logging(settings, program=PROGRAM) as logs:
+        run(SIDECAR, settings, logs=logs)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,34 +9,25 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 from loguru import logger
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PROBES, REDIS_AUX, SETTINGS, TRACING
 from shared.health import HealthChecker
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
+from shared.logs import Logs
+from shared.runtime.clients import http_client, redis_client
+from shared.runtime.probes import Probes
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
 from shared.tracing import Tracing
 
-from .appkeys import (
-    CHECKER,
-    CONSUMER,
-    HEARTBEAT,
-    HTTP_CLIENT,
-    METRICS,
-    POSTGRES,
-    REDIS,
-    SETTINGS,
-    STARTED_AT,
-    TRACING,
-)
+from .appkeys import CONSUMER, HEARTBEAT, METRICS, POSTGRES
 from .consumer import TelemetryConsumer
 from .dashboard import dashboard, dashboard_live, sign_in
-from .health import HeartbeatWatch, PostgresProbe, health, health_checks, liveness, static_details
-from .metrics import MetricsView, metrics_handler
+from .health import SERVICE_ID, HeartbeatWatch, PostgresProbe, health_checks, static_details
+from .metrics import MetricsView
+from .scrape import metrics_handler
 
 __all__ = ("create_app",)
 
@@ -45,20 +35,9 @@ _HERE = Path(__file__).parent
 _FINAL_SAVE_TIMEOUT = 3.0
 
 
-async def _redis(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    timeout = settings.health_check_timeout_ms / 1000
-    app[REDIS] = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=timeout,
-        # A blocking XREAD waits up to SIDECAR_BLOCK_MS for an answer.
-        socket_timeout=settings.sidecar_block_ms / 1000 + timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
-    app[TRACING].instrument_redis(app[REDIS])
-    yield
-    await app[REDIS].aclose()
+def _blocking_read_ms(settings: Settings) -> int:
+    # A blocking XREAD waits up to SIDECAR_BLOCK_MS for an answer.
+    return settings.sidecar_block_ms
 
 
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
@@ -71,22 +50,15 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
     await probe.close()
 
 
-async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    timeout = app[SETTINGS].health_check_timeout_ms / 1000
-    async with app[TRACING].client_session(timeout) as session:
-        app[HTTP_CLIENT] = session
-        yield
-
-
 async def _health(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     keys = Keys(settings.redis_key_prefix)
-    watch = HeartbeatWatch(app[REDIS], keys.heartbeat(settings.pod), ttl=settings.heartbeat_ttl)
+    watch = HeartbeatWatch(app[REDIS_AUX], keys.heartbeat(settings.pod), ttl=settings.heartbeat_ttl)
     app[HEARTBEAT] = watch
     checker = HealthChecker(
         health_checks(
             settings,
-            redis=app[REDIS],
+            redis=app[REDIS_AUX],
             watch=watch,
             postgres=app[POSTGRES],
             http=app[HTTP_CLIENT],
@@ -96,6 +68,7 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
         static_details=static_details(settings),
     )
     app[CHECKER] = checker
+    app[PROBES].checker = checker
     task = asyncio.create_task(checker.run(), name="checker")
     yield
     await cancel_and_wait([task])
@@ -105,7 +78,7 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     keys = Keys(settings.redis_key_prefix)
     consumer = TelemetryConsumer(
-        app[REDIS],
+        app[REDIS_AUX],
         stream=keys.telemetry(settings.pod),
         state_key=keys.sidecar_state(settings.pod),
         max_series=settings.metrics_max_series,
@@ -141,19 +114,33 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
-    """The sidecar. ``tracing``: the process's (its Redis and HTTP clients); none: untraced."""
+def create_app(
+    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+) -> web.Application:
+    """The sidecar. ``tracing`` and ``logs``: the process's (see ``service.app.create_app``);
+    no tracing: its Redis and HTTP clients are not traced."""
     app = web.Application()
     app[SETTINGS] = settings
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
-    app[STARTED_AT] = time.time()
+    if logs is not None:
+        app[LOGS] = logs
+    probes = Probes(settings=settings, service_id=SERVICE_ID)
+    app[PROBES] = probes
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(_HERE / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    app.cleanup_ctx.extend([app[TRACING].export_ctx, _redis, _postgres, _http_client, _health])
+    app.cleanup_ctx.extend(
+        [
+            app[TRACING].export_ctx,
+            redis_client(blocking_ms=_blocking_read_ms),
+            _postgres,
+            http_client,
+            _health,
+        ]
+    )
     app.on_response_prepare.append(server_header)
     router = app.router
     # Every route meets Expect: 100-continue and refuses any other expectation as JSON
@@ -164,8 +151,9 @@ def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.App
     router.add_get("/", dashboard, expect_handler=expect_continue)
     router.add_get("/dashboard/live", dashboard_live, expect_handler=expect_continue)
     router.add_post("/signin", sign_in, expect_handler=expect_continue)
-    router.add_get("/health", health, expect_handler=expect_continue)
-    router.add_get("/health/liveness", liveness, expect_handler=expect_continue)
+    # The aggregated health; its own liveness, as each process has.
+    router.add_get("/health", probes.health, expect_handler=expect_continue)
+    router.add_get("/health/liveness", probes.liveness, expect_handler=expect_continue)
     router.add_static(
         "/static", _HERE / "static", append_version=False, expect_handler=expect_continue
     )

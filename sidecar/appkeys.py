@@ -1,41 +1,19 @@
-"""Typed keys of everything the sidecar keeps on its application."""
+"""Typed keys of what only the sidecar keeps on its application.
 
-from typing import TYPE_CHECKING
+The keys every process shares (settings, the Redis client, the checker, tracing) are in
+``shared/appkeys.py``. This module declares keys and imports no module that reads them.
+"""
 
-from aiohttp import ClientSession, web
-from redis.asyncio import Redis
+from aiohttp import web
 
-from shared.health import HealthChecker
-from shared.settings import Settings
-from shared.tracing import Tracing
+from .consumer import TelemetryConsumer
+from .health import HeartbeatWatch, PostgresProbe
+from .metrics import MetricsView
 
-if TYPE_CHECKING:
-    from .consumer import TelemetryConsumer
-    from .health import HeartbeatWatch, PostgresProbe
-    from .metrics import MetricsView
+__all__ = ("CONSUMER", "HEARTBEAT", "METRICS", "POSTGRES")
 
-__all__ = (
-    "CHECKER",
-    "CONSUMER",
-    "HEARTBEAT",
-    "HTTP_CLIENT",
-    "METRICS",
-    "POSTGRES",
-    "REDIS",
-    "SETTINGS",
-    "STARTED_AT",
-    "TRACING",
-)
-
-SETTINGS = web.AppKey("settings", Settings)
-STARTED_AT = web.AppKey("started_at", float)
-REDIS = web.AppKey("redis", Redis)
-HTTP_CLIENT = web.AppKey("http_client", ClientSession)
-CHECKER = web.AppKey("checker", HealthChecker)
-TRACING = web.AppKey("tracing", Tracing)
-# Forward references: those modules' handlers import this one.
-POSTGRES: web.AppKey["PostgresProbe"] = web.AppKey("postgres")
-HEARTBEAT: web.AppKey["HeartbeatWatch"] = web.AppKey("heartbeat")
+POSTGRES = web.AppKey("postgres", PostgresProbe)
+HEARTBEAT = web.AppKey("heartbeat", HeartbeatWatch)
 # Absent when METRICS_ENABLED=false: nothing is consumed then.
-CONSUMER: web.AppKey["TelemetryConsumer"] = web.AppKey("consumer")
-METRICS: web.AppKey["MetricsView"] = web.AppKey("metrics")
+CONSUMER = web.AppKey("consumer", TelemetryConsumer)
+METRICS = web.AppKey("metrics", MetricsView)

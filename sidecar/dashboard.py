@@ -19,11 +19,13 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from shared.access import COOKIE, cookie_value, is_operator, operator_token, token_matches
+from shared.appkeys import CHECKER, SETTINGS
 from shared.health import CheckResult
 from shared.version import build_version
 
 from .aggregate import WINDOW_SECONDS, Aggregator, WindowPoint
-from .appkeys import CHECKER, CONSUMER, HEARTBEAT, SETTINGS
+from .appkeys import CONSUMER, HEARTBEAT
+from .health import as_service
 
 __all__ = ("Chart", "Component", "dashboard", "dashboard_live", "live_context", "sign_in")
 
@@ -212,7 +214,8 @@ def live_context(app: web.Application) -> dict[str, Any]:
     redis_down = (
         redis_result is not None and redis_result.checked_at > 0 and not redis_result.up
     ) or (consumer is not None and consumer.error is not None)
-    heartbeat = app[HEARTBEAT].fresh(now)
+    fresh = app[HEARTBEAT].fresh(now)
+    heartbeat = None if fresh is None else as_service(fresh)
     points = [] if aggregator is None else aggregator.window_points(now)
     telemetry: dict[str, str] = {}
     if consumer is not None and aggregator is not None:

@@ -1,11 +1,11 @@
 """Aggregated health: the pod's service (by its heartbeat) plus the sidecar's own checks.
 
 Every check runs in the background ``HealthChecker`` (``shared/health.py``), bounded by
-``HEALTH_CHECK_TIMEOUT``; ``/health`` and the dashboard only read the cached results.
-Anyone gets the verdict; the operator the details (``shared/access.py``).
+``HEALTH_CHECK_TIMEOUT``; ``/health`` (``shared/runtime``'s probe) and the dashboard only
+read the cached results. Anyone gets the verdict; the operator the details
+(``shared/access.py``).
 """
 
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,38 +13,37 @@ from urllib.parse import urlsplit
 
 import msgspec
 import psycopg
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.access import health_reply
-from shared.health import (
-    Check,
-    CheckFailedError,
-    CheckResult,
-    ai_services_check,
-    disk_check,
-    now_result,
-    redis_check,
-)
+from shared.health import Check, CheckFailedError, ai_services_check, disk_check, redis_check
 from shared.settings import Settings
-from shared.telemetry import Heartbeat, decode_heartbeat
+from shared.telemetry import Heartbeat, HeartbeatBase, ServiceHeartbeat, decode_heartbeat
 
-from .appkeys import CHECKER, SETTINGS, STARTED_AT
 from .process import own_process
 
 __all__ = (
     "SERVICE_ID",
     "HeartbeatWatch",
     "PostgresProbe",
-    "health",
+    "as_service",
     "health_checks",
-    "liveness",
     "static_details",
 )
 
 SERVICE_ID = "pulsecal-sidecar"
 _MB = 1024 * 1024
+
+
+def as_service(heartbeat: Heartbeat) -> ServiceHeartbeat:
+    """The heartbeat with the service's figures: a worker's own, with the service's figures
+    at 0, which is how the page and the series beside a worker have always shown them."""
+    if isinstance(heartbeat, ServiceHeartbeat):
+        return heartbeat
+    return ServiceHeartbeat(
+        **{name: getattr(heartbeat, name) for name in HeartbeatBase.__struct_fields__}
+    )
 
 
 class HeartbeatWatch:
@@ -107,7 +106,7 @@ class HeartbeatWatch:
             "version": heartbeat.version,
             "uptime_s": round(now - heartbeat.started_ms / 1000, 1),
             "heartbeat_age_s": round(age, 2),
-            "ws_connections": heartbeat.ws_connections,
+            "ws_connections": as_service(heartbeat).ws_connections,
             "loop_lag_ms": heartbeat.loop_lag_ms,
         }
 
@@ -199,17 +198,3 @@ def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
     if settings.ai_service_url is not None:
         details["ai-services"] = {"url": settings.ai_service_url}
     return details
-
-
-def _respond(request: web.Request, results: Mapping[str, CheckResult]) -> web.Response:
-    return health_reply(request, results, settings=request.app[SETTINGS], service_id=SERVICE_ID)
-
-
-async def liveness(request: web.Request) -> web.Response:
-    """The sidecar answers: nothing else, so a dependency outage never restarts it."""
-    uptime = round(time.time() - request.app[STARTED_AT], 1)
-    return _respond(request, {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)})
-
-
-async def health(request: web.Request) -> web.Response:
-    return _respond(request, request.app[CHECKER].results)

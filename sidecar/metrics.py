@@ -1,49 +1,39 @@
-"""``/metrics``: the seed's metrics and the sidecar's own, from the aggregate and the heartbeat.
+"""The families of ``/metrics``: the seed's metrics and the sidecar's own, from the aggregate
+and the heartbeat (``sidecar/scrape.py`` serves them).
 
 ``http_request_errors_total`` counts every response with status >= 400 (labelled with the
 status, so an alert can select ``status=~"5.."``), as the original system's interceptor did.
 The business counters (alerts, AI analyses) come from the worker's records and
 ``queue_jobs_active`` from its heartbeat, so they are 0 beside the service; ``queue_depth`` is
-the analysis jobs waiting beside a worker, the readings backlog beside the service.
+the analysis jobs waiting beside a worker, the readings backlog beside the service. Each
+figure comes from the heartbeat type that carries it; beside the other program its series
+reads 0.
 """
 
-import asyncio
-import hmac
-import time
 from collections.abc import Iterator, Mapping
 
-from aiohttp import web
-from redis.exceptions import RedisError
-
 from shared.health import CheckResult
-from shared.telemetry import PROTOCOL_ERROR_KINDS, Heartbeat
+from shared.telemetry import (
+    ALERT_RULES,
+    PROTOCOL_ERROR_KINDS,
+    Heartbeat,
+    ServiceHeartbeat,
+    WorkerHeartbeat,
+)
 from shared.telemetry import Kind as TelemetryKind
 
 from .aggregate import DURATION_BUCKETS_S, Aggregator, HttpKey
-from .appkeys import CHECKER, CONSUMER, HEARTBEAT, METRICS, SETTINGS
 from .consumer import TelemetryConsumer
-from .exposition import (
-    OPENMETRICS,
-    TEXT,
-    Family,
-    Histogram,
-    Kind,
-    label_text,
-    render,
-    wants_openmetrics,
-)
-from .health import HeartbeatWatch
+from .exposition import Family, Histogram, Kind, label_text
+from .health import as_service
 from .process import own_process
 
 __all__ = (
     "MetricsView",
     "business_families",
     "health_families",
-    "metrics_handler",
     "protocol_error_family",
 )
-
-_HEARTBEAT_REFRESH_TIMEOUT = 0.5
 
 
 class MetricsView:
@@ -129,10 +119,6 @@ def protocol_error_family(aggregator: Aggregator) -> Family:
     )
 
 
-WORKER_PROGRAM = "pulsecal-worker"
-ALERT_RULES = ("hr_high", "hr_low", "spo2_low", "silence")
-
-
 def _worker_counters(aggregator: Aggregator) -> Iterator[Family]:
     """The business counters, from the worker's records (0 beside the service)."""
     opened = dict.fromkeys(ALERT_RULES, 0)
@@ -213,7 +199,7 @@ def business_families(aggregator: Aggregator, heartbeat: Heartbeat | None) -> It
         "websocket_connections_active",
         "gauge",
         "Open device WebSocket connections (from the service's heartbeat; 0 while it is down).",
-        ("", heartbeat.ws_connections if heartbeat else 0),
+        ("", heartbeat.ws_connections if isinstance(heartbeat, ServiceHeartbeat) else 0),
     )
     yield _family(
         "websocket_messages",
@@ -221,20 +207,25 @@ def business_families(aggregator: Aggregator, heartbeat: Heartbeat | None) -> It
         "WebSocket messages received, by the status they were answered with.",
         *((f'status="{s}"', n) for s, n in sorted(aggregator.ws_messages.items())),
     )
-    worker = heartbeat is not None and heartbeat.program == WORKER_PROGRAM
     yield _family(
         "queue_jobs_active",
         "gauge",
         "Analysis jobs this worker is running (0 beside the service).",
-        ("", heartbeat.queue_jobs_active if heartbeat else 0),
+        ("", heartbeat.queue_jobs_active if isinstance(heartbeat, WorkerHeartbeat) else 0),
     )
     # Beside a worker: analysis jobs waiting (the same in every worker pod: take the max).
     # Beside the service: the readings backlog it guards (largest lag + pending of any group).
+    if isinstance(heartbeat, WorkerHeartbeat):
+        depth = heartbeat.queue_depth
+    elif isinstance(heartbeat, ServiceHeartbeat):
+        depth = heartbeat.backlog
+    else:
+        depth = 0
     yield _family(
         "queue_depth",
         "gauge",
         "Jobs waiting: analysis jobs beside a worker, readings batches beside the service.",
-        ("", (heartbeat.queue_depth if worker else heartbeat.backlog) if heartbeat else 0),
+        ("", depth),
     )
     in_use = 0
     if heartbeat is not None:
@@ -395,6 +386,7 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
     if heartbeat is None:
         return
     hb = heartbeat
+    svc = as_service(hb)
     yield _family(
         "pulsecal_service",
         "info",
@@ -411,17 +403,17 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
             "Worst loop lag since the last heartbeat.",
             hb.loop_lag_ms / 1e3,
         ),
-        ("http_connections", "Open HTTP connections to the service.", hb.http_connections),
-        ("pending_writes", "Batches waiting to be written to Redis.", hb.pending_writes),
+        ("http_connections", "Open HTTP connections to the service.", svc.http_connections),
+        ("pending_writes", "Batches waiting to be written to Redis.", svc.pending_writes),
         ("ready", "1 while the service is ready to take data.", int(hb.ready)),
         ("draining", "1 while the service is shutting down.", int(hb.draining)),
         ("redis_up", "1 while the service's Redis check passes.", int(hb.redis_ok)),
         (
             "backlog_exceeded",
             "1 while the readings backlog is over its limit.",
-            int(hb.backlog_exceeded),
+            int(svc.backlog_exceeded),
         ),
-        ("device_tokens", "Device tokens in the service's cache.", hb.tokens_loaded),
+        ("device_tokens", "Device tokens in the service's cache.", svc.tokens_loaded),
         ("db_pool_connections", "Connections open in its Postgres pool.", pool.get("size", 0)),
         ("db_pool_waiting", "Requests waiting for a Postgres connection.", pool.get("waiting", 0)),
     ]
@@ -431,17 +423,17 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
         "pulsecal_service_writes",
         "counter",
         "Readings batches written by this service process, by result.",
-        ('result="ok"', hb.writes_ok),
-        ('result="duplicate"', hb.writes_duplicate),
-        ('result="failed"', hb.writes_failed),
+        ('result="ok"', svc.writes_ok),
+        ('result="duplicate"', svc.writes_duplicate),
+        ('result="failed"', svc.writes_failed),
     )
     yield _family(
         "pulsecal_service_write_batches",
         "counter",
         "Group-commit writes made by this service process.",
-        ("", hb.write_batches),
+        ("", svc.write_batches),
     )
-    if hb.program == WORKER_PROGRAM:
+    if isinstance(hb, WorkerHeartbeat):
         yield from _worker_gauges(hb)
     # Totals of this process instance (they restart with it, like any process counter).
     for name, help_text, value in (
@@ -450,13 +442,13 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
         (
             "rate_limit_fallbacks",
             "Rate-limit decisions made per process while Redis was away.",
-            hb.rate_limit_fallbacks,
+            svc.rate_limit_fallbacks,
         ),
     ):
         yield _family(f"pulsecal_service_{name}", "counter", help_text, ("", value))
 
 
-def _worker_gauges(hb: Heartbeat) -> Iterator[Family]:
+def _worker_gauges(hb: WorkerHeartbeat) -> Iterator[Family]:
     for name, help_text, value in (
         (
             "readings_lag",
@@ -508,56 +500,6 @@ def _own_process() -> Iterator[Family]:
     yield _family("process_open_fds", "gauge", "Open file descriptors.", ("", own.open_fds))
 
 
-def _authorized(request: web.Request, token: str) -> bool:
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Bytes that are not UTF-8 reach us as lone surrogates (aiohttp's headers, Python's
-    # environment), which a plain encode() refuses: "surrogatepass" encodes any str.
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
-    )
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    app = request.app
-    settings = app[SETTINGS]
-    if settings.metrics_token is not None and not _authorized(request, settings.metrics_token):
-        return web.Response(
-            status=401,
-            text="a bearer token is required\n",
-            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-        )
-    consumer = app[CONSUMER]
-    if consumer.aggregator is None:
-        return web.Response(
-            status=503,
-            text=f"telemetry state not loaded yet: {consumer.error or 'starting'}\n",
-            headers={"Retry-After": "1"},
-        )
-    watch: HeartbeatWatch = app[HEARTBEAT]
-    await _refresh_heartbeat(watch)
-    now = time.time()
-    heartbeat = watch.fresh(now)
-    latest = watch.latest
-    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
-    view = app[METRICS]
-
-    checks = app[CHECKER].results
-
-    def build(aggregator: Aggregator) -> bytes:
-        families = view.families(
-            aggregator,
-            consumer,
-            heartbeat,
-            heartbeat_age_s=None if latest is None else watch.age_s(latest, now),
-            max_series=settings.metrics_max_series,
-        )
-        families.extend(health_families(checks))
-        return render(families, openmetrics=openmetrics)
-
-    body = await consumer.save_after(build)
-    return web.Response(body=body, headers={"Content-Type": OPENMETRICS if openmetrics else TEXT})
-
-
 def health_families(checks: Mapping[str, CheckResult]) -> Iterator[Family]:
     """The aggregated health's checks as gauges: what ``DatabaseDown`` and the like alert on."""
     ordered = sorted(checks.items())
@@ -573,12 +515,3 @@ def health_families(checks: Mapping[str, CheckResult]) -> Iterator[Family]:
         "How long the health check took at its last run, by check.",
         *((label_text((("check", name),)), result.duration_ms / 1000) for name, result in ordered),
     )
-
-
-async def _refresh_heartbeat(watch: HeartbeatWatch) -> None:
-    # The gauges should be as of the scrape; if Redis is slow the cached heartbeat serves.
-    try:
-        async with asyncio.timeout(_HEARTBEAT_REFRESH_TIMEOUT):
-            await watch.refresh()
-    except (RedisError, OSError, TimeoutError):
-        pass  # the last heartbeat read stays in use while it is fresh

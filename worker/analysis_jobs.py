@@ -38,7 +38,8 @@ from shared.keys import Keys
 from shared.reporting import Telemetry
 from shared.telemetry import Kind
 
-from .persist import Row, ensure_group, stream_entries
+from .groups import Delivery, GroupReader
+from .persist import Row
 
 __all__ = (
     "ANALYSIS_GROUP",
@@ -290,6 +291,18 @@ class AnalysisRunner:
         self._pool = pool
         self._session = session
         self._stream = keys.analysis_jobs
+        # One job at a time: each takes a slot of its own.
+        self._reader = GroupReader(
+            redis,
+            self._stream,
+            ANALYSIS_GROUP,
+            consumer=consumer,
+            count=1,
+            claim_idle=claim_idle,
+            # A job whose count is lost gets its last try rather than failing unrun.
+            last_try=dead_letter_after,
+            label="analysis job",
+        )
         self._url = url.rstrip("/") + "/analyze"
         self._consumer = consumer
         self._slots = asyncio.Semaphore(concurrency)
@@ -299,10 +312,6 @@ class AnalysisRunner:
         self._backoff_max = backoff_max
         self.breaker = breaker
         self._max_age_ms = int(max_age * 1000)
-        self._claim_idle_ms = max(1, int(claim_idle * 1000))
-        self._claim_every = min(max(claim_idle / 2, 0.05), 5.0)
-        self._next_claim = 0.0
-        self._claim_cursor = b"0-0"
         self._dead_after = dead_letter_after
         self._telemetry = telemetry
         self._tasks: set[asyncio.Task[None]] = set()
@@ -310,14 +319,16 @@ class AnalysisRunner:
         self.outcomes = {"completed": 0, "failed": 0, "skipped": 0, "rejected": 0}
         self.calls = 0
         self.call_failures = 0
-        self.group_ready = False
+
+    @property
+    def group_ready(self) -> bool:
+        return self._reader.group_ready
 
     async def run(self) -> None:
         delay = 0.05
         while not self.group_ready:
             try:
-                await ensure_group(self._redis, self._stream, ANALYSIS_GROUP)
-                self.group_ready = True
+                await self._reader.ensure_group()
             except (RedisError, OSError) as e:
                 logger.debug("analysis group not created yet: {}", e)
                 await asyncio.sleep(delay)
@@ -351,53 +362,23 @@ class AnalysisRunner:
 
     async def _next_jobs(self) -> list[Job]:
         try:
-            loop = asyncio.get_running_loop()
-            if loop.time() >= self._next_claim:
-                claimed = await self._claim()
-                if claimed:
-                    return claimed
-                self._next_claim = loop.time() + self._claim_every
-            reply = await self._redis.xreadgroup(
-                ANALYSIS_GROUP,
-                self._consumer,
-                {self._stream: ">"},
-                count=1,
-                block=max(1, int(self._claim_every * 1000)),
-            )
+            deliveries = await self._reader.read()
         except (RedisError, OSError) as e:
             logger.debug("analysis jobs not read: {}", e)
             await asyncio.sleep(0.5)
             return []
-        return [self._job(entry_id, fields, 1) for entry_id, fields in stream_entries(reply)]
-
-    async def _claim(self) -> list[Job]:
-        reply = await self._redis.xautoclaim(
-            self._stream,
-            ANALYSIS_GROUP,
-            self._consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=1,
-        )
-        self._claim_cursor = reply[0]
-        claimed = [(i, f) for i, f in reply[1] if f is not None]
-        if not claimed:
-            return []
-        pending = await self._redis.xpending_range(
-            self._stream, ANALYSIS_GROUP, min=claimed[0][0], max=claimed[0][0], count=1
-        )
-        deliveries = int(pending[0]["times_delivered"]) if pending else self._dead_after + 1
-        return [self._job(claimed[0][0], claimed[0][1], deliveries)]
+        return [self._job(d) for d in deliveries]
 
     @staticmethod
-    def _job(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Job:
+    def _job(delivery: Delivery) -> Job:
+        fields = delivery.fields
         return Job(
-            entry_id=entry_id.decode(),
+            entry_id=delivery.entry_id.decode(),
             device_id=fields.get(b"device_id", b"").decode(),
             start_ms=int(fields.get(b"start_ms", b"0")),
             end_ms=int(fields.get(b"end_ms", b"0")),
             due_ms=int(fields.get(b"due_ms", b"0")),
-            deliveries=deliveries,
+            deliveries=delivery.deliveries,
         )
 
     async def _run(self, job: Job) -> None:

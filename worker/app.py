@@ -10,9 +10,8 @@ the sidecar of the worker's pod, as the service's are by its own.
 import asyncio
 import contextlib
 import os
-import signal
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import psycopg
@@ -21,29 +20,34 @@ from loguru import logger
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from shared.access import health_reply
 from shared.alerts import count_open_alerts
-from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING
-from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
-from shared.health import (
-    CheckResult,
-    HealthChecker,
-    now_result,
-    startup_results,
+from shared.appkeys import (
+    CHECKER,
+    HTTP_CLIENT,
+    LOGS,
+    PG_POOL,
+    PROBES,
+    REDIS_AUX,
+    SETTINGS,
+    TRACING,
 )
-from shared.httpserver import HttpServer, Limits, expect_continue, server_header
+from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.health import CheckResult, HealthChecker, now_result
+from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
-from shared.logs import Logs, install_loop_handler, setup_logging
-from shared.reporting import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
-from shared.resources import health_checks, http_client, pool_stats, static_details
+from shared.logs import Logs, setup_logging
+from shared.reporting import LoopLagMonitor, Telemetry, process_memory
+from shared.resources import health_checks, pool_stats, static_details
+from shared.runtime.clients import http_client, postgres_pool, redis_client
+from shared.runtime.heartbeat import HeartbeatPublisher
+from shared.runtime.probes import Probes
+from shared.runtime.serving import Program, run
 from shared.settings import Settings, load_settings_or_exit
 from shared.tasks import cancel_and_wait
-from shared.telemetry import Heartbeat, Kind, encode_heartbeat
-from shared.tracing import Tracing, setup_tracing
+from shared.telemetry import WORKER_PROGRAM, Kind, WorkerHeartbeat
+from shared.tracing import Tracing
 from shared.version import build_version
 
 from .alerts import (
@@ -60,9 +64,9 @@ from .consumers import consumer_name
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .state import WorkerState
 
-__all__ = ("create_app", "main", "serve")
+__all__ = ("WORKER_RUNTIME", "create_app", "main")
 
-PROGRAM = "pulsecal-worker"
+PROGRAM = WORKER_PROGRAM
 DESCRIPTION = """
 The PulseCal worker: persists the readings from the Redis stream to Postgres, evaluates the
 alert rules (heart rate, SpO2, silence) on them, and sends each device's windows of
@@ -84,55 +88,23 @@ ENV_VARS = {
     **LOGGING_ENV,
     **TRACING_ENV,
 }
-_SERVICE_ID = "pulsecal-worker"
 _PARTITION_INTERVAL = 3600.0
 _STATS_INTERVAL = 5.0
 
 
-async def _redis_client(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    timeout = settings.health_check_timeout_ms / 1000
-    app[REDIS_AUX] = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=timeout,
-        # Blocking reads wait up to WORKER_BLOCK_MS on the socket.
-        socket_timeout=timeout + settings.worker_block_ms / 1000,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
-    app[TRACING].instrument_redis(app[REDIS_AUX])
-    yield
-    await app[REDIS_AUX].aclose()
+def _blocking_read_ms(settings: Settings) -> int:
+    # Blocking reads wait up to WORKER_BLOCK_MS on the socket.
+    return settings.worker_block_ms
 
 
-async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+def _pool_size(settings: Settings) -> int:
+    # The persister, the silence check and upkeep, and one per analysis job.
+    return 3 + settings.analysis_concurrency
+
+
+async def _staging_table(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     await conn.execute(STAGING_DDL)
     await conn.commit()
-
-
-async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    tracing = app[TRACING]
-
-    async def configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
-        await _configure(conn)
-        await tracing.instrument_postgres(conn)
-
-    pool: AsyncConnectionPool = AsyncConnectionPool(
-        settings.database_url,
-        min_size=1,
-        # The persister, the silence check and upkeep, and one per analysis job.
-        max_size=3 + settings.analysis_concurrency,
-        open=False,
-        timeout=settings.health_check_timeout_ms / 1000,
-        configure=configure,
-        check=AsyncConnectionPool.check_connection,
-        kwargs={"connect_timeout": max(1, settings.health_check_timeout_ms // 1000)},
-    )
-    await pool.open(wait=False)
-    app[PG_POOL] = pool
-    yield
-    await pool.close()
 
 
 async def _maintain_partitions(state: WorkerState, pool: AsyncConnectionPool, ahead: int) -> None:
@@ -280,6 +252,10 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         static_details=static_details(settings),
     )
     app[CHECKER] = checker
+    probes = app[PROBES]
+    probes.ready = _readiness_checks(state, checker)
+    probes.draining = lambda: state.draining
+    probes.checker = checker
 
     def on_measure(measured: dict[str, dict[str, int]]) -> None:
         readings = measured.get(keys.readings, {})
@@ -297,15 +273,14 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     tracing = app[TRACING]
     logs = app.get(LOGS)
 
-    def heartbeat() -> Heartbeat:
+    def heartbeat() -> WorkerHeartbeat:
         rss, heap = process_memory()
-        return Heartbeat(
+        return WorkerHeartbeat(
             pod=pod,
-            program=PROGRAM,
             boot_id=telemetry.boot_id,
             pid=os.getpid(),
             version=version,
-            started_ms=state.started_ms,
+            started_ms=probes.started_ms,
             sent_ms=time.time_ns() // 1_000_000,
             ready=not state.draining and persister.group_ready and persister.db_ok,
             draining=state.draining,
@@ -327,6 +302,14 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
             log_lines_dropped=logs.logstash_dropped if logs is not None else 0,
         )
 
+    heartbeats = HeartbeatPublisher(
+        redis,
+        keys.heartbeat(pod),
+        heartbeat,
+        interval=settings.heartbeat_interval,
+        ttl=settings.heartbeat_ttl,
+    )
+
     background: dict[str, Coroutine[Any, Any, None]] = {
         "telemetry": telemetry.run(),
         "loop-lag": state.loop_lag.run(),
@@ -334,14 +317,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         "partitions": _maintain_partitions(state, pool, settings.readings_partitions_ahead),
         "janitor": janitor.run(),
         "measure": _measure(state, redis, pool, keys),
-        "heartbeat": publish_heartbeats(
-            redis,
-            keys.heartbeat(pod),
-            heartbeat,
-            encode_heartbeat,
-            interval=settings.heartbeat_interval,
-            ttl=settings.heartbeat_ttl,
-        ),
+        "heartbeat": heartbeats.run(),
     }
     if runner is not None:
         background["analysis"] = runner.run()
@@ -371,52 +347,36 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):
             await telemetry.flush()
-            await redis.set(
-                keys.heartbeat(pod), encode_heartbeat(heartbeat()), ex=settings.heartbeat_ttl
-            )
+            await heartbeats.publish()
 
 
-def _respond(request: web.Request, results: dict[str, CheckResult]) -> web.Response:
-    return health_reply(request, results, settings=request.app[SETTINGS], service_id=_SERVICE_ID)
+def _readiness_checks(
+    state: WorkerState, checker: HealthChecker
+) -> Callable[[], dict[str, CheckResult]]:
+    def results() -> dict[str, CheckResult]:
+        persister = state.persister
+        return {
+            "redis": checker.results["redis"],
+            "database": checker.results["database"]
+            if persister.db_ok
+            else now_result(False, "the last write to Postgres failed"),
+            "consumer_group": now_result(
+                persister.group_ready, None if persister.group_ready else "not created yet"
+            ),
+            "schema": now_result(
+                state.schema_ready, None if state.schema_ready else "not checked yet"
+            ),
+        }
+
+    return results
 
 
-async def liveness(request: web.Request) -> web.Response:
-    state = request.app[WORKER]
-    uptime = (time.time_ns() // 1_000_000 - state.started_ms) / 1000
-    return _respond(request, {"process": now_result(True, pid=os.getpid(), uptime_s=uptime)})
-
-
-def _readiness_results(request: web.Request) -> dict[str, CheckResult]:
-    state = request.app[WORKER]
-    results = request.app[CHECKER].results
-    persister = state.persister
-    return {
-        "redis": results["redis"],
-        "database": results["database"]
-        if persister.db_ok
-        else now_result(False, "the last write to Postgres failed"),
-        "consumer_group": now_result(
-            persister.group_ready, None if persister.group_ready else "not created yet"
-        ),
-        "schema": now_result(state.schema_ready, None if state.schema_ready else "not checked yet"),
-        "worker": now_result(not state.draining, "shutting down" if state.draining else None),
-    }
-
-
-async def readiness(request: web.Request) -> web.Response:
-    return _respond(request, _readiness_results(request))
-
-
-async def startup(request: web.Request) -> web.Response:
-    state = request.app[WORKER]
-    results = _readiness_results(request)
-    del results["worker"]
-    state.started, results = startup_results(results, started=state.started)
-    return _respond(request, results)
-
-
-async def health(request: web.Request) -> web.Response:
-    return _respond(request, dict(request.app[CHECKER].results))
+async def _stop_taking_work(app: web.Application) -> None:
+    """Unready at once; the persister finishes the round in hand and reads no more (its
+    cleanup context waits for it)."""
+    state = app[WORKER]
+    state.draining = True
+    state.persister.stop()
 
 
 def create_app(
@@ -429,57 +389,33 @@ def create_app(
     app[TRACING] = tracing if tracing is not None else Tracing(provider=None)
     if logs is not None:
         app[LOGS] = logs
+    probes = Probes(settings=settings, service_id=PROGRAM, serving="worker")
+    app[PROBES] = probes
     app.cleanup_ctx.extend(
-        [app[TRACING].export_ctx, _redis_client, _postgres_pool, http_client, _worker]
+        [
+            app[TRACING].export_ctx,
+            redis_client(blocking_ms=_blocking_read_ms),
+            postgres_pool(max_size=_pool_size, configure=_staging_table, check=True),
+            http_client,
+            _worker,
+        ]
     )
-    for path, probe in (
-        ("/health/liveness", liveness),
-        ("/health/readiness", readiness),
-        ("/health/startup", startup),
-        ("/health", health),
-    ):
+    app.on_shutdown.append(_stop_taking_work)
+    for path, probe in probes.routes():
         app.router.add_get(path, probe, expect_handler=expect_continue)
     return app
 
 
-async def serve(
-    settings: Settings,
-    *,
-    host: str = "0.0.0.0",
-    tracing: Tracing | None = None,
-    logs: Logs | None = None,
-) -> None:
-    """Run until SIGTERM/SIGINT; then finish the round in hand and stop."""
-    install_loop_handler(asyncio.get_running_loop())
-    app = create_app(settings, tracing=tracing, logs=logs)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    http = HttpServer(runner, limits=Limits.from_settings(settings))
-    await http.start(host, settings.worker_port, reuse_address=True)
-    logger.info("{} probes on {}:{} as pod {}", PROGRAM, host, settings.worker_port, settings.pod)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    logger.info("shutting down")
-    app[WORKER].draining = True
-    app[WORKER].persister.stop()
-    await http.close()
-    await runner.cleanup()
-    logger.info("shutdown complete")
+def _port(settings: Settings) -> int:
+    return settings.worker_port
+
+
+WORKER_RUNTIME = Program(name=PROGRAM, create_app=create_app, port=_port, traced_as=PROGRAM)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
     settings = load_settings_or_exit(os.environ, PROGRAM)
+    # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM) as logs:
-        tracing = setup_tracing(settings, service_name=PROGRAM)
-        try:
-            import uvloop
-        except ImportError:
-            asyncio.run(serve(settings, tracing=tracing, logs=logs))
-        else:
-            uvloop.run(serve(settings, tracing=tracing, logs=logs))
-        finally:
-            tracing.shutdown()
+        run(WORKER_RUNTIME, settings, logs=logs)

@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 from loguru import logger
@@ -41,7 +41,7 @@ from opentelemetry.trace import SpanKind
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.readings import PERSIST_GROUP, EntryError, encode_dead_letter
@@ -53,6 +53,7 @@ from shared.wire import BatchError, decode_stored_batch, stored_samples
 
 from .alerts import AlertChange, AlertEvaluator, Evaluation, update_device_status
 from .consumers import DeadConsumers
+from .groups import Delivery, GroupReader
 
 __all__ = (
     "PERSIST_GROUP",
@@ -61,10 +62,8 @@ __all__ = (
     "Row",
     "StreamJanitor",
     "decode_entry",
-    "ensure_group",
     "ensure_partitions",
     "safe_trim_id",
-    "stream_entries",
 )
 
 # Created on every pooled connection (the pool's ``configure``); emptied by every commit.
@@ -181,15 +180,6 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
     return Row(entry_id, batch.device_id, batch.ts, samples, line, entry.traceparent)
 
 
-async def ensure_group(redis: Redis, stream: str, group: str) -> None:
-    """Create the group (from the stream's first entry) unless it exists."""
-    try:
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
-    except ResponseError as e:
-        if "BUSYGROUP" not in str(e):
-            raise
-
-
 async def ensure_partitions(pool: AsyncConnectionPool, *, days_ahead: int) -> int:
     """Daily partitions of ``readings`` from yesterday (UTC) to ``days_ahead`` days ahead."""
     async with pool.connection() as conn:
@@ -199,13 +189,6 @@ async def ensure_partitions(pool: AsyncConnectionPool, *, days_ahead: int) -> in
         )
         row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of a one-stream ``XREAD``/``XREADGROUP`` reply (RESP2, bytes)."""
-    if not reply:
-        return []
-    return cast(list[tuple[bytes, dict[bytes, bytes]]], reply[0][1])
 
 
 def _id_tuple(entry_id: bytes) -> tuple[int, int]:
@@ -237,13 +220,6 @@ def _transient(error: BaseException) -> bool:
     return isinstance(error, psycopg.Error | OSError)
 
 
-@dataclass(slots=True)
-class _Entry:
-    entry_id: bytes
-    fields: dict[bytes, bytes]
-    deliveries: int
-
-
 class ReadingsPersister:
     def __init__(
         self,
@@ -272,10 +248,6 @@ class ReadingsPersister:
         self._dead = keys.readings_dead
         self._errors = keys.readings_errors
         self._consumer = consumer
-        self._batch = batch
-        self._block_ms = block_ms
-        self._claim_idle_ms = max(1, int(claim_idle * 1000))
-        self._claim_every = min(max(claim_idle / 2, 0.05), 5.0)
         self._dead_letter_after = dead_letter_after
         self._dead_letter_maxlen = dead_letter_maxlen
         self._retry_max = retry_max
@@ -284,19 +256,27 @@ class ReadingsPersister:
         self._on_alert = on_alert
         self._on_late = on_late
         self._on_persisted = on_persisted
-        self._claim_cursor = b"0-0"
-        self._next_claim = 0.0
-        self._dead_consumers = DeadConsumers(
+        self._reader = GroupReader(
             redis,
-            keys,
             self._stream,
             PERSIST_GROUP,
             consumer=consumer,
-            min_idle_ms=min(self._claim_idle_ms, DeadConsumers.MIN_IDLE_MS),
+            count=batch,
+            claim_idle=claim_idle,
+            # An entry whose count is lost gets its last try (a rejected one is buried then).
+            last_try=dead_letter_after,
+            block_ms=block_ms,
+            dead_consumers=DeadConsumers(
+                redis,
+                keys,
+                self._stream,
+                PERSIST_GROUP,
+                consumer=consumer,
+                min_idle_ms=min(max(1, int(claim_idle * 1000)), DeadConsumers.MIN_IDLE_MS),
+            ),
+            label="readings",
         )
-        self._next_dead_check = 0.0
         self._stopping = asyncio.Event()
-        self.group_ready = False
         self.db_ok = True
         self.last_commit = 0.0
         self.rows = 0
@@ -305,11 +285,19 @@ class ReadingsPersister:
         self.groups = 0
         self.dead_letters = 0
         self.rejected = 0
-        self.claimed = 0
         # Set by the janitor: the persist group's lag + pending, and its lag alone (-1:
         # not measured yet).
         self.backlog = 0
         self.undelivered = -1
+
+    @property
+    def group_ready(self) -> bool:
+        return self._reader.group_ready
+
+    @property
+    def claimed(self) -> int:
+        """Entries taken over from other consumers (dead, or idle too long)."""
+        return self._reader.claimed
 
     def stop(self) -> None:
         """Finish the round in hand, then return from ``run``."""
@@ -318,9 +306,9 @@ class ReadingsPersister:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        await self._until_done("creating the consumer group", self._ensure_group)
+        await self._until_done("creating the consumer group", self._reader.ensure_group)
         while not self._stopping.is_set():
-            entries = await self._until_done("reading the readings stream", self._next_entries)
+            entries = await self._until_done("reading the readings stream", self._reader.read)
             if not entries:
                 continue
             try:
@@ -330,10 +318,6 @@ class ReadingsPersister:
                 # they keep failing.
                 logger.exception("worker: a round of {} entries failed", len(entries))
                 await asyncio.sleep(1.0)
-
-    async def _ensure_group(self) -> None:
-        await ensure_group(self._redis, self._stream, PERSIST_GROUP)
-        self.group_ready = True
 
     async def _until_done(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
         """Redis steps: retried with backoff until they work (the stream is the truth)."""
@@ -353,66 +337,12 @@ class ReadingsPersister:
                 logger.info("worker: Redis is back ({})", what)
             return result
 
-    async def _next_entries(self) -> list[_Entry]:
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self._next_dead_check:
-            # A dead consumer's entries first, before newer ones: they are older.
-            taken = await self._dead_consumers.claim(count=self._batch)
-            if taken:
-                self.claimed += len(taken)
-                logger.info("worker: claimed {} readings entries of a dead consumer", len(taken))
-                return [_Entry(entry_id, fields, n) for entry_id, fields, n in taken]
-            self._next_dead_check = loop.time() + DeadConsumers.CHECK_EVERY
-        if loop.time() >= self._next_claim:
-            claimed = await self._claim()
-            if claimed:
-                return claimed
-            self._next_claim = loop.time() + self._claim_every
-        block = min(self._block_ms, max(1, int(self._claim_every * 1000)))
-        reply = await self._redis.xreadgroup(
-            PERSIST_GROUP, self._consumer, {self._stream: ">"}, count=self._batch, block=block
-        )
-        return [_Entry(entry_id, fields, 1) for entry_id, fields in stream_entries(reply)]
-
-    async def _claim(self) -> list[_Entry]:
-        reply = await self._redis.xautoclaim(
-            self._stream,
-            PERSIST_GROUP,
-            self._consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=self._batch,
-        )
-        cursor, claimed, deleted = reply[0], reply[1], (reply[2] if len(reply) > 2 else [])
-        self._claim_cursor = cursor
-        if deleted:
-            # Trimmed or deleted while pending: nothing left to store.
-            await self._redis.xack(self._stream, PERSIST_GROUP, *deleted)
-        if not claimed:
-            return []
-        self.claimed += len(claimed)
-        pending = await self._redis.xpending_range(
-            self._stream,
-            PERSIST_GROUP,
-            min=claimed[0][0],
-            max=claimed[-1][0],
-            count=len(claimed) * 2,
-            consumername=self._consumer,
-        )
-        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-        logger.info("worker: claimed {} pending readings entries", len(claimed))
-        return [
-            _Entry(entry_id, fields, deliveries.get(entry_id, self._dead_letter_after))
-            for entry_id, fields in claimed
-            if fields is not None
-        ]
-
     # ------------------------------------------------------------------ one round
 
-    async def handle(self, entries: list[_Entry]) -> None:
+    async def handle(self, entries: list[Delivery]) -> None:
         """Store a round of entries; everything stored or dead-lettered is acknowledged."""
         rows: list[Row] = []
-        dead: list[tuple[_Entry, str, str]] = []
+        dead: list[tuple[Delivery, str, str]] = []
         reasons = await self._recorded_reasons(entries)
         for entry in entries:
             # Tried that often already (a rejected entry is buried at its last try): it
@@ -435,7 +365,7 @@ class ReadingsPersister:
         if rows:
             await self._persist(rows, {e.entry_id: e for e in entries})
 
-    async def _recorded_reasons(self, entries: list[_Entry]) -> dict[bytes, str]:
+    async def _recorded_reasons(self, entries: list[Delivery]) -> dict[bytes, str]:
         redelivered = [e.entry_id for e in entries if e.deliveries > 1]
         if not redelivered:
             return {}
@@ -451,7 +381,7 @@ class ReadingsPersister:
         result: dict[bytes, str] = await self._until_done("reading failure reasons", read)
         return result
 
-    async def _persist(self, rows: list[Row], entries: dict[bytes, _Entry]) -> None:
+    async def _persist(self, rows: list[Row], entries: dict[bytes, Delivery]) -> None:
         """Commit ``rows``; a group holding sampled batches is a span of their traces."""
         traces = [row.trace.decode() for row in rows if row.trace] if self._tracing.enabled else []
         if not traces:
@@ -474,7 +404,7 @@ class ReadingsPersister:
         ):
             await self._commit(rows, entries)
 
-    async def _commit(self, rows: list[Row], entries: dict[bytes, _Entry]) -> None:
+    async def _commit(self, rows: list[Row], entries: dict[bytes, Delivery]) -> None:
         delay = 0.05
         failing_since: float | None = None
         while True:
@@ -581,9 +511,11 @@ class ReadingsPersister:
             await copy.write(row.line)
         await cur.execute(_INSERT)
 
-    async def _reject(self, rejected: list[tuple[Row, str]], entries: dict[bytes, _Entry]) -> None:
+    async def _reject(
+        self, rejected: list[tuple[Row, str]], entries: dict[bytes, Delivery]
+    ) -> None:
         self.rejected += len(rejected)
-        now_dead: list[tuple[_Entry, str, str]] = []
+        now_dead: list[tuple[Delivery, str, str]] = []
         async with self._redis.pipeline(transaction=True) as pipe:
             for row, reason in rejected:
                 entry = entries[row.entry_id]
@@ -609,7 +541,7 @@ class ReadingsPersister:
                 pipe.hdel(self._errors, *redelivered)
             await pipe.execute()
 
-    async def _bury(self, dead: list[tuple[_Entry, str, str]]) -> None:
+    async def _bury(self, dead: list[tuple[Delivery, str, str]]) -> None:
         """Dead letters: each added to the dead-letter stream and acknowledged, atomically."""
         now_ms = time.time_ns() // 1_000_000
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -1,7 +1,6 @@
 """What the worker's probes and heartbeat read, gathered in one object."""
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shared.reporting import LoopLagMonitor, Telemetry
 
@@ -19,9 +18,7 @@ class WorkerState:
     scheduler: WindowScheduler | None = None
     runner: AnalysisRunner | None = None
     draining: bool = False
-    started: bool = False
     schema_ready: bool = False
-    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     # From the stream janitor and the periodic alert count.
     queue_depth: int = 0
     dead_letters: int = 0

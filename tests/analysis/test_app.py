@@ -192,8 +192,8 @@ def operated(settings: Settings) -> Settings:
 @pytest.fixture
 async def served(operated: Settings) -> AsyncIterator[int]:
     """The analysis service on a free port as ``pulsecal-analysis`` serves it: its port."""
-    async with running(operated, host="127.0.0.1", port=0) as http:
-        yield http.port
+    async with running(dataclasses.replace(operated, port=0), host="127.0.0.1") as served:
+        yield served.port
 
 
 async def get(port: int, path: str, **headers: str) -> tuple[int, Any, dict[str, str]]:

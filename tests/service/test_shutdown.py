@@ -28,7 +28,7 @@ from aiohttp import (
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.telemetry import Heartbeat, Kind, decode_batch, decode_heartbeat
+from shared.telemetry import Kind, ServiceHeartbeat, decode_batch, decode_heartbeat
 from tests.support.env import REDIS_URL, Device, DeviceFactory
 from tests.support.procs import RedisProxy, ServiceProcess
 
@@ -122,14 +122,18 @@ async def stored_batch_counts(redis: Redis, keys: Keys) -> Counter[tuple[str, in
     return Counter((batch["device_id"], batch["seq"]) for batch in batches)
 
 
-async def heartbeat(redis: Redis, keys: Keys, pod: str) -> Heartbeat | None:
+async def heartbeat(redis: Redis, keys: Keys, pod: str) -> ServiceHeartbeat | None:
     raw = cast(bytes | None, await redis.get(keys.heartbeat(pod)))
-    return None if raw is None else decode_heartbeat(raw)
+    if raw is None:
+        return None
+    beat = decode_heartbeat(raw)
+    assert isinstance(beat, ServiceHeartbeat)
+    return beat
 
 
 async def wait_for_heartbeat(
-    redis: Redis, keys: Keys, pod: str, condition: Callable[[Heartbeat], bool]
-) -> Heartbeat:
+    redis: Redis, keys: Keys, pod: str, condition: Callable[[ServiceHeartbeat], bool]
+) -> ServiceHeartbeat:
     async with asyncio.timeout(10):
         while (beat := await heartbeat(redis, keys, pod)) is None or not condition(beat):
             await asyncio.sleep(0.02)

@@ -13,7 +13,7 @@ from shared.access import COOKIE
 from shared.httpserver import SERVER
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.telemetry import BATCH_FIELD, encode_heartbeat
+from shared.telemetry import BATCH_FIELD, HeartbeatBase, WorkerHeartbeat, encode_heartbeat
 from sidecar.app import create_app
 from sidecar.appkeys import CONSUMER
 from sidecar.consumer import TelemetryConsumer
@@ -106,6 +106,36 @@ async def test_service_process_metrics_come_from_its_heartbeat(
     assert total(text, "pulsecal_service_resident_memory_bytes") > 0
     assert total(text, "pulsecal_service_device_tokens") >= 1
     assert total(text, "pulsecal_service_info", program="pulsecal-service") == 1
+
+
+async def test_beside_a_worker_the_metrics_come_from_the_workers_heartbeat(
+    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    pod = sidecar_settings.pod
+    service = heartbeat(pod)
+    worker = WorkerHeartbeat(
+        **{name: getattr(service, name) for name in HeartbeatBase.__struct_fields__},
+        queue_depth=6,
+        queue_jobs_active=2,
+        readings_lag=17,
+        alerts_open=3,
+        ai_circuit="open",
+    )
+    await redis.set(keys.heartbeat(pod), encode_heartbeat(worker))
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+
+    await eventually(lambda: _has(sidecar, "pulsecal_service_up", 1))
+    text = await metrics_text(sidecar)
+
+    assert total(text, "pulsecal_service_info", program="pulsecal-worker") == 1
+    assert total(text, "queue_depth") == 6
+    assert total(text, "queue_jobs_active") == 2
+    assert total(text, "pulsecal_worker_readings_lag") == 17
+    assert total(text, "pulsecal_worker_ai_circuit_open") == 1
+    # The service's own series are there, at 0, as they always were beside a worker.
+    assert total(text, "websocket_connections_active") == 0
+    assert total(text, "pulsecal_service_writes_total") == 0
+    assert total(text, "pulsecal_service_http_connections") == 0
 
 
 async def test_a_restarted_sidecar_resumes_with_matching_totals(

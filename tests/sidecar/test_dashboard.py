@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient
 from playwright.async_api import async_playwright
 from redis.asyncio import Redis
 
+from shared.appkeys import CHECKER
 from shared.keys import Keys
 from shared.settings import Settings
 from sidecar.app import create_app
-from sidecar.appkeys import CHECKER
 from tests.support.env import AiohttpClient, Device
 from tests.support.paths import ROOT_DIR
 from tests.support.procs import free_port

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.telemetry import BATCH_FIELD, Heartbeat, Record, TelemetryBatch, encode_batch
+from shared.telemetry import BATCH_FIELD, Record, ServiceHeartbeat, TelemetryBatch, encode_batch
 from tests.support.procs import _SETTINGS_ENV, READY_DEADLINE, _Process, free_port
 
 __all__ = (
@@ -73,11 +73,10 @@ async def xadd_batch(
     return entry_id if isinstance(entry_id, bytes) else entry_id.encode()
 
 
-def heartbeat(pod: str, *, age_s: float = 0.0, ready: bool = True, ws: int = 3) -> Heartbeat:
+def heartbeat(pod: str, *, age_s: float = 0.0, ready: bool = True, ws: int = 3) -> ServiceHeartbeat:
     now_ms = time.time_ns() // 1_000_000
-    return Heartbeat(
+    return ServiceHeartbeat(
         pod=pod,
-        program="pulsecal-service",
         boot_id="b" * 32,
         pid=4242,
         version="0.1.0",

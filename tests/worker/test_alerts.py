@@ -18,12 +18,13 @@ from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.telemetry import BATCH_FIELD, Kind, Record, decode_batch
+from shared.telemetry import ALERT_RULES, BATCH_FIELD, Kind, Record, decode_batch
 from sidecar.app import create_app as create_sidecar
 from tests.support.env import AiohttpClient
 from tests.support.sidecar import total
 from tests.support.worker import BASE_TS, add_readings, eventually, reading, stored_counts
 from tests.support.worker import worker_settings as tuned
+from worker.alerts import SILENCE, rules_from
 from worker.app import create_app
 from worker.persist import PERSIST_GROUP
 
@@ -242,3 +243,9 @@ def test_lateness_is_a_setting_of_its_own() -> None:
     fields = {f.metadata["env"]: f.default for f in dataclasses.fields(Settings)}
 
     assert fields["ALERT_LATENESS"] == 5.0
+
+
+def test_the_sidecar_knows_every_rule_the_worker_alerts_on() -> None:
+    worker_rules = {rule.name for rule in rules_from(Settings())} | {SILENCE}
+
+    assert worker_rules == set(ALERT_RULES)
