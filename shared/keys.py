@@ -43,8 +43,8 @@ class Keys:
         """The sidecar's checkpoint: its stream position and the totals that match it."""
         return f"{self.prefix}sidecar:{{{pod}}}:state"
 
-    # The worker (docs/worker-and-alerts.md). Its readings keys sit beside the stream under {ingest}:
-    # a dead letter is added and its original acknowledged in one MULTI.
+    # The worker (docs/worker-and-alerts.md). Its readings keys sit beside the stream under
+    # {ingest}: a dead letter is added and its original acknowledged in one MULTI.
     @property
     def readings_dead(self) -> str:
         """Dead-letter stream: entries that kept failing, with the reason."""
