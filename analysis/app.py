@@ -35,16 +35,15 @@ from aiohttp.typedefs import Handler
 from loguru import logger
 
 from shared.access import health_reply
-from shared.cli import LOGGING_ENV, parse_program_args
+from shared.cli import parse_program_args
 from shared.errors import error_response, fault_response
 from shared.health import now_result
 from shared.httpserver import HttpServer, Limits, expect_continue, server_header
 from shared.logs import install_loop_handler, setup_logging
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import AnalysisSettings, load_settings_or_exit
 
 __all__ = ("AnalysisError", "Estimate", "analyse", "create_app", "main", "running")
 
-DEFAULT_PORT = 8000
 MAX_SAMPLES = 600_000  # ten minutes at 1 kHz
 MIN_SECONDS = 5.0
 BAND_HZ = (0.5, 4.0)
@@ -58,16 +57,6 @@ answers its heart rate and heart-rate variability (RMSSD, SDNN) with the beats f
 quality figure; /health and the probes answer too. The worker calls it at AI_SERVICE_URL.
 It serves until SIGTERM or SIGINT.
 """
-ENV_VARS = {
-    "PORT": "HTTP port, on all interfaces (the service's default of 3001 does not apply)",
-    "HEALTH_DETAIL_TOKEN": "bearer token that sees health details (default: METRICS_TOKEN)",
-    "METRICS_TOKEN": "sees health details when HEALTH_DETAIL_TOKEN is unset",
-    "ENVIRONMENT": "with no token set, health details are shown only in development",
-    "HTTP_HEADER_TIMEOUT": "seconds a request head gets from its first byte (then 408)",
-    "HTTP_BODY_TIMEOUT": "seconds a request body gets once its head is in (then 408)",
-    "HTTP_KEEPALIVE_TIMEOUT": "seconds an idle keep-alive connection is kept open",
-    **LOGGING_ENV,
-}
 
 Sample = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
 
@@ -204,7 +193,7 @@ async def analyze(request: web.Request) -> web.Response:
 
 
 _STARTED = web.AppKey("started", float)
-_SETTINGS = web.AppKey("settings", Settings)
+_SETTINGS = web.AppKey("settings", AnalysisSettings)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -246,7 +235,7 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return fault_response(request, request.path, e)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: AnalysisSettings) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_errors_as_json])
     app[_SETTINGS] = settings
     app[_STARTED] = time.time()
@@ -261,7 +250,7 @@ def create_app(settings: Settings) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, *, host: str, port: int) -> AsyncIterator[HttpServer]:
+async def running(settings: AnalysisSettings, *, host: str, port: int) -> AsyncIterator[HttpServer]:
     """The app listening on ``host``:``port`` (0: a free one, see ``HttpServer.port``)
     through ``shared/httpserver.py``'s connections; leaving the block stops it."""
     runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None)
@@ -275,7 +264,7 @@ async def running(settings: Settings, *, host: str, port: int) -> AsyncIterator[
         await runner.cleanup()
 
 
-async def serve(settings: Settings, *, port: int, host: str = "0.0.0.0") -> None:
+async def serve(settings: AnalysisSettings, *, port: int, host: str = "0.0.0.0") -> None:
     install_loop_handler(asyncio.get_running_loop())
     async with running(settings, host=host, port=port) as http:
         logger.info("pulsecal-analysis listening on {}:{}", host, http.port)
@@ -288,8 +277,7 @@ async def serve(settings: Settings, *, port: int, host: str = "0.0.0.0") -> None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv, defaults={"PORT": DEFAULT_PORT})
-    # PORT is shared with the service, whose default is 3001; this program's is 8000.
-    settings = load_settings_or_exit({"PORT": str(DEFAULT_PORT), **os.environ}, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, AnalysisSettings, argv)
+    settings = load_settings_or_exit(os.environ, AnalysisSettings)
     with setup_logging(settings, program=PROGRAM):
         asyncio.run(serve(settings, port=settings.port))

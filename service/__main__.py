@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from loguru import logger
 
-from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.cli import parse_program_args
 from shared.logs import Logs, install_loop_handler, setup_logging
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import ServiceSettings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
 
 from .server import running
@@ -25,27 +25,10 @@ it is in the Redis readings stream the worker persists. It also answers the heal
 the operators' alerts API, and writes per-request telemetry for its sidecar. It serves until
 SIGTERM or SIGINT, then drains in-flight requests.
 """
-ENV_VARS = {
-    "PORT": "HTTP port, on all interfaces",
-    "REDIS_URL": "readings stream, rate limits, telemetry, heartbeat",
-    "REDIS_KEY_PREFIX": "prefix of every Redis key",
-    "DATABASE_URL": "Postgres: device tokens and the alerts API",
-    "AI_SERVICE_URL": "analysis service, checked by /health when set",
-    "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
-    "ADMIN_TOKEN": "bearer token of the operators' GET /alerts",
-    "SHUTDOWN_TIMEOUT": "seconds in-flight requests get on SIGTERM",
-    "HTTP_HEADER_TIMEOUT": "seconds a request head gets from its first byte (then 408)",
-    "HTTP_BODY_TIMEOUT": "seconds a request body gets once its head is in (then 408)",
-    "HTTP_KEEPALIVE_TIMEOUT": "seconds an idle keep-alive connection is kept open",
-    "WS_HANDSHAKE_TIMEOUT": "seconds a device gets to answer the close frame on shutdown",
-    "HEALTH_DETAIL_TOKEN": "bearer token that sees health details (default: METRICS_TOKEN)",
-    **LOGGING_ENV,
-    **TRACING_ENV,
-}
 
 
 async def serve(
-    settings: Settings,
+    settings: ServiceSettings,
     *,
     host: str = "0.0.0.0",
     tracing: Tracing | None = None,
@@ -75,8 +58,8 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
-    settings = load_settings_or_exit(os.environ, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, ServiceSettings, argv)
+    settings = load_settings_or_exit(os.environ, ServiceSettings)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM) as logs:
         tracing = setup_tracing(settings, service_name="pulsecal-api")

@@ -14,21 +14,21 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from shared.appkeys import CHECKER, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING
+from shared.appkeys import CHECKER, LOGS, PG_POOL, REDIS_AUX, TRACING
 from shared.health import HealthChecker
 from shared.httpserver import SERVER, HttpServer, expect_continue
 from shared.keys import Keys
 from shared.logs import Logs
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from shared.resources import health_checks, http_client, pool_stats, static_details
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, encode_heartbeat
 from shared.tracing import Tracing
 from shared.version import build_version
 
 from . import alerts_api, openapi, probes
-from .appkeys import INGEST, REDIS_DATA
+from .appkeys import INGEST, REDIS_DATA, SETTINGS
 from .edge import UNMATCHED, instrumented, not_found
 from .fastpath.keepalive import close_going_away, keep_alive
 from .fastpath.resp import RespConnection
@@ -76,7 +76,7 @@ async def _postgres_pool(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-def _policies(settings: Settings) -> tuple[Policy | None, Policy | None]:
+def _policies(settings: ServiceSettings) -> tuple[Policy | None, Policy | None]:
     """(api, ingest): 100/min per client IP for API routes, 1000/min per device for ingest,
     each with an optional short burst window; health routes have none."""
     if not settings.rate_limit_enabled:
@@ -306,7 +306,7 @@ async def _answer_headers(request: web.Request, response: web.StreamResponse) ->
 
 
 def create_app(
-    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+    settings: ServiceSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
 ) -> web.Application:
     """The service. ``tracing`` and ``logs`` are the process's (``setup_tracing``,
     ``setup_logging``): without them it is not traced and reports no Logstash drops."""

@@ -9,10 +9,10 @@ import time
 from aiohttp import web
 
 from shared.access import health_reply
-from shared.appkeys import CHECKER, SETTINGS
+from shared.appkeys import CHECKER
 from shared.health import CheckResult, now_result, startup_results
 
-from .appkeys import INGEST
+from .appkeys import INGEST, SETTINGS
 
 __all__ = ("health", "liveness", "readiness", "startup")
 

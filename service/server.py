@@ -9,7 +9,7 @@ from aiohttp import web
 
 from shared.httpserver import HttpServer, Limits, ProtocolError
 from shared.logs import Logs
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import Kind
 from shared.tracing import Tracing
 
@@ -62,7 +62,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings,
+    settings: ServiceSettings,
     *,
     host: str,
     tracing: Tracing | None = None,

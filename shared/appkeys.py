@@ -9,12 +9,14 @@ from redis.asyncio import Redis
 
 from .health import HealthChecker
 from .logs import Logs
-from .settings import Settings
+from .settings import HealthChecksSection
 from .tracing import Tracing
 
 __all__ = ("CHECKER", "HTTP_CLIENT", "LOGS", "PG_POOL", "REDIS_AUX", "SETTINGS", "TRACING")
 
-SETTINGS = web.AppKey("settings", Settings)
+# What the shared resources read; each program's package re-exports the same key typed as
+# its own settings class (``service/appkeys.py``, ``worker/appkeys.py``).
+SETTINGS = web.AppKey("settings", HealthChecksSection)
 # The redis-py client for everything but the service's group-committed writes: telemetry,
 # heartbeats, health checks, the worker's stream reads.
 REDIS_AUX = web.AppKey("redis_aux", Redis)

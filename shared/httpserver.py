@@ -74,7 +74,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from yarl import URL
 
 from .logs import client_errors
-from .settings import Settings
+from .settings import HttpSection
 from .telemetry import PROTOCOL_ERROR_KINDS
 
 __all__ = (
@@ -141,7 +141,7 @@ class Limits:
     keepalive_timeout: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Limits":
+    def from_settings(cls, settings: HttpSection) -> "Limits":
         return cls(
             header_timeout=settings.http_header_timeout,
             body_timeout=settings.http_body_timeout,

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from aiohttp import web
 from loguru import logger
 
-from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.cli import parse_program_args
 from shared.httpserver import HttpServer, Limits
 from shared.logs import install_loop_handler, setup_logging
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import SidecarSettings, load_settings_or_exit
 from shared.tracing import Tracing, setup_tracing
 
 from .app import create_app
@@ -26,23 +26,10 @@ process's telemetry stream and heartbeat from Redis, and serves them as Promethe
 service checked), plus a small dashboard. It serves until SIGTERM or SIGINT, then saves its
 position and totals to Redis.
 """
-ENV_VARS = {
-    "SIDECAR_PORT": "HTTP port, on all interfaces",
-    "POD_NAME": "the pod whose telemetry and heartbeat are read; the host name when empty",
-    "REDIS_URL": "telemetry stream, heartbeat, saved totals",
-    "REDIS_KEY_PREFIX": "prefix of every Redis key; the same as the process beside it",
-    "DATABASE_URL": "Postgres, checked by /health",
-    "AI_SERVICE_URL": "analysis service, checked by /health when set",
-    "METRICS_ENABLED": "serve /metrics (404 and nothing read when false)",
-    "METRICS_TOKEN": "when set, /metrics wants Authorization: Bearer <token>",
-    "HEALTH_DETAIL_TOKEN": "sees /health details and the dashboard (default: METRICS_TOKEN)",
-    **LOGGING_ENV,
-    **TRACING_ENV,
-}
 
 
 async def serve(
-    settings: Settings, *, host: str = "0.0.0.0", tracing: Tracing | None = None
+    settings: SidecarSettings, *, host: str = "0.0.0.0", tracing: Tracing | None = None
 ) -> None:
     """Run until SIGTERM/SIGINT; the cleanup then saves the telemetry checkpoint."""
     install_loop_handler(asyncio.get_running_loop())
@@ -72,8 +59,8 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
-    settings = load_settings_or_exit(os.environ, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, SidecarSettings, argv)
+    settings = load_settings_or_exit(os.environ, SidecarSettings)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM):
         tracing = setup_tracing(settings, service_name=PROGRAM)

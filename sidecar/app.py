@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from shared.health import HealthChecker
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from shared.tasks import cancel_and_wait
 from shared.tracing import Tracing
 
@@ -141,7 +141,7 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-def create_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
+def create_app(settings: SidecarSettings, *, tracing: Tracing | None = None) -> web.Application:
     """The sidecar. ``tracing``: the process's (its Redis and HTTP clients); none: untraced."""
     app = web.Application()
     app[SETTINGS] = settings

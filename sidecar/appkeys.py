@@ -6,7 +6,7 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 
 from shared.health import HealthChecker
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from shared.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ __all__ = (
     "TRACING",
 )
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", SidecarSettings)
 STARTED_AT = web.AppKey("started_at", float)
 REDIS = web.AppKey("redis", Redis)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)

@@ -27,7 +27,7 @@ from shared.health import (
     now_result,
     redis_check,
 )
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from shared.telemetry import Heartbeat, decode_heartbeat
 
 from .appkeys import CHECKER, SETTINGS, STARTED_AT
@@ -169,7 +169,7 @@ def _memory_check(watch: HeartbeatWatch, threshold_mb: int, measure: str) -> Che
 
 
 def health_checks(
-    settings: Settings,
+    settings: SidecarSettings,
     *,
     redis: Redis,
     watch: HeartbeatWatch,
@@ -187,7 +187,7 @@ def health_checks(
     }
 
 
-def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
+def static_details(settings: SidecarSettings) -> dict[str, dict[str, Any]]:
     redis = urlsplit(settings.redis_url)
     database = urlsplit(settings.database_url)
     details: dict[str, dict[str, Any]] = {

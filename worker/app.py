@@ -27,8 +27,8 @@ from redis.exceptions import RedisError
 
 from shared.access import health_reply
 from shared.alerts import count_open_alerts
-from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, SETTINGS, TRACING
-from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PG_POOL, REDIS_AUX, TRACING
+from shared.cli import parse_program_args
 from shared.health import (
     CheckResult,
     HealthChecker,
@@ -40,7 +40,7 @@ from shared.keys import Keys
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory, publish_heartbeats
 from shared.resources import health_checks, http_client, pool_stats, static_details
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import WorkerSettings, load_settings_or_exit
 from shared.tasks import cancel_and_wait
 from shared.telemetry import Heartbeat, Kind, encode_heartbeat
 from shared.tracing import Tracing, setup_tracing
@@ -55,7 +55,7 @@ from .alerts import (
     rules_from,
 )
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
-from .appkeys import WORKER
+from .appkeys import SETTINGS, WORKER
 from .consumers import consumer_name
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .state import WorkerState
@@ -70,20 +70,6 @@ ANALYSIS_WINDOW seconds to the AI service as analysis jobs. Its HTTP port answer
 Kubernetes probes. Workers share the stream as one consumer group, so any number can run.
 It stops on SIGTERM or SIGINT once the round in hand is committed.
 """
-ENV_VARS = {
-    "WORKER_PORT": "HTTP port of the probes, on all interfaces",
-    "REDIS_URL": "readings stream, analysis queue, telemetry, heartbeat",
-    "REDIS_KEY_PREFIX": "prefix of every Redis key; the same as the service's",
-    "DATABASE_URL": "Postgres: readings, alerts, analyses",
-    "AI_SERVICE_URL": "analysis service (POST /analyze); no analysis jobs when unset",
-    "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
-    "SHUTDOWN_TIMEOUT": "seconds the persist round in hand gets to finish on SIGTERM",
-    "HEALTH_DETAIL_TOKEN": "operator token: health details (else METRICS_TOKEN)",
-    "METRICS_TOKEN": "the operator token when HEALTH_DETAIL_TOKEN is unset",
-    "ENVIRONMENT": "development shows health details when no operator token is set",
-    **LOGGING_ENV,
-    **TRACING_ENV,
-}
 _SERVICE_ID = "pulsecal-worker"
 _PARTITION_INTERVAL = 3600.0
 _STATS_INTERVAL = 5.0
@@ -420,7 +406,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+    settings: WorkerSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
 ) -> web.Application:
     """The worker. ``tracing`` and ``logs``: the process's (see ``service.app.create_app``)."""
     app = web.Application()
@@ -443,7 +429,7 @@ def create_app(
 
 
 async def serve(
-    settings: Settings,
+    settings: WorkerSettings,
     *,
     host: str = "0.0.0.0",
     tracing: Tracing | None = None,
@@ -471,8 +457,8 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
-    settings = load_settings_or_exit(os.environ, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, WorkerSettings, argv)
+    settings = load_settings_or_exit(os.environ, WorkerSettings)
     with setup_logging(settings, program=PROGRAM) as logs:
         tracing = setup_tracing(settings, service_name=PROGRAM)
         try:

@@ -6,7 +6,6 @@ it, ``r``: received at, epoch ms), which is what ``service.store`` writes.
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 import signal
@@ -23,9 +22,10 @@ import psycopg
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ProgramSettings, WorkerSettings
 from tests.support.env import REDIS_URL
 from tests.support.procs import _SETTINGS_ENV, _Process, free_port
+from tests.support.settings import for_program
 from worker.persist import PERSIST_GROUP
 
 __all__ = (
@@ -42,7 +42,7 @@ WORKER_BIN = Path(sys.executable).with_name("pulsecal-worker")
 BASE_TS = 1_764_000_000_000  # 2025-11-24T16:00Z: older than any partition, so the default
 
 
-def worker_settings(settings: Settings, **overrides: Any) -> Settings:
+def worker_settings(settings: ProgramSettings, **overrides: Any) -> WorkerSettings:
     """The worker of the test's prefix and schema, polling and claiming quickly."""
     values: dict[str, Any] = {
         "worker_block_ms": 100,
@@ -57,7 +57,7 @@ def worker_settings(settings: Settings, **overrides: Any) -> Settings:
         "analysis_backoff_max": 0.05,
     }
     values.update(overrides)
-    return dataclasses.replace(settings, **values)
+    return for_program(WorkerSettings, settings, **values)
 
 
 def reading(
