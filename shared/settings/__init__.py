@@ -1,10 +1,27 @@
 """Configuration: environment variables read once into a frozen, typed object per program.
 
-``sections.py`` groups the variables by concern, ``programs.py`` composes each program's
-class from the sections it reads and loads it, ``reference.py`` describes them for
-``--help`` and ``docs/configuration.md`` (``python -m shared.settings --markdown``).
+``common.py`` and ``specific.py`` group the variables by concern into sections (the
+fields and their metadata: ``fields.py``, their parsers: ``values.py``), ``programs.py``
+composes each program's class from the sections it reads and loads it, ``reference.py``
+describes them for ``--help`` and ``docs/configuration.md``
+(``python -m shared.settings --markdown``).
 """
 
+from .common import (
+    AiServiceSection,
+    HealthChecksSection,
+    HttpSection,
+    IdentitySection,
+    ListenSection,
+    LoggingSection,
+    OperatorSection,
+    PostgresSection,
+    RedisSection,
+    ShutdownSection,
+    TelemetrySection,
+    TracingSection,
+)
+from .fields import Section
 from .programs import (
     PROGRAMS,
     AdminSettings,
@@ -20,33 +37,20 @@ from .programs import (
 )
 from .reference import (
     REGENERATE,
+    SECTIONS,
     Variable,
     configuration_markdown,
     format_default,
     sections_of,
     variables,
 )
-from .sections import (
-    SECTIONS,
-    AiServiceSection,
+from .specific import (
     AlertRulesSection,
     AlertsApiSection,
     AnalysisJobsSection,
-    HealthChecksSection,
-    HttpSection,
-    IdentitySection,
     IngestSection,
-    ListenSection,
-    LoggingSection,
-    OperatorSection,
-    PostgresSection,
     RateLimitSection,
-    RedisSection,
-    Section,
-    ShutdownSection,
     SidecarSection,
-    TelemetrySection,
-    TracingSection,
     WorkerSection,
 )
 

@@ -10,27 +10,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
-from .sections import (
+from .common import (
     AiServiceSection,
-    AlertRulesSection,
-    AlertsApiSection,
-    AnalysisJobsSection,
     HealthChecksSection,
     HttpSection,
     IdentitySection,
-    IngestSection,
     ListenSection,
     LoggingSection,
     OperatorSection,
     PostgresSection,
-    RateLimitSection,
     RedisSection,
     ShutdownSection,
-    SidecarSection,
     TelemetrySection,
     TracingSection,
+)
+from .fields import redefault
+from .specific import (
+    AlertRulesSection,
+    AlertsApiSection,
+    AnalysisJobsSection,
+    IngestSection,
+    RateLimitSection,
+    SidecarSection,
     WorkerSection,
-    redefault,
 )
 
 __all__ = (
@@ -65,7 +67,7 @@ class ProgramSettings:
 P = TypeVar("P", bound=ProgramSettings)
 
 # In each class a section comes before the sections it inherits (Python's method resolution
-# order wants it so); --help and the reference list them in SECTIONS' order whatever this is.
+# order wants it so); --help and the reference list them in SECTIONS' order (reference.py).
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

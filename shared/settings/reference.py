@@ -9,11 +9,35 @@ import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .common import (
+    AiServiceSection,
+    HealthChecksSection,
+    HttpSection,
+    IdentitySection,
+    ListenSection,
+    LoggingSection,
+    OperatorSection,
+    PostgresSection,
+    RedisSection,
+    ShutdownSection,
+    TelemetrySection,
+    TracingSection,
+)
+from .fields import Section
 from .programs import PROGRAMS, ProgramSettings
-from .sections import SECTIONS, Section
+from .specific import (
+    AlertRulesSection,
+    AlertsApiSection,
+    AnalysisJobsSection,
+    IngestSection,
+    RateLimitSection,
+    SidecarSection,
+    WorkerSection,
+)
 
 __all__ = (
     "REGENERATE",
+    "SECTIONS",
     "Variable",
     "configuration_markdown",
     "format_default",
@@ -23,6 +47,29 @@ __all__ = (
 
 # The command that writes docs/configuration.md.
 REGENERATE = "make config-doc"
+
+# The order of --help and docs/configuration.md.
+SECTIONS: tuple[type[Section], ...] = (
+    IdentitySection,
+    ListenSection,
+    RedisSection,
+    PostgresSection,
+    AiServiceSection,
+    LoggingSection,
+    TracingSection,
+    OperatorSection,
+    HealthChecksSection,
+    HttpSection,
+    ShutdownSection,
+    TelemetrySection,
+    RateLimitSection,
+    IngestSection,
+    AlertsApiSection,
+    SidecarSection,
+    WorkerSection,
+    AlertRulesSection,
+    AnalysisJobsSection,
+)
 
 
 @dataclass(frozen=True, slots=True)

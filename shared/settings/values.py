@@ -20,7 +20,7 @@ __all__ = (
     "IpNetwork",
     "KeyPrefix",
     "Networks",
-    "Optional",
+    "OrNone",
     "Parser",
     "PolicyNames",
     "Text",
@@ -116,7 +116,7 @@ class Url:
 
 
 @dataclass(frozen=True, slots=True)
-class Optional(Generic[T]):
+class OrNone(Generic[T]):
     """Empty (or blank) means unset: ``None``."""
 
     parse: Parser[T]
