@@ -10,16 +10,22 @@ with that program's default: generated from the classes, as ``docs/configuration
 import argparse
 import textwrap
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from .settings import ProgramSettings, Variable, format_default, variables
+from .settings.programs import ProgramSettings
 from .version import build_version
+
+if TYPE_CHECKING:
+    from .settings.reference import Variable
 
 __all__ = ("parse_program_args", "program_parser")
 
 _WIDTH = 79
 
 
-def _assignment(variable: Variable) -> str:
+def _assignment(variable: "Variable") -> str:
+    from .settings.reference import format_default
+
     if variable.default is None:
         shown = f"{variable.name} (unset)"
     else:
@@ -29,6 +35,8 @@ def _assignment(variable: Variable) -> str:
 
 
 def _epilog(settings: type[ProgramSettings]) -> str:
+    from .settings.reference import variables
+
     lines = ["environment variables, by section (unset ones take the values shown):"]
     section = None
     for variable in variables(settings):
@@ -47,6 +55,20 @@ def _epilog(settings: type[ProgramSettings]) -> str:
     return "\n".join(lines)
 
 
+class _ProgramParser(argparse.ArgumentParser):
+    """Writes its epilog only when help is asked for: describing every variable means
+    building every program's settings class, which a program that just starts skips."""
+
+    def __init__(self, settings: type[ProgramSettings] | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self._settings = settings
+
+    def format_help(self) -> str:
+        if self._settings is not None and self.epilog is None:
+            self.epilog = _epilog(self._settings)
+        return super().format_help()
+
+
 def program_parser(
     prog: str, description: str, settings: type[ProgramSettings] | None = None
 ) -> argparse.ArgumentParser:
@@ -57,10 +79,10 @@ def program_parser(
     """
     if settings is not None and settings.program != prog:
         raise ValueError(f"{settings.__name__} is the settings of {settings.program}, not {prog}")
-    parser = argparse.ArgumentParser(
+    parser = _ProgramParser(
+        settings,
         prog=prog,
         description=textwrap.fill(" ".join(description.split()), width=_WIDTH),
-        epilog=_epilog(settings) if settings is not None else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"{prog} {build_version()}")

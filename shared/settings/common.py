@@ -47,7 +47,7 @@ SECRET = OrNone(Text())
 _OPTIONAL_HTTP_URL = OrNone(Url(("http", "https")))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class IdentitySection(Section):
     """Who the process is: its logs, traces, telemetry stream and heartbeat carry the pod's name."""
 
@@ -74,7 +74,7 @@ class IdentitySection(Section):
         return self.pod_name or socket.gethostname()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class ListenSection(Section):
     """The HTTP port a server listens on, on all interfaces."""
 
@@ -84,7 +84,7 @@ class ListenSection(Section):
     port: int = variable("PORT", 3001, PORT, "HTTP port, on all interfaces")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class RedisSection(Section):
     """Redis: the readings stream, rate limits, telemetry, heartbeats, the sidecar's state."""
 
@@ -105,7 +105,7 @@ class RedisSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class PostgresSection(Section):
     """Postgres: devices and their tokens, readings, alerts, analyses."""
 
@@ -120,7 +120,7 @@ class PostgresSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class AiServiceSection(Section):
     """The analysis (AI) service the worker sends windows to and the health checks probe."""
 
@@ -138,7 +138,7 @@ class AiServiceSection(Section):
 _DEFAULT_REDACTED = "authorization,cookie,token,password,passwd,secret,api_key,dsn,database_url"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class LoggingSection(IdentitySection):
     """Structured logs: stderr always; daily files and Logstash when configured
     (docs/errors-and-logging.md)."""
@@ -205,7 +205,7 @@ _SAMPLERS = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class TracingSection(IdentitySection):
     """OpenTelemetry traces over OTLP/HTTP (README, "Tracing"); the standard OTEL_* names.
 
@@ -275,7 +275,7 @@ class TracingSection(IdentitySection):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class OperatorSection(IdentitySection):
     """Who sees health details and the dashboard (docs/health.md)."""
 
@@ -299,7 +299,7 @@ class OperatorSection(IdentitySection):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class HealthChecksSection(RedisSection, PostgresSection, AiServiceSection, LoggingSection):
     """The background dependency checks behind /health, and their thresholds."""
 
@@ -339,7 +339,7 @@ class HealthChecksSection(RedisSection, PostgresSection, AiServiceSection, Loggi
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class HttpSection(Section):
     """Deadlines of slow and idle HTTP clients, in seconds (docs/protocol-limits.md)."""
 
@@ -366,7 +366,7 @@ class HttpSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class ShutdownSection(Section):
     """How long a SIGTERM's drain may take."""
 
@@ -381,7 +381,7 @@ class ShutdownSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class TelemetrySection(Section):
     """The per-request records and heartbeats a process writes for the sidecar of its pod.
 

@@ -1,50 +1,21 @@
-"""One settings class per program, made of the sections it reads; loading one from the environment.
+"""What a program's settings class is, and loading one from the environment.
 
-A program validates only the variables its class declares: a typo in a variable another
-program reads stops that program, not this one.
+Each program's class (``service.py``, ``worker.py``, ``sidecar.py``, ``analysis.py``,
+``admin.py``, ``devstack.py``) inherits the sections it reads; a module each, so that a
+process builds only its own. A program validates only the variables its class declares:
+a typo in a variable another program reads stops that program, not this one.
 """
 
 import dataclasses
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
-from .common import (
-    AiServiceSection,
-    HealthChecksSection,
-    HttpSection,
-    IdentitySection,
-    ListenSection,
-    LoggingSection,
-    OperatorSection,
-    PostgresSection,
-    RedisSection,
-    ShutdownSection,
-    TelemetrySection,
-    TracingSection,
-)
-from .fields import redefault
-from .specific import (
-    AlertRulesSection,
-    AlertsApiSection,
-    AnalysisJobsSection,
-    IngestSection,
-    RateLimitSection,
-    SidecarSection,
-    WorkerSection,
-)
+from .common import TelemetrySection
 
 __all__ = (
-    "PROGRAMS",
-    "AdminSettings",
-    "AnalysisSettings",
-    "DevStackSettings",
     "ProgramSettings",
-    "ServiceSettings",
     "SettingsError",
-    "SidecarSettings",
-    "WorkerSettings",
     "load_settings",
     "load_settings_or_exit",
 )
@@ -65,98 +36,6 @@ class ProgramSettings:
 
 
 P = TypeVar("P", bound=ProgramSettings)
-
-# In each class a section comes before the sections it inherits (Python's method resolution
-# order wants it so); --help and the reference list them in SECTIONS' order (reference.py).
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ServiceSettings(
-    ProgramSettings,
-    ListenSection,
-    HealthChecksSection,
-    TracingSection,
-    OperatorSection,
-    HttpSection,
-    ShutdownSection,
-    TelemetrySection,
-    RateLimitSection,
-    IngestSection,
-    AlertsApiSection,
-):
-    program = "pulsecal-service"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerSettings(
-    ProgramSettings,
-    WorkerSection,
-    HealthChecksSection,
-    TracingSection,
-    OperatorSection,
-    HttpSection,
-    ShutdownSection,
-    TelemetrySection,
-    AlertRulesSection,
-    AnalysisJobsSection,
-):
-    program = "pulsecal-worker"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SidecarSettings(
-    ProgramSettings,
-    SidecarSection,
-    HealthChecksSection,
-    TracingSection,
-    OperatorSection,
-    HttpSection,
-    TelemetrySection,
-):
-    program = "pulsecal-sidecar"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AnalysisSettings(
-    ProgramSettings, ListenSection, LoggingSection, OperatorSection, HttpSection
-):
-    program = "pulsecal-analysis"
-
-    # PORT is the service's too, whose default is 3001.
-    port: int = redefault(ListenSection, "port", 8000)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AdminSettings(ProgramSettings, PostgresSection):
-    program = "pulsecal-admin"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DevStackSettings(
-    ProgramSettings,
-    IdentitySection,
-    ListenSection,
-    RedisSection,
-    PostgresSection,
-    AiServiceSection,
-    ShutdownSection,
-    SidecarSection,
-    WorkerSection,
-):
-    """The local stack (``make run``): where it finds Redis, Postgres and the ports to use;
-    each program it starts reads its own settings from the same environment."""
-
-    program = "devstack"
-
-
-PROGRAMS: tuple[type[ProgramSettings], ...] = (
-    ServiceSettings,
-    WorkerSettings,
-    SidecarSettings,
-    AnalysisSettings,
-    AdminSettings,
-    DevStackSettings,
-)
 
 
 def load_settings(environ: Mapping[str, str], program: type[P]) -> P:

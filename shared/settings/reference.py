@@ -1,5 +1,8 @@
 """What each variable is, read off the section classes: for ``--help`` and the reference doc.
 
+Only ``--help``, the reference and the tests import this module (and with it every
+program's class); a running program builds its own class alone.
+
 Nothing here is typed twice: the name, default and description come from the field, what it
 accepts from its parser, which programs read it from the program classes.
 """
@@ -9,6 +12,8 @@ import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .admin import AdminSettings
+from .analysis import AnalysisSettings
 from .common import (
     AiServiceSection,
     HealthChecksSection,
@@ -23,8 +28,11 @@ from .common import (
     TelemetrySection,
     TracingSection,
 )
+from .devstack import DevStackSettings
 from .fields import Section
-from .programs import PROGRAMS, ProgramSettings
+from .programs import ProgramSettings
+from .service import ServiceSettings
+from .sidecar import SidecarSettings
 from .specific import (
     AlertRulesSection,
     AlertsApiSection,
@@ -34,8 +42,10 @@ from .specific import (
     SidecarSection,
     WorkerSection,
 )
+from .worker import WorkerSettings
 
 __all__ = (
+    "PROGRAMS",
     "REGENERATE",
     "SECTIONS",
     "Variable",
@@ -43,6 +53,16 @@ __all__ = (
     "format_default",
     "sections_of",
     "variables",
+)
+
+# Every program's settings class, in the order of docs/configuration.md.
+PROGRAMS: tuple[type[ProgramSettings], ...] = (
+    ServiceSettings,
+    WorkerSettings,
+    SidecarSettings,
+    AnalysisSettings,
+    AdminSettings,
+    DevStackSettings,
 )
 
 # The command that writes docs/configuration.md.

@@ -18,7 +18,7 @@ __all__ = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class RateLimitSection(Section):
     """Rate limits per client IP (API routes) and per device (ingestion) (README, "Rate limiting").
 
@@ -106,7 +106,7 @@ class RateLimitSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class IngestSection(Section):
     """Device batches over HTTP and WebSocket: limits, the group-committed write, idempotency."""
 
@@ -184,7 +184,7 @@ class IngestSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class AlertsApiSection(Section):
     """The operators' alerts API of the service (GET /alerts)."""
 
@@ -200,7 +200,7 @@ class AlertsApiSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class SidecarSection(Section):
     """The sidecar: the telemetry it turns into /metrics (README, "Sidecar")."""
 
@@ -234,7 +234,7 @@ class SidecarSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class WorkerSection(Section):
     """The worker: readings from the stream to Postgres (README, "Worker")."""
 
@@ -286,7 +286,7 @@ class WorkerSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class AlertRulesSection(Section):
     """The vital and silence alert rules the worker evaluates (docs/alerts.md)."""
 
@@ -343,7 +343,7 @@ class AlertRulesSection(Section):
     )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
 class AnalysisJobsSection(Section):
     """The worker's analysis jobs: windows of readings sent to AI_SERVICE_URL."""
 

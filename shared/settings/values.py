@@ -6,7 +6,6 @@ The same words make the error message (``expected <accepts>``), the ``--help`` e
 
 import ipaddress
 import math
-from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -48,8 +47,8 @@ def _refuse(accepts: str) -> ValueError:
     return ValueError(f"expected {accepts}")
 
 
-@dataclass(frozen=True, slots=True)
 class Boolean:
+    __slots__ = ()
     accepts = "true or false"
 
     def __call__(self, raw: str, /) -> bool:
@@ -61,14 +60,12 @@ class Boolean:
         raise _refuse(self.accepts)
 
 
-@dataclass(frozen=True, slots=True)
 class IntRange:
-    lo: int
-    hi: int
+    __slots__ = ("accepts", "hi", "lo")
 
-    @property
-    def accepts(self) -> str:
-        return f"an integer in [{self.lo}, {self.hi}]"
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.accepts = f"an integer in [{lo}, {hi}]"
 
     def __call__(self, raw: str, /) -> int:
         try:
@@ -80,14 +77,12 @@ class IntRange:
         return value
 
 
-@dataclass(frozen=True, slots=True)
 class FloatRange:
-    lo: float
-    hi: float
+    __slots__ = ("accepts", "hi", "lo")
 
-    @property
-    def accepts(self) -> str:
-        return f"a number in [{self.lo}, {self.hi}]"
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.accepts = f"a number in [{lo}, {hi}]"
 
     def __call__(self, raw: str, /) -> float:
         try:
@@ -99,13 +94,12 @@ class FloatRange:
         return value
 
 
-@dataclass(frozen=True, slots=True)
 class Url:
-    schemes: tuple[str, ...]
+    __slots__ = ("accepts", "schemes")
 
-    @property
-    def accepts(self) -> str:
-        return f"a URL with scheme {' or '.join(self.schemes)}"
+    def __init__(self, schemes: tuple[str, ...]) -> None:
+        self.schemes = schemes
+        self.accepts = f"a URL with scheme {' or '.join(schemes)}"
 
     def __call__(self, raw: str, /) -> str:
         value = raw.strip()
@@ -115,27 +109,25 @@ class Url:
         return value
 
 
-@dataclass(frozen=True, slots=True)
 class OrNone(Generic[T]):
     """Empty (or blank) means unset: ``None``."""
 
-    parse: Parser[T]
+    __slots__ = ("accepts", "parse")
 
-    @property
-    def accepts(self) -> str:
-        return f"{self.parse.accepts}, or empty for none"
+    def __init__(self, parse: Parser[T]) -> None:
+        self.parse = parse
+        self.accepts = f"{parse.accepts}, or empty for none"
 
     def __call__(self, raw: str, /) -> T | None:
         return None if raw.strip() == "" else self.parse(raw)
 
 
-@dataclass(frozen=True, slots=True)
 class Choice:
-    choices: tuple[str, ...]
+    __slots__ = ("accepts", "choices")
 
-    @property
-    def accepts(self) -> str:
-        return f"one of {', '.join(self.choices)}"
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+        self.accepts = f"one of {', '.join(choices)}"
 
     def __call__(self, raw: str, /) -> str:
         value = raw.strip().lower()
@@ -144,16 +136,16 @@ class Choice:
         return value
 
 
-@dataclass(frozen=True, slots=True)
 class Text:
+    __slots__ = ()
     accepts = "any text"
 
     def __call__(self, raw: str, /) -> str:
         return raw.strip()
 
 
-@dataclass(frozen=True, slots=True)
 class KeyPrefix:
+    __slots__ = ()
     accepts = "a non-empty prefix without braces or whitespace"
 
     def __call__(self, raw: str, /) -> str:
@@ -167,8 +159,8 @@ def _names(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
 
 
-@dataclass(frozen=True, slots=True)
 class FieldNames:
+    __slots__ = ()
     accepts = "comma-separated names of letters, digits, '_' and '-'"
 
     def __call__(self, raw: str, /) -> tuple[str, ...]:
@@ -178,8 +170,8 @@ class FieldNames:
         return names
 
 
-@dataclass(frozen=True, slots=True)
 class PolicyNames:
+    __slots__ = ()
     accepts = f"policy names among {', '.join(POLICIES)}"
 
     def __call__(self, raw: str, /) -> tuple[str, ...]:
@@ -189,8 +181,8 @@ class PolicyNames:
         return names
 
 
-@dataclass(frozen=True, slots=True)
 class Networks:
+    __slots__ = ()
     accepts = "comma-separated IP networks (CIDR)"
 
     def __call__(self, raw: str, /) -> tuple[IpNetwork, ...]:

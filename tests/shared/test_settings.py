@@ -3,6 +3,7 @@
 Each program reads its own class, made of the sections it needs, and validates only those.
 """
 
+import ast
 import dataclasses
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+import shared.settings as settings_package
 from shared.settings import (
     PROGRAMS,
     AdminSettings,
@@ -195,3 +197,29 @@ def test_the_programs_of_a_variable_are_the_classes_that_declare_it() -> None:
     for program in PROGRAMS:
         declared = {f.metadata["env"] for f in dataclasses.fields(program)}
         assert declared == {v.name for v in variables() if program.program in v.programs}
+
+
+def test_every_public_name_resolves() -> None:
+    missing = [name for name in settings_package.__all__ if not hasattr(settings_package, name)]
+
+    assert missing == []
+
+
+def test_a_program_builds_only_its_own_settings_class() -> None:
+    code = (
+        "import os, sys\n"
+        "from shared.cli import program_parser\n"
+        "from shared.settings import SidecarSettings, load_settings\n"
+        "program_parser('pulsecal-sidecar', 'A sidecar.', SidecarSettings)\n"
+        "load_settings(os.environ, SidecarSettings)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('shared.settings.')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+
+    loaded = set(ast.literal_eval(result.stdout))
+    assert loaded.isdisjoint(
+        {f"shared.settings.{m}" for m in ("service", "worker", "analysis", "admin", "devstack")}
+    )
+    assert "shared.settings.reference" not in loaded
