@@ -9,7 +9,7 @@ LOCKS := requirements-tools.txt requirements.txt requirements-dev.txt
 PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: install run test lint format bench clean lock upgrade lock-check
+.PHONY: install run test lint format bench clean lock upgrade lock-check config-doc
 
 # The tools first (pip, pip-tools, the build backend), then exactly the dev lock, then the
 # project and its development tools (devtools/, a distribution the image never ships) without
@@ -56,6 +56,10 @@ upgrade: lock
 # Offline (also part of make test): the locks agree with each other, with setup.cfg and tools.in, and with the venv.
 lock-check: install
 	$(PY) -m pytest -q tests/deploy/test_lock.py
+
+# docs/configuration.md from the settings classes; tests/shared/test_config_doc.py checks it.
+config-doc: install
+	$(PY) -m shared.settings --markdown > docs/configuration.md
 
 BENCH_ARGS ?=
 

@@ -17,18 +17,14 @@ from shared.devices import (
     revoke_device,
 )
 from shared.schema import upgrade_schema
-from shared.settings import load_settings_or_exit
+from shared.settings import AdminSettings, load_settings_or_exit
 from shared.wire import DEVICE_ID_PATTERN
 
 __all__ = ("main",)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = program_parser(
-        "pulsecal-admin",
-        __doc__ or "",
-        {"DATABASE_URL": "Postgres holding the schema and the devices"},
-    )
+    parser = program_parser("pulsecal-admin", __doc__ or "", AdminSettings)
     commands = parser.add_subparsers(dest="command", required=True)
 
     db = commands.add_parser("db", help="database schema")
@@ -89,7 +85,7 @@ async def _run(args: argparse.Namespace, database_url: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    settings = load_settings_or_exit(os.environ, "pulsecal-admin")
+    settings = load_settings_or_exit(os.environ, AdminSettings)
     try:
         code = asyncio.run(_run(args, settings.database_url))
     except psycopg.OperationalError as e:

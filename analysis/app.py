@@ -31,20 +31,19 @@ import numpy as np
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from shared.appkeys import PROBES, SETTINGS
-from shared.cli import LOGGING_ENV, parse_program_args
+from shared.appkeys import PROBES
+from shared.cli import parse_program_args
 from shared.errors import error_response, fault_response
 from shared.httpserver import expect_continue, server_header
 from shared.logs import Logs, setup_logging
 from shared.runtime import serving
 from shared.runtime.probes import Probes
 from shared.runtime.serving import Program, Running
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import AnalysisSettings, load_settings_or_exit
 from shared.tracing import Tracing
 
 __all__ = ("ANALYSIS", "AnalysisError", "Estimate", "analyse", "create_app", "main", "running")
 
-DEFAULT_PORT = 8000
 MAX_SAMPLES = 600_000  # ten minutes at 1 kHz
 MIN_SECONDS = 5.0
 BAND_HZ = (0.5, 4.0)
@@ -58,16 +57,6 @@ answers its heart rate and heart-rate variability (RMSSD, SDNN) with the beats f
 quality figure; /health and the probes answer too. The worker calls it at AI_SERVICE_URL.
 It serves until SIGTERM or SIGINT.
 """
-ENV_VARS = {
-    "PORT": "HTTP port, on all interfaces (the service's default of 3001 does not apply)",
-    "HEALTH_DETAIL_TOKEN": "bearer token that sees health details (default: METRICS_TOKEN)",
-    "METRICS_TOKEN": "sees health details when HEALTH_DETAIL_TOKEN is unset",
-    "ENVIRONMENT": "with no token set, health details are shown only in development",
-    "HTTP_HEADER_TIMEOUT": "seconds a request head gets from its first byte (then 408)",
-    "HTTP_BODY_TIMEOUT": "seconds a request body gets once its head is in (then 408)",
-    "HTTP_KEEPALIVE_TIMEOUT": "seconds an idle keep-alive connection is kept open",
-    **LOGGING_ENV,
-}
 
 Sample = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
 
@@ -231,9 +220,8 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return fault_response(request, request.path, e)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: AnalysisSettings) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_errors_as_json])
-    app[SETTINGS] = settings
     # No conditions of its own and no checker: every probe says the process answers, its
     # pid and uptime for the operator alone.
     probes = Probes(settings=settings, service_id=_SERVICE_ID)
@@ -249,14 +237,14 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def _served_app(
-    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+    settings: AnalysisSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
 ) -> web.Application:
     # Not traced, and no drops to report: the app needs nothing of the process.
     del tracing, logs
     return create_app(settings)
 
 
-def _port(settings: Settings) -> int:
+def _port(settings: AnalysisSettings) -> int:
     return settings.port
 
 
@@ -264,7 +252,7 @@ ANALYSIS = Program(name=PROGRAM, create_app=_served_app, port=_port)
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, *, host: str) -> AsyncIterator[Running]:
+async def running(settings: AnalysisSettings, *, host: str) -> AsyncIterator[Running]:
     """The app listening on ``host``:``settings.port`` (0: a free one, see ``Running.port``)
     as ``pulsecal-analysis`` serves it; leaving the block stops it."""
     async with serving.running(ANALYSIS, settings, host=host) as served:
@@ -272,8 +260,7 @@ async def running(settings: Settings, *, host: str) -> AsyncIterator[Running]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv, defaults={"PORT": DEFAULT_PORT})
-    # PORT is shared with the service, whose default is 3001; this program's is 8000.
-    settings = load_settings_or_exit({"PORT": str(DEFAULT_PORT), **os.environ}, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, AnalysisSettings, argv)
+    settings = load_settings_or_exit(os.environ, AnalysisSettings)
     with setup_logging(settings, program=PROGRAM) as logs:
         serving.run(ANALYSIS, settings, logs=logs)

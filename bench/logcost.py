@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loguru import logger
 
 from shared.logs import setup_logging
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 
 DISCARDING_LISTENER = """
 import os, socket, sys
@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     rows: list[tuple[str, float, float]] = []
     devnull = open(os.devnull, "w")  # noqa: SIM115 - open for the whole run, closed at the end
     with tempfile.TemporaryDirectory(prefix="logcost-") as tmp, discarding_listener() as port:
-        base = Settings(pod_name="bench", environment="production", log_dir=tmp)
+        base = ServiceSettings(pod_name="bench", environment="production", log_dir=tmp)
 
         def row(
-            label: str, settings: Settings, *, level: str = "info", **bind: Any
+            label: str, settings: ServiceSettings, *, level: str = "info", **bind: Any
         ) -> tuple[str, float, float]:
             logs = setup_logging(settings, program="logcost", stream=devnull)
             log = getattr(logger.bind(deviceId="dev-001", **bind), level)

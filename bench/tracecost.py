@@ -35,7 +35,7 @@ from aiohttp.test_utils import make_mocked_request
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from shared.otlp import SpanEncoder, sanitized_span
-from shared.settings import load_settings
+from shared.settings import ServiceSettings, load_settings
 from shared.tracing import Tracing, sanitize_attributes, setup_tracing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,7 +62,7 @@ async def _time(call: Callable[[], Awaitable[object]], n: int) -> float:
 
 def _tracing(ratio: float, sampler: str) -> Tracing:
     settings = replace(
-        load_settings({}),
+        load_settings({}, ServiceSettings),
         tracing_enabled=True,
         otel_traces_sampler=sampler,
         otel_traces_sampler_arg=ratio,

@@ -30,7 +30,7 @@ import redis.asyncio
 import redis.exceptions
 
 from shared.keys import Keys
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import DevStackSettings, load_settings_or_exit
 
 __all__ = ("main",)
 
@@ -71,7 +71,7 @@ class ProcessSpec:
     announce: tuple[str, ...] = ()
 
 
-def _extra_processes(*, bin_dir: Path, settings: Settings) -> list[ProcessSpec]:
+def _extra_processes(*, bin_dir: Path, settings: DevStackSettings) -> list[ProcessSpec]:
     """EXTRA PROCESSES: the ones that run beside the service (the sidecar, the worker).
 
     They start once Redis and Postgres are ready and the schema is migrated, before the
@@ -101,7 +101,7 @@ def _extra_processes(*, bin_dir: Path, settings: Settings) -> list[ProcessSpec]:
     ]
 
 
-def _worker_processes(*, bin_dir: Path, settings: Settings) -> list[ProcessSpec]:
+def _worker_processes(*, bin_dir: Path, settings: DevStackSettings) -> list[ProcessSpec]:
     """The analysis service, the worker and the worker pod's own sidecar.
 
     The worker is a pod of its own (``<pod>-worker``): its telemetry and heartbeat go to its
@@ -585,7 +585,7 @@ async def _supervise(stack: _Stack, duration: float) -> str | None:
     return f"{watch.name} {task.result()} unexpectedly{_tail(watch.log)}"
 
 
-async def _up(stack: _Stack, settings: Settings, options: _Options) -> int:
+async def _up(stack: _Stack, settings: DevStackSettings, options: _Options) -> int:
     """Start everything, then wait; the exit stack stops it all when this returns."""
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     bin_dir = Path(sys.executable).parent
@@ -688,7 +688,7 @@ def _remove(stack: _Stack, *, keep: bool) -> None:
         stack.say(f"could not remove all of {stack.run_dir}")
 
 
-async def _run(options: _Options, settings: Settings) -> int:
+async def _run(options: _Options, settings: DevStackSettings) -> int:
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -743,7 +743,7 @@ async def _run(options: _Options, settings: Settings) -> int:
     return code
 
 
-def _parser(settings: Settings) -> argparse.ArgumentParser:
+def _parser(settings: DevStackSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m devtools.devstack",
         description="Run Redis, Postgres, pulsecal-service and the device simulator locally.",
@@ -782,7 +782,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = load_settings_or_exit(os.environ, "devstack")
+    settings = load_settings_or_exit(os.environ, DevStackSettings)
     parser = _parser(settings)
     args = parser.parse_args(argv)
     if args.devices < 1:

@@ -20,11 +20,11 @@ import psycopg
 from aiohttp import web
 
 from shared.alerts import list_alerts
-from shared.appkeys import PG_POOL, SETTINGS
+from shared.appkeys import PG_POOL
 from shared.errors import error_response
 from shared.wire import DEVICE_ID_PATTERN
 
-from .appkeys import INGEST
+from .appkeys import INGEST, SETTINGS
 
 __all__ = ("ALERTS_ROUTE", "get_alerts")
 

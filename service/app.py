@@ -17,7 +17,6 @@ from shared.appkeys import (
     PG_POOL,
     PROBES,
     REDIS_AUX,
-    SETTINGS,
     TRACING,
 )
 from shared.health import HealthChecker
@@ -29,14 +28,14 @@ from shared.resources import health_checks, pool_stats, static_details
 from shared.runtime.clients import http_client, postgres_pool, redis_client
 from shared.runtime.heartbeat import HeartbeatPublisher
 from shared.runtime.probes import Probes
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.tasks import cancel_and_wait
 from shared.telemetry import ServiceHeartbeat
 from shared.tracing import Tracing
 from shared.version import build_version
 
 from . import alerts_api, openapi, probes
-from .appkeys import INGEST, REDIS_DATA
+from .appkeys import INGEST, REDIS_DATA, SETTINGS
 from .edge import UNMATCHED, instrumented, not_found
 from .fastpath.keepalive import close_going_away, keep_alive
 from .fastpath.resp import RespConnection
@@ -58,10 +57,10 @@ async def _data_connection(app: web.Application) -> AsyncIterator[None]:
 
 
 # The token refresher and the alerts API.
-_postgres_pool = postgres_pool(max_size=lambda _: 2)
+_postgres_pool = postgres_pool(max_size=2)
 
 
-def _policies(settings: Settings) -> tuple[Policy | None, Policy | None]:
+def _policies(settings: ServiceSettings) -> tuple[Policy | None, Policy | None]:
     """(api, ingest): 100/min per client IP for API routes, 1000/min per device for ingest,
     each with an optional short burst window; health routes have none."""
     if not settings.rate_limit_enabled:
@@ -295,7 +294,7 @@ async def _answer_headers(request: web.Request, response: web.StreamResponse) ->
 
 
 def create_app(
-    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+    settings: ServiceSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
 ) -> web.Application:
     """The service. ``tracing`` and ``logs`` are the process's (``setup_tracing``,
     ``setup_logging``): without them it is not traced and reports no Logstash drops."""

@@ -10,7 +10,7 @@ from shared.httpserver import ProtocolError
 from shared.logs import Logs
 from shared.runtime import serving
 from shared.runtime.serving import Program, Running
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import SERVICE_PROGRAM, Kind
 from shared.tracing import Tracing
 
@@ -32,7 +32,7 @@ def protocol_error_recorder(app: web.Application) -> Callable[[ProtocolError], N
     return record
 
 
-def _port(settings: Settings) -> int:
+def _port(settings: ServiceSettings) -> int:
     return settings.port
 
 
@@ -50,7 +50,7 @@ SERVICE = Program(
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings,
+    settings: ServiceSettings,
     *,
     host: str,
     tracing: Tracing | None = None,

@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from .health import HEALTH_JSON, CheckResult, health_response
-from .settings import Settings
+from .settings import OperatorSection
 
 __all__ = (
     "COOKIE",
@@ -34,7 +34,7 @@ COOKIE = "pulsecal_operator"
 DEVELOPMENT = "development"
 
 
-def operator_token(settings: Settings) -> str | None:
+def operator_token(settings: OperatorSection) -> str | None:
     return settings.health_detail_token or settings.metrics_token
 
 
@@ -53,7 +53,7 @@ def cookie_value(token: str) -> str:
     return hmac.new(_bytes(token), b"pulsecal operator cookie", hashlib.sha256).hexdigest()
 
 
-def is_operator(request: web.BaseRequest, settings: Settings) -> bool:
+def is_operator(request: web.BaseRequest, settings: OperatorSection) -> bool:
     token = operator_token(settings)
     if token is None:
         return settings.environment.strip().lower() == DEVELOPMENT
@@ -68,7 +68,7 @@ def health_reply(
     request: web.Request,
     results: Mapping[str, CheckResult],
     *,
-    settings: Settings,
+    settings: OperatorSection,
     service_id: str,
 ) -> web.Response:
     """``results`` in full for the operator, their verdict alone for anyone else."""

@@ -11,7 +11,7 @@ from .health import HealthChecker
 from .httpserver import HttpServer
 from .logs import Logs
 from .runtime.probes import Probes
-from .settings import Settings
+from .settings import HealthChecksSection
 from .tracing import Tracing
 
 __all__ = (
@@ -26,7 +26,9 @@ __all__ = (
     "TRACING",
 )
 
-SETTINGS = web.AppKey("settings", Settings)
+# What the shared resources read; each program's package re-exports the same key typed as
+# its own settings class (``service/appkeys.py``, ``worker/appkeys.py``).
+SETTINGS = web.AppKey("settings", HealthChecksSection)
 # The redis-py client for everything but the service's group-committed writes: telemetry,
 # heartbeats, health checks, the worker's stream reads, the sidecar's.
 REDIS_AUX = web.AppKey("redis_aux", Redis)

@@ -53,7 +53,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import hdrs, web
@@ -74,7 +74,6 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from yarl import URL
 
 from .logs import client_errors
-from .settings import Settings
 from .telemetry import PROTOCOL_ERROR_KINDS
 
 __all__ = (
@@ -82,6 +81,7 @@ __all__ = (
     "SERVER",
     "Connection",
     "HttpServer",
+    "HttpTimeouts",
     "Limits",
     "ProtocolError",
     "RefusedBody",
@@ -134,6 +134,17 @@ class ProtocolError:
     message: str
 
 
+class HttpTimeouts(Protocol):
+    """The read deadlines a program's settings give (``HttpSection``'s variables)."""
+
+    @property
+    def http_header_timeout(self) -> float: ...
+    @property
+    def http_body_timeout(self) -> float: ...
+    @property
+    def http_keepalive_timeout(self) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     header_timeout: float
@@ -141,7 +152,7 @@ class Limits:
     keepalive_timeout: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Limits":
+    def from_settings(cls, settings: "HttpTimeouts") -> "Limits":
         return cls(
             header_timeout=settings.http_header_timeout,
             body_timeout=settings.http_body_timeout,

@@ -49,7 +49,7 @@ from loguru import logger
 from .logfiles import SECONDS_PER_DAY, DailyFiles
 from .logstash import LogstashShipper
 from .redact import Redactor
-from .settings import Settings
+from .settings import LoggingSection
 from .version import build_version
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class SampledWarnings:
 client_errors = SampledWarnings()
 
 
-def configured_secrets(settings: Settings) -> list[str]:
+def configured_secrets(settings: LoggingSection) -> list[str]:
     """The secret values in ``settings``: the fields kept out of its repr (the tokens) or
     named like a secret, and the password of every URL."""
     names = Redactor(settings.log_redact_fields)
@@ -396,7 +396,7 @@ class Logs:
         self.close()
 
 
-def setup_logging(settings: Settings, *, program: str, stream: IO[str] | None = None) -> Logs:
+def setup_logging(settings: LoggingSection, *, program: str, stream: IO[str] | None = None) -> Logs:
     """Replace loguru's sinks with this process's outputs; ``stream`` defaults to stdout."""
     redactor = Redactor(settings.log_redact_fields, secrets=configured_secrets(settings))
     client_errors.reset()

@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS
 from .health import Check, ai_services_check, disk_check, redis_check, threshold_check
 from .reporting import process_memory
-from .settings import Settings
+from .settings import HealthChecksSection
 
 __all__ = ("health_checks", "pool_stats", "static_details")
 
@@ -40,7 +40,7 @@ def health_checks(app: web.Application) -> dict[str, Check]:
     }
 
 
-def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
+def static_details(settings: HealthChecksSection) -> dict[str, dict[str, Any]]:
     redis = urlsplit(settings.redis_url)
     details: dict[str, dict[str, Any]] = {
         "redis": {"host": redis.hostname or "localhost", "port": redis.port or 6379}

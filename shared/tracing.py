@@ -47,7 +47,7 @@ from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
 from .otlp import SpanEncoder
-from .settings import Settings
+from .settings import TracingSection
 from .tasks import cancel_and_wait
 from .version import build_version
 
@@ -208,7 +208,7 @@ class _LoopExport(SpanProcessor):
     never makes a request wait.
     """
 
-    def __init__(self, settings: Settings, endpoint: str) -> None:
+    def __init__(self, settings: TracingSection, endpoint: str) -> None:
         self._endpoint = endpoint
         self._max_queue = settings.otel_bsp_max_queue_size
         self._max_batch = min(settings.otel_bsp_max_export_batch_size, self._max_queue, 256)
@@ -282,7 +282,7 @@ class _LoopExport(SpanProcessor):
                 logger.warning("tracing: the collector is unreachable; spans are dropped")
 
 
-def _endpoint(settings: Settings) -> str:
+def _endpoint(settings: TracingSection) -> str:
     if settings.otel_exporter_otlp_traces_endpoint:
         return settings.otel_exporter_otlp_traces_endpoint
     if settings.otel_exporter_otlp_endpoint:
@@ -304,7 +304,7 @@ def _endpoint(settings: Settings) -> str:
     return "http://localhost:4318/v1/traces"
 
 
-def _sampling(settings: Settings) -> tuple[Sampler, bool, str]:
+def _sampling(settings: TracingSection) -> tuple[Sampler, bool, str]:
     """(SDK sampler, parent-based?, root rule: on, off or ratio)."""
     name = settings.otel_traces_sampler
     ratio = settings.otel_traces_sampler_arg
@@ -470,7 +470,7 @@ def _server_middleware(provider: TracerProvider) -> Callable[..., Awaitable[web.
     return middleware
 
 
-def setup_tracing(settings: Settings, *, service_name: str) -> Tracing:
+def setup_tracing(settings: TracingSection, *, service_name: str) -> Tracing:
     """Tracing for this process, or a disabled one (``TRACING_ENABLED=false``)."""
     if not settings.tracing_enabled:
         return Tracing(provider=None)

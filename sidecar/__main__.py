@@ -4,10 +4,10 @@ the telemetry checkpoint."""
 import os
 from collections.abc import Sequence
 
-from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.cli import parse_program_args
 from shared.logs import setup_logging
 from shared.runtime.serving import Program, run
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import SidecarSettings, load_settings_or_exit
 
 from .app import create_app
 
@@ -21,22 +21,9 @@ process's telemetry stream and heartbeat from Redis, and serves them as Promethe
 service checked), plus a small dashboard. It serves until SIGTERM or SIGINT, then saves its
 position and totals to Redis.
 """
-ENV_VARS = {
-    "SIDECAR_PORT": "HTTP port, on all interfaces",
-    "POD_NAME": "the pod whose telemetry and heartbeat are read; the host name when empty",
-    "REDIS_URL": "telemetry stream, heartbeat, saved totals",
-    "REDIS_KEY_PREFIX": "prefix of every Redis key; the same as the process beside it",
-    "DATABASE_URL": "Postgres, checked by /health",
-    "AI_SERVICE_URL": "analysis service, checked by /health when set",
-    "METRICS_ENABLED": "serve /metrics (404 and nothing read when false)",
-    "METRICS_TOKEN": "when set, /metrics wants Authorization: Bearer <token>",
-    "HEALTH_DETAIL_TOKEN": "sees /health details and the dashboard (default: METRICS_TOKEN)",
-    **LOGGING_ENV,
-    **TRACING_ENV,
-}
 
 
-def _port(settings: Settings) -> int:
+def _port(settings: SidecarSettings) -> int:
     return settings.sidecar_port
 
 
@@ -44,8 +31,8 @@ SIDECAR = Program(name=PROGRAM, create_app=create_app, port=_port, traced_as=PRO
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
-    settings = load_settings_or_exit(os.environ, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, SidecarSettings, argv)
+    settings = load_settings_or_exit(os.environ, SidecarSettings)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM) as logs:
         run(SIDECAR, settings, logs=logs)

@@ -11,18 +11,18 @@ from aiohttp import web
 from loguru import logger
 from redis.exceptions import RedisError
 
-from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PROBES, REDIS_AUX, SETTINGS, TRACING
+from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PROBES, REDIS_AUX, TRACING
 from shared.health import HealthChecker
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
 from shared.logs import Logs
 from shared.runtime.clients import http_client, redis_client
 from shared.runtime.probes import Probes
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from shared.tasks import cancel_and_wait
 from shared.tracing import Tracing
 
-from .appkeys import CONSUMER, HEARTBEAT, METRICS, POSTGRES
+from .appkeys import CONSUMER, HEARTBEAT, METRICS, POSTGRES, SETTINGS
 from .consumer import TelemetryConsumer
 from .dashboard import dashboard, dashboard_live, sign_in
 from .health import SERVICE_ID, HeartbeatWatch, PostgresProbe, health_checks, static_details
@@ -35,7 +35,7 @@ _HERE = Path(__file__).parent
 _FINAL_SAVE_TIMEOUT = 3.0
 
 
-def _blocking_read_ms(settings: Settings) -> int:
+def _blocking_read_ms(settings: SidecarSettings) -> int:
     # A blocking XREAD waits up to SIDECAR_BLOCK_MS for an answer.
     return settings.sidecar_block_ms
 
@@ -115,7 +115,7 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+    settings: SidecarSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
 ) -> web.Application:
     """The sidecar. ``tracing`` and ``logs``: the process's (see ``service.app.create_app``);
     no tracing: its Redis and HTTP clients are not traced."""
@@ -135,7 +135,7 @@ def create_app(
     app.cleanup_ctx.extend(
         [
             app[TRACING].export_ctx,
-            redis_client(blocking_ms=_blocking_read_ms),
+            redis_client(blocking_ms=_blocking_read_ms(settings)),
             _postgres,
             http_client,
             _health,

@@ -19,12 +19,12 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from shared.access import COOKIE, cookie_value, is_operator, operator_token, token_matches
-from shared.appkeys import CHECKER, SETTINGS
+from shared.appkeys import CHECKER
 from shared.health import CheckResult
 from shared.version import build_version
 
 from .aggregate import WINDOW_SECONDS, Aggregator, WindowPoint
-from .appkeys import CONSUMER, HEARTBEAT
+from .appkeys import CONSUMER, HEARTBEAT, SETTINGS
 from .health import as_service
 
 __all__ = ("Chart", "Component", "dashboard", "dashboard_live", "live_context", "sign_in")

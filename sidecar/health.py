@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.health import Check, CheckFailedError, ai_services_check, disk_check, redis_check
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from shared.telemetry import Heartbeat, HeartbeatBase, ServiceHeartbeat, decode_heartbeat
 
 from .process import own_process
@@ -168,7 +168,7 @@ def _memory_check(watch: HeartbeatWatch, threshold_mb: int, measure: str) -> Che
 
 
 def health_checks(
-    settings: Settings,
+    settings: SidecarSettings,
     *,
     redis: Redis,
     watch: HeartbeatWatch,
@@ -186,7 +186,7 @@ def health_checks(
     }
 
 
-def static_details(settings: Settings) -> dict[str, dict[str, Any]]:
+def static_details(settings: SidecarSettings) -> dict[str, dict[str, Any]]:
     redis = urlsplit(settings.redis_url)
     database = urlsplit(settings.database_url)
     details: dict[str, dict[str, Any]] = {

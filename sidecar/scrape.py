@@ -7,10 +7,10 @@ import time
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from shared.appkeys import CHECKER, SETTINGS
+from shared.appkeys import CHECKER
 
 from .aggregate import Aggregator
-from .appkeys import CONSUMER, HEARTBEAT, METRICS
+from .appkeys import CONSUMER, HEARTBEAT, METRICS, SETTINGS
 from .exposition import OPENMETRICS, TEXT, render, wants_openmetrics
 from .health import HeartbeatWatch
 from .metrics import health_families

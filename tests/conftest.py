@@ -5,7 +5,6 @@ share the machine's servers without seeing each other's data.
 """
 
 import asyncio
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,8 +19,9 @@ from service.app import create_app
 from shared.devices import add_device
 from shared.keys import Keys
 from shared.schema import upgrade_schema
-from shared.settings import Settings
+from shared.settings import ServiceSettings, SidecarSettings
 from tests.support.env import POSTGRES_URL, REDIS_URL, AiohttpClient, Device, DeviceFactory
+from tests.support.settings import for_program
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +77,8 @@ def keys(key_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def settings(migrated: str, key_prefix: str, tmp_path: Any) -> Settings:
-    return Settings(
+def settings(migrated: str, key_prefix: str, tmp_path: Any) -> ServiceSettings:
+    return ServiceSettings(
         port=0,
         pod_name=f"pod-{key_prefix.split(':')[1]}",
         redis_url=REDIS_URL,
@@ -116,15 +116,19 @@ async def device(make_device: DeviceFactory) -> Device:
 
 @pytest.fixture
 async def client(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device, redis: Redis
 ) -> TestClient[web.Request, web.Application]:
     """The service with ``device`` registered before it started (so its token is cached)."""
     return await aiohttp_client(create_app(settings))
 
 
 @pytest.fixture
-def sidecar_settings(settings: Settings) -> Settings:
+def sidecar_settings(settings: ServiceSettings) -> SidecarSettings:
     """The sidecar of the same pod as ``settings``' service, reading and saving often."""
-    return dataclasses.replace(
-        settings, sidecar_port=0, sidecar_block_ms=100, sidecar_checkpoint_interval=0.1
+    return for_program(
+        SidecarSettings,
+        settings,
+        sidecar_port=0,
+        sidecar_block_ms=100,
+        sidecar_checkpoint_interval=0.1,
     )

@@ -30,7 +30,7 @@ from loguru import logger
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from shared.settings import Settings
+from shared.settings import AlertRulesSection
 
 from .alertrules import Clearing, DeviceState, Episode, Reading, RuleRun, VitalRule, advance
 
@@ -57,7 +57,7 @@ Cursor = psycopg.AsyncCursor[TupleRow]
 InsertedRow = tuple[Any, ...]
 
 
-def rules_from(settings: Settings) -> tuple[VitalRule, ...]:
+def rules_from(settings: AlertRulesSection) -> tuple[VitalRule, ...]:
     return (
         VitalRule("hr_high", "hr", True, settings.alert_hr_high, settings.alert_hr_duration),
         VitalRule("hr_low", "hr", False, settings.alert_hr_low, settings.alert_hr_duration),

@@ -30,10 +30,9 @@ from shared.appkeys import (
     PG_POOL,
     PROBES,
     REDIS_AUX,
-    SETTINGS,
     TRACING,
 )
-from shared.cli import LOGGING_ENV, TRACING_ENV, parse_program_args
+from shared.cli import parse_program_args
 from shared.health import CheckResult, HealthChecker, now_result
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
@@ -44,7 +43,7 @@ from shared.runtime.clients import http_client, postgres_pool, redis_client
 from shared.runtime.heartbeat import HeartbeatPublisher
 from shared.runtime.probes import Probes
 from shared.runtime.serving import Program, run
-from shared.settings import Settings, load_settings_or_exit
+from shared.settings import WorkerSettings, load_settings_or_exit
 from shared.tasks import cancel_and_wait
 from shared.telemetry import WORKER_PROGRAM, Kind, WorkerHeartbeat
 from shared.tracing import Tracing
@@ -59,7 +58,7 @@ from .alerts import (
     rules_from,
 )
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
-from .appkeys import WORKER
+from .appkeys import SETTINGS, WORKER
 from .consumers import consumer_name
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .state import WorkerState
@@ -74,30 +73,16 @@ ANALYSIS_WINDOW seconds to the AI service as analysis jobs. Its HTTP port answer
 Kubernetes probes. Workers share the stream as one consumer group, so any number can run.
 It stops on SIGTERM or SIGINT once the round in hand is committed.
 """
-ENV_VARS = {
-    "WORKER_PORT": "HTTP port of the probes, on all interfaces",
-    "REDIS_URL": "readings stream, analysis queue, telemetry, heartbeat",
-    "REDIS_KEY_PREFIX": "prefix of every Redis key; the same as the service's",
-    "DATABASE_URL": "Postgres: readings, alerts, analyses",
-    "AI_SERVICE_URL": "analysis service (POST /analyze); no analysis jobs when unset",
-    "POD_NAME": "names this pod's telemetry and heartbeat; the host name when empty",
-    "SHUTDOWN_TIMEOUT": "seconds the persist round in hand gets to finish on SIGTERM",
-    "HEALTH_DETAIL_TOKEN": "operator token: health details (else METRICS_TOKEN)",
-    "METRICS_TOKEN": "the operator token when HEALTH_DETAIL_TOKEN is unset",
-    "ENVIRONMENT": "development shows health details when no operator token is set",
-    **LOGGING_ENV,
-    **TRACING_ENV,
-}
 _PARTITION_INTERVAL = 3600.0
 _STATS_INTERVAL = 5.0
 
 
-def _blocking_read_ms(settings: Settings) -> int:
+def _blocking_read_ms(settings: WorkerSettings) -> int:
     # Blocking reads wait up to WORKER_BLOCK_MS on the socket.
     return settings.worker_block_ms
 
 
-def _pool_size(settings: Settings) -> int:
+def _pool_size(settings: WorkerSettings) -> int:
     # The persister, the silence check and upkeep, and one per analysis job.
     return 3 + settings.analysis_concurrency
 
@@ -380,7 +365,7 @@ async def _stop_taking_work(app: web.Application) -> None:
 
 
 def create_app(
-    settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+    settings: WorkerSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
 ) -> web.Application:
     """The worker. ``tracing`` and ``logs``: the process's (see ``service.app.create_app``)."""
     app = web.Application()
@@ -394,8 +379,8 @@ def create_app(
     app.cleanup_ctx.extend(
         [
             app[TRACING].export_ctx,
-            redis_client(blocking_ms=_blocking_read_ms),
-            postgres_pool(max_size=_pool_size, configure=_staging_table, check=True),
+            redis_client(blocking_ms=_blocking_read_ms(settings)),
+            postgres_pool(max_size=_pool_size(settings), configure=_staging_table, check=True),
             http_client,
             _worker,
         ]
@@ -406,7 +391,7 @@ def create_app(
     return app
 
 
-def _port(settings: Settings) -> int:
+def _port(settings: WorkerSettings) -> int:
     return settings.worker_port
 
 
@@ -414,8 +399,8 @@ WORKER_RUNTIME = Program(name=PROGRAM, create_app=create_app, port=_port, traced
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse_program_args(PROGRAM, DESCRIPTION, ENV_VARS, argv)
-    settings = load_settings_or_exit(os.environ, PROGRAM)
+    parse_program_args(PROGRAM, DESCRIPTION, WorkerSettings, argv)
+    settings = load_settings_or_exit(os.environ, WorkerSettings)
     # Leaving the block flushes Logstash and logs an exception that ends the process.
     with setup_logging(settings, program=PROGRAM) as logs:
         run(WORKER_RUNTIME, settings, logs=logs)

@@ -17,7 +17,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from shared.appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
-from shared.settings import Settings
 
 __all__ = ("CleanupContext", "http_client", "postgres_pool", "redis_client")
 
@@ -25,11 +24,7 @@ CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 
 
-def _no_blocking_reads(settings: Settings) -> int:
-    return 0
-
-
-def redis_client(*, blocking_ms: Callable[[Settings], int] = _no_blocking_reads) -> CleanupContext:
+def redis_client(*, blocking_ms: int = 0) -> CleanupContext:
     """The redis-py client (``REDIS_AUX``); ``blocking_ms``: the longest blocking read the
     program makes on it (``XREAD ... BLOCK``), which the socket timeout must outlast."""
 
@@ -39,7 +34,7 @@ def redis_client(*, blocking_ms: Callable[[Settings], int] = _no_blocking_reads)
         client = Redis.from_url(
             settings.redis_url,
             socket_connect_timeout=timeout,
-            socket_timeout=timeout + blocking_ms(settings) / 1000,
+            socket_timeout=timeout + blocking_ms / 1000,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=30,
         )
@@ -53,7 +48,7 @@ def redis_client(*, blocking_ms: Callable[[Settings], int] = _no_blocking_reads)
 
 def postgres_pool(
     *,
-    max_size: Callable[[Settings], int],
+    max_size: int,
     configure: Configure | None = None,
     check: bool = False,
 ) -> CleanupContext:
@@ -73,7 +68,7 @@ def postgres_pool(
         pool: AsyncConnectionPool = AsyncConnectionPool(
             settings.database_url,
             min_size=1,
-            max_size=max_size(settings),
+            max_size=max_size,
             open=False,
             timeout=settings.health_check_timeout_ms / 1000,
             configure=configured,

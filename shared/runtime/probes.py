@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler
 
 from shared.access import health_reply
 from shared.health import CheckResult, HealthChecker, now_result, startup_results
-from shared.settings import Settings
+from shared.settings import OperatorSection
 
 __all__ = ("Probes",)
 
@@ -42,7 +42,7 @@ class Probes:
     """Made with the app (its routes are the handlers here); the program's cleanup context
     fills in ``ready``, ``draining`` and ``checker`` once it has what they read."""
 
-    settings: Settings
+    settings: OperatorSection
     # The health report's serviceId.
     service_id: str
     # When the process started, for the uptime (and the heartbeat's ``started_ms``).

@@ -22,39 +22,60 @@ import gc
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 from loguru import logger
 
 from shared.appkeys import HTTP_SERVER
-from shared.httpserver import ErrorSink, HttpServer, Limits
+from shared.httpserver import ErrorSink, HttpServer, HttpTimeouts, Limits
 from shared.logs import Logs, install_loop_handler
-from shared.settings import Settings
+from shared.settings import TracingSection
 from shared.tracing import Tracing, setup_tracing
 
-__all__ = ("HANDLER_GRACE", "AppFactory", "Program", "Running", "run", "running", "serve")
+__all__ = (
+    "HANDLER_GRACE",
+    "AppFactory",
+    "Program",
+    "Running",
+    "ServedSettings",
+    "run",
+    "running",
+    "serve",
+)
 
 # aiohttp's own shutdown, after the program's drain has answered what could be answered:
 # what is left of a handler is cancelled after this long.
 HANDLER_GRACE = 2.0
 
 
-class AppFactory(Protocol):
+class ServedSettings(HttpTimeouts, Protocol):
+    """What the runtime reads of a served program's settings, besides its port: every
+    served program's class has these (``HttpSection``, ``IdentitySection``)."""
+
+    @property
+    def pod(self) -> str: ...
+
+
+S = TypeVar("S", bound=ServedSettings)
+S_contra = TypeVar("S_contra", bound=ServedSettings, contravariant=True)
+
+
+class AppFactory(Protocol[S_contra]):
     def __call__(
-        self, settings: Settings, /, *, tracing: Tracing | None = ..., logs: Logs | None = ...
+        self, settings: S_contra, /, *, tracing: Tracing | None = ..., logs: Logs | None = ...
     ) -> web.Application: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Program:
+class Program(Generic[S]):
     """What the runtime needs to know of a program besides its settings."""
 
     # The console script, as the logs name it.
     name: str
-    create_app: AppFactory
+    create_app: AppFactory[S]
     # The setting that holds its port.
-    port: Callable[[Settings], int]
+    port: Callable[[S], int]
     # Its OpenTelemetry service name; None: the program is not traced.
     traced_as: str | None = None
     # Run once the listener is closed, before aiohttp's shutdown (see the module docstring).
@@ -95,8 +116,8 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    program: Program,
-    settings: Settings,
+    program: Program[S],
+    settings: S,
     *,
     host: str,
     tracing: Tracing | None = None,
@@ -141,8 +162,8 @@ async def _until_signalled() -> None:
 
 
 async def serve(
-    program: Program,
-    settings: Settings,
+    program: Program[S],
+    settings: S,
     *,
     host: str = "0.0.0.0",
     tracing: Tracing | None = None,
@@ -170,11 +191,17 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def run(program: Program, settings: Settings, *, logs: Logs | None = None) -> None:
+def _tracing(name: str, traced_as: str | None, settings: object) -> Tracing | None:
+    if traced_as is None:
+        return None
+    if not isinstance(settings, TracingSection):
+        raise TypeError(f"{name} is traced: its settings need the tracing section")
+    return setup_tracing(settings, service_name=traced_as)
+
+
+def run(program: Program[S], settings: S, *, logs: Logs | None = None) -> None:
     """The program's process, from its settings and logging (``setup_logging``) to its exit."""
-    tracing = None
-    if program.traced_as is not None:
-        tracing = setup_tracing(settings, service_name=program.traced_as)
+    tracing = _tracing(program.name, program.traced_as, settings)
     try:
         _run_loop(serve(program, settings, tracing=tracing, logs=logs))
     finally:

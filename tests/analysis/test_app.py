@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from analysis.app import analyse, create_app, running
 from devtools.sim import PpgSignal
 from shared.httpserver import SERVER
-from shared.settings import Settings
+from shared.settings import AnalysisSettings
 from tests.support.env import AiohttpClient
 from tests.support.procs import _SETTINGS_ENV, _Process, free_port
 from tests.support.rawhttp import converse, parse_answer
@@ -74,7 +74,7 @@ def test_the_simulators_heart_rate_is_recovered_within_2_bpm(device: str) -> Non
 
 
 @pytest.fixture
-async def ai(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
+async def ai(aiohttp_client: AiohttpClient, settings: AnalysisSettings) -> Client:
     return await aiohttp_client(create_app(settings))
 
 
@@ -184,13 +184,13 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-def operated(settings: Settings) -> Settings:
+def operated(settings: AnalysisSettings) -> AnalysisSettings:
     """A production analysis service whose operator holds ``OPERATOR``."""
     return dataclasses.replace(settings, environment="production", health_detail_token=OPERATOR)
 
 
 @pytest.fixture
-async def served(operated: Settings) -> AsyncIterator[int]:
+async def served(operated: AnalysisSettings) -> AsyncIterator[int]:
     """The analysis service on a free port as ``pulsecal-analysis`` serves it: its port."""
     async with running(dataclasses.replace(operated, port=0), host="127.0.0.1") as served:
         yield served.port
@@ -224,7 +224,7 @@ async def test_each_probe_answers_anyone_its_status_alone_and_the_operator_its_d
 
 
 async def test_the_metrics_token_sees_the_details_when_no_detail_token_is_set(
-    aiohttp_client: AiohttpClient, settings: Settings
+    aiohttp_client: AiohttpClient, settings: AnalysisSettings
 ) -> None:
     scrape = "scrape-token"
     ai = await aiohttp_client(
@@ -240,7 +240,7 @@ async def test_the_metrics_token_sees_the_details_when_no_detail_token_is_set(
 
 @pytest.mark.parametrize(("environment", "details"), [("development", True), ("production", False)])
 async def test_without_any_token_only_development_shows_the_details(
-    aiohttp_client: AiohttpClient, settings: Settings, environment: str, details: bool
+    aiohttp_client: AiohttpClient, settings: AnalysisSettings, environment: str, details: bool
 ) -> None:
     untokened = dataclasses.replace(
         settings, environment=environment, metrics_token=None, health_detail_token=None

@@ -11,7 +11,6 @@ written below, and the PrometheusRule's rules by promtool (``tests/deploy/test_o
 production image is the one the release names by commit SHA or digest (docs/deploy.md).
 """
 
-import dataclasses
 import functools
 import re
 import shutil
@@ -28,7 +27,14 @@ import yaml
 from aiohttp import web
 
 from service.app import create_app as create_service_app
-from shared.settings import Settings, load_settings
+from shared.settings import (
+    PROGRAMS,
+    ServiceSettings,
+    SidecarSettings,
+    WorkerSettings,
+    load_settings,
+    variables,
+)
 from sidecar.app import create_app as create_sidecar_app
 from tests.support.paths import ROOT_DIR
 
@@ -61,14 +67,14 @@ Manifest = dict[str, Any]
 
 # Programs the manifests may run before setup.cfg declares them (none now).
 PENDING_PROGRAMS: frozenset[str] = frozenset()
-# Variables the manifests set that are not Settings fields: read by the OpenTelemetry SDK, or
+# Variables the manifests set that no program's settings declare: read by the OpenTelemetry SDK, or
 # only expanded into other variables.
 EXTRA_VARIABLES = frozenset({"POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES"})
 # How each program's listening port is configured, and its default.
 PROGRAM_PORTS = {
-    "pulsecal-service": ("PORT", Settings().port),
-    "pulsecal-sidecar": ("SIDECAR_PORT", Settings().sidecar_port),
-    "pulsecal-worker": ("WORKER_PORT", Settings().worker_port),
+    "pulsecal-service": ("PORT", ServiceSettings().port),
+    "pulsecal-sidecar": ("SIDECAR_PORT", SidecarSettings().sidecar_port),
+    "pulsecal-worker": ("WORKER_PORT", WorkerSettings().worker_port),
     "pulsecal-analysis": ("PORT", 8000),
 }
 # The seed's probe timings ("Health Check Monitoring").
@@ -77,7 +83,9 @@ SEED_PROBES = {
     "readinessProbe": ("/health/readiness", 5, 5, None),
     "startupProbe": ("/health/startup", 10, 5, 30),
 }
-SETTINGS_VARIABLES = frozenset(field.metadata["env"] for field in dataclasses.fields(Settings))
+SETTINGS_VARIABLES = frozenset(variable.name for variable in variables())
+# Each program's settings class, by the name its container runs.
+PROGRAM_SETTINGS = {program.program: program for program in PROGRAMS}
 # Stand-ins for the Secret's values where a test loads a container's settings.
 SECRET_STAND_INS = {
     "DATABASE_URL": "postgresql://pulsecal@db.example:5432/pulsecal",
@@ -367,8 +375,11 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 @functools.cache
 def _get_routes(program: str) -> frozenset[str]:
     """The paths a program answers GET on, from its own router."""
-    factory = {"pulsecal-service": create_service_app, "pulsecal-sidecar": create_sidecar_app}
-    app = factory[program](Settings())
+    factory = {
+        "pulsecal-service": lambda: create_service_app(ServiceSettings()),
+        "pulsecal-sidecar": lambda: create_sidecar_app(SidecarSettings()),
+    }
+    app = factory[program]()
     return frozenset(
         resource.canonical
         for resource in app.router.resources()
@@ -556,7 +567,7 @@ def test_the_image_user_is_the_one_the_pods_run_as(rendered: tuple[Manifest, ...
 def test_the_grace_period_outlasts_the_services_drain(rendered: tuple[Manifest, ...]) -> None:
     deployment = _one(rendered, "Deployment", "pulsecal-api")
     service = _container(deployment, "service")
-    settings = load_settings(_environment(rendered, service))
+    settings = load_settings(_environment(rendered, service), ServiceSettings)
     pre_stop = service["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     websocket_closes = 3.0  # service.app: devices get 3 s to answer the close frame
@@ -686,17 +697,19 @@ def test_configuration_uses_the_names_and_values_the_programs_read(
     [config] = _find(rendered, "ConfigMap")
     known = SETTINGS_VARIABLES | EXTRA_VARIABLES
     assert set(config["data"]) <= known, set(config["data"]) - known
-    load_settings(config["data"])  # raises on a value a program would refuse
+    for program in PROGRAMS:
+        load_settings(config["data"], program)  # raises on a value a program would refuse
     for deployment, _, container in _all_containers(rendered):
         names = {var["name"] for var in container.get("env", [])}
         assert names <= known, (deployment["metadata"]["name"], names - known)
         environment = _environment(rendered, container)
-        settings = load_settings(environment)
-        if _program(container) in ("pulsecal-service", "pulsecal-sidecar"):
+        settings = load_settings(environment, PROGRAM_SETTINGS[_program(container)])
+        if isinstance(settings, ServiceSettings | SidecarSettings):
             assert settings.environment == config["data"]["ENVIRONMENT"]
             assert settings.metrics_token is None or container["name"] == "sidecar"
         # The operator token goes only where /alerts is served.
-        assert settings.admin_token is None or _program(container) == "pulsecal-service"
+        admin_token = load_settings(environment, ServiceSettings).admin_token
+        assert admin_token is None or _program(container) == "pulsecal-service"
 
 
 def test_the_operator_token_reaches_the_service_from_the_secret(
@@ -707,7 +720,7 @@ def test_the_operator_token_reaches_the_service_from_the_secret(
         var["valueFrom"]["secretKeyRef"] for var in service["env"] if var["name"] == "ADMIN_TOKEN"
     ]
     assert (reference["name"], reference["key"]) == ("pulsecal-secrets", "ADMIN_TOKEN")
-    settings = load_settings(_environment(rendered, service))
+    settings = load_settings(_environment(rendered, service), ServiceSettings)
     assert settings.admin_token == SECRET_STAND_INS["ADMIN_TOKEN"]
     assert "/alerts" in _get_routes("pulsecal-service")
 

@@ -30,7 +30,7 @@ from service.app import create_app
 from service.appkeys import INGEST
 from shared.devices import DeviceExistsError, add_device
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.wire import MAX_SAMPLES, MAX_SEQ, REAL_UNDERFLOW, TS_MAX_MS, TS_MIN_MS
 from tests.support.env import REDIS_URL
 from tests.support.worker import worker_settings
@@ -130,7 +130,7 @@ class StoreHarness:
 @pytest.fixture(scope="module")
 def harness(migrated: str) -> Iterator[StoreHarness]:
     prefix = f"test:{uuid.uuid4().hex[:10]}:"
-    config = Settings(
+    config = ServiceSettings(
         redis_url=REDIS_URL,
         redis_key_prefix=prefix,
         database_url=migrated,

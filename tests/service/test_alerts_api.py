@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device
 from tests.support.served import Served, exchange, raw_request
 
@@ -29,7 +29,7 @@ def served_by(client: Client) -> Served:
 
 @pytest.fixture
 async def operator_client(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device
 ) -> Client:
     return await aiohttp_client(create_app(dataclasses.replace(settings, admin_token=ADMIN)))
 
@@ -85,7 +85,7 @@ async def test_no_or_unknown_token_is_401_and_a_device_token_is_403(
 
 
 async def test_without_an_admin_token_configured_the_api_is_off(
-    aiohttp_client: AiohttpClient, settings: Settings
+    aiohttp_client: AiohttpClient, settings: ServiceSettings
 ) -> None:
     client = await aiohttp_client(create_app(settings))
 
@@ -227,7 +227,7 @@ async def test_an_authorization_header_of_any_bytes_is_401_json(
 
 
 async def test_an_operator_token_that_is_not_utf8_works_byte_for_byte(
-    aiohttp_client: AiohttpClient, settings: Settings
+    aiohttp_client: AiohttpClient, settings: ServiceSettings
 ) -> None:
     raw_token = b"op-\xff-" + uuid.uuid4().hex.encode()
     # How Python hands over an environment variable holding those bytes.

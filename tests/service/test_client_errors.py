@@ -26,7 +26,7 @@ from service.appkeys import INGEST
 from service.edge import instrumented
 from shared.keys import Keys
 from shared.logs import CLIENT_ERROR_INTERVAL, SampledWarnings, client_errors, setup_logging
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import BATCH_FIELD, Kind, decode_batch
 from tests.support.env import Device
 from tests.support.served import Served, exchange, hang_up_after, raw_request, serve
@@ -52,7 +52,7 @@ class Captured:
 
 
 @pytest.fixture
-def captured(settings: Settings, tmp_path: Path) -> Iterator[Captured]:
+def captured(settings: ServiceSettings, tmp_path: Path) -> Iterator[Captured]:
     log_dir = tmp_path / "logs"
     stream = io.StringIO()
     logs = setup_logging(
@@ -67,13 +67,15 @@ def captured(settings: Settings, tmp_path: Path) -> Iterator[Captured]:
 
 
 @pytest.fixture
-def service_settings(settings: Settings) -> Settings:
+def service_settings(settings: ServiceSettings) -> ServiceSettings:
     # A thousand requests from one address: the API budget would answer 429 long before.
     return dataclasses.replace(settings, admin_token=ADMIN, rate_limit_enabled=False)
 
 
 @pytest.fixture
-async def served(service_settings: Settings, device: Device, redis: Redis) -> AsyncIterator[Served]:
+async def served(
+    service_settings: ServiceSettings, device: Device, redis: Redis
+) -> AsyncIterator[Served]:
     async with serve(create_app(service_settings)) as served:
         yield served
 
@@ -137,7 +139,7 @@ async def test_a_thousand_malformed_requests_log_no_error_and_a_few_warnings(
     captured: Captured,
     redis: Redis,
     keys: Keys,
-    service_settings: Settings,
+    service_settings: ServiceSettings,
 ) -> None:
     per_kind = 200
     not_gzip = json_post(device, b"{not gzip at all}", b"Content-Encoding: gzip")
@@ -220,7 +222,7 @@ async def test_a_body_that_is_not_what_its_content_encoding_says_is_400_json(
 
 @pytest.mark.parametrize("handler_cancellation", [False, True])
 async def test_a_client_hanging_up_mid_body_is_counted_and_never_an_error(
-    service_settings: Settings,
+    service_settings: ServiceSettings,
     device: Device,
     captured: Captured,
     redis: Redis,
@@ -243,7 +245,7 @@ async def test_a_client_hanging_up_mid_body_is_counted_and_never_an_error(
 
 
 async def test_our_own_fault_is_still_500_and_an_error_with_its_traceback(
-    service_settings: Settings, device: Device, captured: Captured, redis: Redis
+    service_settings: ServiceSettings, device: Device, captured: Captured, redis: Redis
 ) -> None:
     async def broken(request: web.Request) -> web.Response:
         raise ConnectionResetError("the AI service reset the connection")

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device
 from tests.support.rawwire import exchange, http_request, ws_handshake
 
@@ -51,7 +51,7 @@ async def test_a_non_utf8_token_on_the_websocket_handshake_is_401_json(
 
 
 async def test_non_utf8_tokens_spend_the_ip_budget_like_any_wrong_token(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device
 ) -> None:
     limited = replace(settings, rate_limit_max=3, rate_limit_ttl=60, rate_limit_burst_max=0)
     client = await aiohttp_client(create_app(limited))

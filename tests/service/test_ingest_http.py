@@ -18,7 +18,7 @@ from service.appkeys import INGEST
 from service.fastpath.acks import _header_lines
 from shared.devices import revoke_device
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device, DeviceFactory
 
 Client = TestClient[web.Request, web.Application]
@@ -166,7 +166,11 @@ async def test_infinite_sample_is_422(client: Client, device: Device) -> None:
 
 
 async def test_backlog_over_the_limit_is_503_with_retry_after(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient,
+    settings: ServiceSettings,
+    device: Device,
+    redis: Redis,
+    keys: Keys,
 ) -> None:
     client = await aiohttp_client(create_app(replace(settings, readings_max_backlog=3)))
     for seq in range(4):
@@ -229,7 +233,11 @@ async def test_writes_continue_after_redis_forgets_the_script(
 
 
 async def test_idempotency_covers_the_last_window_of_seqs_per_device(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient,
+    settings: ServiceSettings,
+    device: Device,
+    redis: Redis,
+    keys: Keys,
 ) -> None:
     client = await aiohttp_client(create_app(replace(settings, idempotency_window=3)))
     for seq in range(1, 6):

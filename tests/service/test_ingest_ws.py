@@ -15,7 +15,7 @@ from service.appkeys import INGEST
 from service.fastpath import wsframes
 from service.fastpath.wsframes import TextSocket
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device
 
 Client = TestClient[web.Request, web.Application]
@@ -103,7 +103,7 @@ async def test_invalid_utf8_text_closes_with_invalid_text(client: Client, device
 
 
 async def test_a_silent_peer_that_answers_no_ping_is_dropped(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device
 ) -> None:
     client = await aiohttp_client(create_app(replace(settings, ws_heartbeat=0.2)))
     # autoping=False: this client never answers the server's pings, like a dead device.
@@ -121,7 +121,7 @@ async def test_a_silent_peer_that_answers_no_ping_is_dropped(
 
 
 async def test_a_silent_peer_that_answers_pings_is_kept(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device
 ) -> None:
     client = await aiohttp_client(create_app(replace(settings, ws_heartbeat=0.1)))
     async with client.ws_connect(URL, headers=device.headers) as ws:
@@ -207,7 +207,7 @@ async def test_a_device_that_does_not_read_its_answers_is_not_read_either(
 
 async def test_the_ordinary_aiohttp_path_keeps_the_same_contract(
     aiohttp_client: AiohttpClient,
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from service.app import create_app
 from service.openapi import OPENAPI_ROUTE, _ecma_patterns, build_document, document_bytes
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.wire import BatchError, PpgBatch, decode_batch
 from tests.support.env import AiohttpClient, Device
 from tests.support.paths import ROOT_DIR
@@ -95,7 +95,7 @@ def test_every_reference_in_the_document_resolves() -> None:
     assert unresolved == []
 
 
-def test_every_route_of_the_service_is_documented_and_no_other(settings: Settings) -> None:
+def test_every_route_of_the_service_is_documented_and_no_other(settings: ServiceSettings) -> None:
     app = create_app(settings)
     routes = {
         (route.method, route.resource.canonical)
@@ -136,7 +136,7 @@ PROBES = ["/health", "/health/liveness", "/health/readiness", "/health/startup"]
 @pytest.mark.parametrize("accept", ["application/json", "application/health+json"])
 @pytest.mark.parametrize("path", PROBES)
 async def test_document_gives_each_probe_answer_the_shape_of_who_asked(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, path: str, accept: str
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device, path: str, accept: str
 ) -> None:
     """Anyone gets the status alone, the operator the report: the document's ``oneOf``
     names the first shape for one and the second for the other."""

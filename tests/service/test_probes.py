@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from service.app import create_app
 from shared.appkeys import CHECKER
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device
 
 Client = TestClient[web.Request, web.Application]
@@ -20,14 +20,14 @@ PROBES = ("/health/liveness", "/health/readiness", "/health/startup", "/health")
 
 
 @pytest.fixture
-def operated(settings: Settings) -> Settings:
+def operated(settings: ServiceSettings) -> ServiceSettings:
     """A production service whose operator holds ``OPERATOR``."""
     return dataclasses.replace(settings, environment="production", health_detail_token=OPERATOR)
 
 
 @pytest.fixture
 async def operated_client(
-    aiohttp_client: AiohttpClient, operated: Settings, device: Device
+    aiohttp_client: AiohttpClient, operated: ServiceSettings, device: Device
 ) -> Client:
     """The service with ``device`` registered before it started (so its token is cached)."""
     return await aiohttp_client(create_app(operated))
@@ -79,7 +79,7 @@ async def test_without_the_operator_token_every_probe_answers_its_status_alone(
 
 
 async def test_a_failing_probe_says_error_with_503_and_nothing_more(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     dead = dataclasses.replace(operated, redis_url="redis://127.0.0.1:1/0")
     client = await aiohttp_client(create_app(dead))
@@ -93,7 +93,7 @@ async def test_a_failing_probe_says_error_with_503_and_nothing_more(
 
 
 async def test_the_metrics_token_sees_the_details_when_no_detail_token_is_set(
-    aiohttp_client: AiohttpClient, settings: Settings
+    aiohttp_client: AiohttpClient, settings: ServiceSettings
 ) -> None:
     scrape_token = "scrape-token"  # noqa: S105 - a test's own token, not a secret
     metrics_token = dataclasses.replace(
@@ -112,7 +112,7 @@ async def test_the_metrics_token_sees_the_details_when_no_detail_token_is_set(
 
 @pytest.mark.parametrize(("environment", "details"), [("development", True), ("production", False)])
 async def test_without_any_token_only_development_shows_details(
-    aiohttp_client: AiohttpClient, settings: Settings, environment: str, details: bool
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, environment: str, details: bool
 ) -> None:
     untokened = dataclasses.replace(
         settings, environment=environment, metrics_token=None, health_detail_token=None
@@ -151,7 +151,7 @@ async def test_no_answer_names_the_server_s_versions(operated_client: Client) ->
 
 
 async def test_redis_down_makes_the_pod_unready_but_alive(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     dead = dataclasses.replace(operated, redis_url="redis://127.0.0.1:1/0")
     client = await aiohttp_client(create_app(dead))
@@ -168,7 +168,7 @@ async def test_redis_down_makes_the_pod_unready_but_alive(
 
 
 async def test_database_down_shows_in_health_without_blocking_ingestion_readiness(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     dead = dataclasses.replace(operated, database_url="postgresql://postgres@127.0.0.1:1/x")
     client = await aiohttp_client(create_app(dead))
@@ -183,7 +183,7 @@ async def test_database_down_shows_in_health_without_blocking_ingestion_readines
 
 
 async def test_unreachable_ai_service_is_reported_down(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     broken = dataclasses.replace(operated, ai_service_url="http://127.0.0.1:1")
     client = await aiohttp_client(create_app(broken))

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from service.app import create_app
 from shared.devices import add_device
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import REDIS_URL, Device
 
 REFUSALS = {400, 403, 413, 422}
@@ -75,7 +75,7 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(migrated: str) -> Iterator[Harness]:
     prefix = f"test:{uuid.uuid4().hex[:10]}:"
-    config = Settings(
+    config = ServiceSettings(
         redis_url=REDIS_URL,
         redis_key_prefix=prefix,
         database_url=migrated,

@@ -36,7 +36,7 @@ from service.ratelimit import (
     rate_limit_lines,
 )
 from shared.keys import Keys
-from shared.settings import Settings, SettingsError, load_settings
+from shared.settings import ServiceSettings, SettingsError, load_settings
 from shared.telemetry import Kind
 from tests.support.env import REDIS_URL, AiohttpClient, Device, DeviceFactory
 from tests.support.procs import RedisServer, ServiceProcess, free_port
@@ -67,7 +67,7 @@ async def post(
 
 
 @pytest.fixture
-def limited(settings: Settings) -> Settings:
+def limited(settings: ServiceSettings) -> ServiceSettings:
     return replace(
         settings,
         rate_limit_max=3,
@@ -79,7 +79,7 @@ def limited(settings: Settings) -> Settings:
 
 
 async def test_a_device_gets_exactly_its_limit_then_429_with_headers(
-    aiohttp_client: AiohttpClient, limited: Settings, device: Device
+    aiohttp_client: AiohttpClient, limited: ServiceSettings, device: Device
 ) -> None:
     client = await aiohttp_client(create_app(limited))
 
@@ -94,7 +94,7 @@ async def test_a_device_gets_exactly_its_limit_then_429_with_headers(
 
 
 async def test_headers_parse_and_agree_with_the_decision(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device
 ) -> None:
     configured = replace(
         settings,
@@ -121,7 +121,7 @@ async def test_headers_parse_and_agree_with_the_decision(
 
 
 async def test_a_window_refills_as_specified(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device
 ) -> None:
     configured = replace(
         settings, rate_limit_ingest_max=100, rate_limit_ingest_burst_max=4,
@@ -141,7 +141,7 @@ async def test_a_window_refills_as_specified(
 
 
 async def test_websocket_messages_share_the_device_budget_and_abuse_closes_with_1008(
-    aiohttp_client: AiohttpClient, limited: Settings, device: Device
+    aiohttp_client: AiohttpClient, limited: ServiceSettings, device: Device
 ) -> None:
     client = await aiohttp_client(create_app(replace(limited, rate_limit_ws_close_after=3)))
     statuses = [(await post(client, device, seq))[0] for seq in (1, 2, 3)]
@@ -167,7 +167,7 @@ async def test_websocket_messages_share_the_device_budget_and_abuse_closes_with_
 
 
 async def test_failed_authentication_counts_against_the_client_ip(
-    aiohttp_client: AiohttpClient, limited: Settings, device: Device
+    aiohttp_client: AiohttpClient, limited: ServiceSettings, device: Device
 ) -> None:
     client = await aiohttp_client(create_app(limited))
     guesses = []
@@ -183,7 +183,7 @@ async def test_failed_authentication_counts_against_the_client_ip(
 
 
 async def test_health_routes_are_never_limited_under_a_flood(
-    aiohttp_client: AiohttpClient, limited: Settings
+    aiohttp_client: AiohttpClient, limited: ServiceSettings
 ) -> None:
     client = await aiohttp_client(create_app(limited))
     paths = ["/health/liveness", "/health/readiness", "/health/startup", "/health"]
@@ -199,7 +199,7 @@ async def test_health_routes_are_never_limited_under_a_flood(
 
 
 async def test_forwarded_for_counts_only_from_a_trusted_proxy(
-    aiohttp_client: AiohttpClient, limited: Settings
+    aiohttp_client: AiohttpClient, limited: ServiceSettings
 ) -> None:
     untrusted = await aiohttp_client(create_app(limited))
     spoofed = [
@@ -236,7 +236,10 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(
     ],
 )
 async def test_addresses_left_of_the_nearest_untrusted_hop_never_count(
-    aiohttp_client: AiohttpClient, limited: Settings, setting: str, lines: list[tuple[str, str]]
+    aiohttp_client: AiohttpClient,
+    limited: ServiceSettings,
+    setting: str,
+    lines: list[tuple[str, str]],
 ) -> None:
     configured = replace(
         limited,
@@ -300,7 +303,7 @@ def _proxy_app(upstream: str, header: str) -> web.Application:
 async def test_behind_a_trusted_proxy_a_client_cannot_pick_its_own_identity(
     aiohttp_client: AiohttpClient,
     aiohttp_server: AiohttpServer,
-    limited: Settings,
+    limited: ServiceSettings,
     proxy_header: str,
     setting: str,
     client_header: str,
@@ -340,7 +343,11 @@ async def test_behind_a_trusted_proxy_a_client_cannot_pick_its_own_identity(
 
 
 async def test_shadow_mode_counts_but_lets_through(
-    aiohttp_client: AiohttpClient, limited: Settings, device: Device, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient,
+    limited: ServiceSettings,
+    device: Device,
+    redis: Redis,
+    keys: Keys,
 ) -> None:
     app = create_app(replace(limited, rate_limit_ingest_max=2, rate_limit_shadow=("ingest",)))
     client = await aiohttp_client(app)
@@ -500,7 +507,7 @@ async def test_two_replicas_on_one_redis_allow_exactly_the_limit(
 
 async def test_redis_away_falls_back_to_local_limits_then_recovers(
     aiohttp_client: AiohttpClient,
-    limited: Settings,
+    limited: ServiceSettings,
     redis_server: RedisServer,
 ) -> None:
     app = create_app(replace(limited, redis_url=redis_server.url, health_check_interval=60))
@@ -526,7 +533,7 @@ async def test_redis_away_falls_back_to_local_limits_then_recovers(
 
 
 async def test_fail_closed_refuses_while_redis_is_away(
-    aiohttp_client: AiohttpClient, limited: Settings, redis_server: RedisServer
+    aiohttp_client: AiohttpClient, limited: ServiceSettings, redis_server: RedisServer
 ) -> None:
     app = create_app(replace(limited, redis_url=redis_server.url, rate_limit_fail_mode="closed"))
     client = await aiohttp_client(app)
@@ -542,7 +549,10 @@ async def test_fail_closed_refuses_while_redis_is_away(
 
 
 def test_the_proxy_header_is_one_of_two_and_named_when_wrong() -> None:
-    assert load_settings({}).trusted_proxy_header == "x-forwarded-for"
-    assert load_settings({"TRUSTED_PROXY_HEADER": "Forwarded"}).trusted_proxy_header == "forwarded"
+    assert load_settings({}, ServiceSettings).trusted_proxy_header == "x-forwarded-for"
+    assert (
+        load_settings({"TRUSTED_PROXY_HEADER": "Forwarded"}, ServiceSettings).trusted_proxy_header
+        == "forwarded"
+    )
     with pytest.raises(SettingsError, match="TRUSTED_PROXY_HEADER='x-real-ip': expected one of"):
-        load_settings({"TRUSTED_PROXY_HEADER": "x-real-ip"})
+        load_settings({"TRUSTED_PROXY_HEADER": "x-real-ip"}, ServiceSettings)

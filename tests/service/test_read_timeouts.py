@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from service.server import Running, running
 from shared.httpserver import SERVER
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import BATCH_FIELD, Kind, decode_batch
 from tests.support.env import Device
 from tests.support.rawhttp import converse
@@ -34,7 +34,7 @@ StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 @pytest.fixture
-async def service(settings: Settings, device: Device) -> AsyncIterator[Running]:
+async def service(settings: ServiceSettings, device: Device) -> AsyncIterator[Running]:
     short = dataclasses.replace(
         settings,
         http_header_timeout=HEADER_TIMEOUT,
@@ -71,7 +71,7 @@ def ingest_head(device: Device, length: int) -> bytes:
 
 
 async def test_a_head_that_stops_half_way_is_answered_408_and_closed(
-    service: Running, redis: Redis, keys: Keys, settings: Settings
+    service: Running, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     answer = await converse(service.port, [b"GET /health HTTP/1.1\r\nHost: x\r\n"])
 
@@ -108,7 +108,7 @@ async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
 
 
 async def test_a_body_that_stops_half_way_is_refused_408_and_its_connection_closed(
-    service: Running, device: Device, redis: Redis, keys: Keys, settings: Settings
+    service: Running, device: Device, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     body = json.dumps(device.batch(1)).encode()
 

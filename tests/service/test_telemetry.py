@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from service.app import create_app
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import BATCH_FIELD, Kind, Record, decode_batch, decode_heartbeat
 from tests.support.env import AiohttpClient, Device
 
@@ -21,7 +21,7 @@ async def read_records(redis: Redis, keys: Keys, pod: str) -> list[Record]:
 
 
 async def test_every_request_and_socket_event_becomes_a_record(
-    client: Client, device: Device, redis: Redis, keys: Keys, settings: Settings
+    client: Client, device: Device, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     await client.post("/ingestion/ppg", json=device.batch(1), headers=device.headers)
     await client.post("/ingestion/ppg", json={"x": 1}, headers=device.headers)
@@ -46,7 +46,7 @@ async def test_every_request_and_socket_event_becomes_a_record(
 
 
 async def test_heartbeat_carries_the_process_snapshot_with_a_ttl(
-    client: Client, redis: Redis, keys: Keys, settings: Settings
+    client: Client, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     await asyncio.sleep(0.4)
 
@@ -62,7 +62,7 @@ async def test_heartbeat_carries_the_process_snapshot_with_a_ttl(
 
 
 async def test_records_beyond_the_buffer_bound_are_dropped_and_counted(
-    client: Client, device: Device, redis: Redis, keys: Keys, settings: Settings
+    client: Client, device: Device, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     telemetry = client.app[__import__("service.appkeys", fromlist=["INGEST"]).INGEST].telemetry
     telemetry._buffer_max = 2
@@ -79,7 +79,11 @@ async def test_records_beyond_the_buffer_bound_are_dropped_and_counted(
 
 
 async def test_the_telemetry_stream_expires_when_the_pod_is_gone(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient,
+    settings: ServiceSettings,
+    device: Device,
+    redis: Redis,
+    keys: Keys,
 ) -> None:
     client = await aiohttp_client(create_app(settings))
     await client.post("/ingestion/ppg", json=device.batch(1), headers=device.headers)

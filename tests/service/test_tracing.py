@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.appkeys import INGEST
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import Kind
 from shared.tracing import Tracing, _endpoint, parse_traceparent, setup_tracing
 from tests.support.env import AiohttpClient, Device
@@ -86,7 +86,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     await server.close()
 
 
-def traced_settings(settings: Settings, endpoint: str, **changes: Any) -> Settings:
+def traced_settings(settings: ServiceSettings, endpoint: str, **changes: Any) -> ServiceSettings:
     return replace(
         settings,
         tracing_enabled=True,
@@ -110,12 +110,12 @@ TracedService = Callable[..., Awaitable[tuple[Tracing, Client]]]
 
 @pytest.fixture
 def traced_service(
-    aiohttp_client: AiohttpClient, settings: Settings, tracings: list[Tracing]
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, tracings: list[Tracing]
 ) -> TracedService:
     """The service traced to ``endpoint``, ``changes`` applied to its tracing settings."""
 
     async def start(
-        endpoint: str, *, app_settings: Settings | None = None, **changes: Any
+        endpoint: str, *, app_settings: ServiceSettings | None = None, **changes: Any
     ) -> tuple[Tracing, Client]:
         tracing = setup_tracing(
             traced_settings(settings, endpoint, **changes), service_name="pulsecal-api"
@@ -133,7 +133,7 @@ async def flushed(tracing: Tracing) -> None:
 
 async def test_a_sampled_request_is_traced_through_the_write_into_the_stream(
     traced_service: TracedService,
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     receiver: Receiver,
     redis: Redis,
@@ -217,7 +217,7 @@ async def test_an_unsampled_request_makes_no_span_and_no_trace_in_the_stream(
 
 
 async def test_the_sampling_ratio_is_honoured(
-    traced_service: TracedService, settings: Settings, device: Device
+    traced_service: TracedService, settings: ServiceSettings, device: Device
 ) -> None:
     # A closed port: nothing needs to arrive for the decision to be counted. Records stay
     # in the buffer, where the test counts them.
@@ -282,7 +282,7 @@ async def test_each_sampled_websocket_message_is_a_span_of_its_own(
     assert {w["parent_span_id"] for w in writes} == {m["span_id"] for m in messages}
 
 
-def test_a_legacy_jaeger_endpoint_is_pointed_at_the_otlp_port(settings: Settings) -> None:
+def test_a_legacy_jaeger_endpoint_is_pointed_at_the_otlp_port(settings: ServiceSettings) -> None:
     legacy = replace(settings, jaeger_endpoint="http://jaeger:14268/api/traces")
     otlp = replace(settings, jaeger_endpoint="http://jaeger:4318/v1/traces")
     explicit = replace(
@@ -294,7 +294,7 @@ def test_a_legacy_jaeger_endpoint_is_pointed_at_the_otlp_port(settings: Settings
     assert _endpoint(explicit) == "http://collector:4318/v1/traces"
 
 
-def test_tracing_off_decides_nothing(settings: Settings) -> None:
+def test_tracing_off_decides_nothing(settings: ServiceSettings) -> None:
     tracing = setup_tracing(settings, service_name="pulsecal-api")
 
     assert not tracing.enabled
@@ -304,7 +304,7 @@ def test_tracing_off_decides_nothing(settings: Settings) -> None:
 async def test_the_worker_continues_the_trace_across_the_readings_stream(
     traced_service: TracedService,
     aiohttp_client: AiohttpClient,
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     receiver: Receiver,
 ) -> None:

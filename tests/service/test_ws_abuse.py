@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.appkeys import INGEST
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import BATCH_FIELD, Kind
 from shared.telemetry import decode_batch as decode_telemetry
 from tests.support.env import AiohttpClient, Device, DeviceFactory
@@ -60,7 +60,11 @@ async def other(make_device: DeviceFactory) -> Device:
 
 @pytest.fixture
 async def client(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, other: Device, redis: Redis
+    aiohttp_client: AiohttpClient,
+    settings: ServiceSettings,
+    device: Device,
+    other: Device,
+    redis: Redis,
 ) -> Client:
     """The service with both devices registered before it started."""
     return await aiohttp_client(create_app(settings))
@@ -152,7 +156,7 @@ async def _handshake_statuses(redis: Redis, keys: Keys, pod: str) -> Counter[int
 async def test_a_broken_handshake_is_a_counted_400_json(
     client: Client,
     device: Device,
-    settings: Settings,
+    settings: ServiceSettings,
     redis: Redis,
     keys: Keys,
     headers: tuple[bytes, ...],
@@ -172,7 +176,7 @@ async def test_a_broken_handshake_is_a_counted_400_json(
 
 
 async def test_a_refused_handshake_is_counted(
-    client: Client, settings: Settings, redis: Redis, keys: Keys
+    client: Client, settings: ServiceSettings, redis: Redis, keys: Keys
 ) -> None:
     with pytest.raises(WSServerHandshakeError):
         await client.ws_connect(URL.decode(), headers={"Authorization": "Bearer pct_guess"})

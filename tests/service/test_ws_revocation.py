@@ -20,7 +20,7 @@ from service.fastpath.wsframes import TextSocket
 from service.tokens import REPLACED, REVOKED, next_refresh_in
 from shared.devices import TokenChange, add_device, load_token_changes, revoke_device
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device, DeviceFactory
 
 Client = TestClient[web.Request, web.Application]
@@ -72,7 +72,7 @@ def _no_ack_after_a_refusal(answers: list[dict[str, object]]) -> bool:
 @pytest.mark.parametrize("taking_text", [True, False], ids=["fast-path", "aiohttp-path"])
 async def test_a_revoked_token_closes_its_open_socket_with_1008(
     aiohttp_client: AiohttpClient,
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     migrated: str,
     redis: Redis,
@@ -126,7 +126,7 @@ async def test_a_rotated_token_closes_the_sockets_opened_with_the_old_one(
 
 async def test_another_devices_socket_stays_open(
     aiohttp_client: AiohttpClient,
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     make_device: DeviceFactory,
     migrated: str,
@@ -156,7 +156,7 @@ async def test_another_devices_socket_stays_open(
 
 async def test_messages_taken_before_the_revocation_are_acked_and_none_after(
     aiohttp_client: AiohttpClient,
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     migrated: str,
     redis: Redis,
@@ -191,7 +191,7 @@ async def test_messages_taken_before_the_revocation_are_acked_and_none_after(
 
 
 async def test_a_token_revoked_during_the_handshake_closes_the_new_socket(
-    aiohttp_client: AiohttpClient, settings: Settings, device: Device, migrated: str
+    aiohttp_client: AiohttpClient, settings: ServiceSettings, device: Device, migrated: str
 ) -> None:
     """Authenticated, then revoked while the 101 is written: the socket opens and closes."""
     app = create_app(replace(settings, token_refresh_interval=3600))
@@ -224,4 +224,4 @@ def test_refreshes_start_one_interval_apart_however_long_each_takes() -> None:
 
 def test_the_default_interval_keeps_the_documented_bound() -> None:
     """docs/revocation.md and docs/ingestion.md: within 5 s plus one query, with the defaults."""
-    assert Settings().token_refresh_interval <= BOUND
+    assert ServiceSettings().token_refresh_interval <= BOUND

@@ -5,6 +5,7 @@ process, as an operator would.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,16 @@ from pathlib import Path
 import pytest
 
 from shared.cli import program_parser
+from shared.settings import (
+    AdminSettings,
+    AnalysisSettings,
+    ProgramSettings,
+    ServiceSettings,
+    SidecarSettings,
+    WorkerSettings,
+    sections_of,
+    variables,
+)
 from shared.version import build_version
 from tests.support.procs import free_port
 
@@ -182,6 +193,46 @@ def test_without_arguments_the_servers_go_on_to_read_the_configuration(
     )
 
 
-def test_only_variables_that_settings_reads_can_be_listed() -> None:
-    with pytest.raises(ValueError, match="not read by Settings: WORKER_PROT"):
-        program_parser("pulsecal-worker", "A worker.", {"WORKER_PROT": "a typo"})
+# Each script's settings class (None: it reads no environment variable).
+SETTINGS_CLASSES: dict[str, type[ProgramSettings] | None] = {
+    "pulsecal-service": ServiceSettings,
+    "pulsecal-sidecar": SidecarSettings,
+    "pulsecal-worker": WorkerSettings,
+    "pulsecal-analysis": AnalysisSettings,
+    "pulsecal-admin": AdminSettings,
+    "pulsecal-sim": None,
+}
+
+
+def listed_variables(help_text: str) -> list[str]:
+    """The variable names the epilog lists: the lines of two spaces and a name."""
+    return re.findall(r"^  ([A-Z][A-Z0-9_]*)(?:=| \()", help_text, flags=re.MULTILINE)
+
+
+def test_a_program_can_list_only_its_own_settings() -> None:
+    with pytest.raises(ValueError, match="ServiceSettings is the settings of pulsecal-service"):
+        program_parser("pulsecal-worker", "A worker.", ServiceSettings)
+
+
+@pytest.mark.parametrize(("script", "settings"), SETTINGS_CLASSES.items())
+def test_help_lists_exactly_the_variables_the_program_reads_by_section(
+    script: str, settings: type[ProgramSettings] | None
+) -> None:
+    result = run(script, "--help")
+
+    expected = [] if settings is None else [v.name for v in variables(settings)]
+    assert listed_variables(result.stdout) == expected
+    if settings is not None:
+        # Section titles are capitalised; argparse's own headings ("options:") are not.
+        epilog = result.stdout.partition("\nenvironment variables")[2]
+        titles = re.findall(r"^([A-Z][^\n]*):$", epilog, flags=re.MULTILINE)
+        assert titles == [section.title for section in sections_of(settings)]
+
+
+@pytest.mark.parametrize("script", ["pulsecal-service", "pulsecal-sidecar", "pulsecal-worker"])
+def test_help_shows_each_default_and_marks_the_secrets(script: str) -> None:
+    result = run(script, "--help")
+
+    assert "  REDIS_KEY_PREFIX=pulsecal:\n" in result.stdout
+    assert "  METRICS_TOKEN (unset)  [secret]\n" in result.stdout
+    assert "  LOG_REDACT_FIELDS=authorization,cookie," in result.stdout

@@ -27,11 +27,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from loguru import logger
 
 from service.app import create_app
+from service.appkeys import SETTINGS
 from service.edge import instrumented
-from shared.appkeys import SETTINGS
 from shared.logs import Logs, install_loop_handler, setup_logging
 from shared.redact import REDACTED
-from shared.settings import Settings, SettingsError, load_settings
+from shared.settings import ServiceSettings, SettingsError, load_settings
 from tests.support.env import Device
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def start_logging(log_dir: Path) -> Iterator[StartLogging]:
             "log_dir": str(log_dir),
             "enable_file_logging": True,
         }
-        settings = Settings(**{**defaults, **overrides})
+        settings = ServiceSettings(**{**defaults, **overrides})
         if stream is None and not stdout:
             stream = io.StringIO()
         logs = setup_logging(settings, program="pulsecal-test", stream=stream)
@@ -619,7 +619,7 @@ async def test_a_bad_token_sent_to_the_service_reaches_no_sink(
 
 async def test_a_token_in_an_access_log_line_is_redacted(
     aiohttp_client: Callable[[TestServer], Awaitable[Client]],
-    settings: Settings,
+    settings: ServiceSettings,
     device: Device,
     start_logging: StartLogging,
     log_dir: Path,
@@ -657,25 +657,26 @@ def test_logging_settings_are_parsed_and_checked() -> None:
             "LOG_COMPRESSION": "GZ",
             "LOG_REDACT_FIELDS": " Token, x-session ,,",
             "LOGSTASH_BUFFER_LINES": "500",
-        }
+        },
+        ServiceSettings,
     )
 
     assert (settings.log_retention_days, settings.log_compression) == (30, "gz")
     assert settings.log_redact_fields == ("token", "x-session")
     assert settings.logstash_buffer_lines == 500
-    assert "password" in Settings().log_redact_fields
+    assert "password" in ServiceSettings().log_redact_fields
     with pytest.raises(SettingsError, match="LOG_COMPRESSION='zip'"):
-        load_settings({"LOG_COMPRESSION": "zip"})
+        load_settings({"LOG_COMPRESSION": "zip"}, ServiceSettings)
     with pytest.raises(SettingsError, match="LOG_REDACT_FIELDS"):
-        load_settings({"LOG_REDACT_FIELDS": "pass word"})
+        load_settings({"LOG_REDACT_FIELDS": "pass word"}, ServiceSettings)
     with pytest.raises(SettingsError, match="LOG_RETENTION_DAYS"):
-        load_settings({"LOG_RETENTION_DAYS": "0"})
+        load_settings({"LOG_RETENTION_DAYS": "0"}, ServiceSettings)
 
 
 def test_the_default_environment_is_production() -> None:
-    assert Settings().environment == "production"
-    assert load_settings({}).environment == "production"
-    assert load_settings({"ENVIRONMENT": "staging"}).environment == "staging"
+    assert ServiceSettings().environment == "production"
+    assert load_settings({}, ServiceSettings).environment == "production"
+    assert load_settings({"ENVIRONMENT": "staging"}, ServiceSettings).environment == "staging"
 
 
 @pytest.mark.parametrize("environment", ["development", "dev", "local", "production"])
@@ -722,10 +723,10 @@ def test_the_configured_secrets_are_replaced_wherever_they_appear(
     assert all(secret not in written for secret in (admin, metrics, password))
 
 
-@pytest.mark.parametrize("environment", [Settings().environment, "development"])
+@pytest.mark.parametrize("environment", [ServiceSettings().environment, "development"])
 async def test_a_server_fault_holding_secrets_reaches_no_sink(
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
-    settings: Settings,
+    settings: ServiceSettings,
     start_logging: StartLogging,
     log_dir: Path,
     logstash: FakeLogstash,

@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from service.server import Running, running
 from shared.httpserver import SERVER
-from shared.settings import Settings
+from shared.settings import ServiceSettings, SidecarSettings
 from shared.telemetry import PROTOCOL_ERROR_KINDS
 from sidecar.app import create_app as create_sidecar
 from tests.support.env import AiohttpClient, Device
@@ -201,7 +201,7 @@ CODES = {
 
 
 @pytest.fixture
-def limits(settings: Settings) -> Settings:
+def limits(settings: ServiceSettings) -> ServiceSettings:
     """Long read timeouts: nothing here waits for them."""
     return dataclasses.replace(
         settings, http_header_timeout=30.0, http_body_timeout=30.0, rate_limit_enabled=False
@@ -209,14 +209,14 @@ def limits(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def service(limits: Settings, device: Device) -> AsyncIterator[Running]:
+async def service(limits: ServiceSettings, device: Device) -> AsyncIterator[Running]:
     async with running(limits, host="127.0.0.1") as service:
         yield service
 
 
 @pytest.fixture
 async def sidecar(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> TestClient[web.Request, web.Application]:
     return await aiohttp_client(create_sidecar(sidecar_settings))
 

@@ -22,7 +22,7 @@ from shared.runtime.clients import http_client, postgres_pool, redis_client
 from shared.runtime.heartbeat import HeartbeatPublisher
 from shared.runtime.probes import Probes
 from shared.runtime.serving import Program, running, serve
-from shared.settings import Settings
+from shared.settings import ServiceSettings
 from shared.telemetry import WorkerHeartbeat, decode_heartbeat
 from shared.tracing import Tracing
 from tests.support.env import REDIS_URL, AiohttpClient
@@ -43,7 +43,7 @@ class Trail:
 
 def program_of(trail: Trail) -> Program:
     def create_app(
-        settings: Settings, *, tracing: Tracing | None = None, logs: Logs | None = None
+        settings: ServiceSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
     ) -> web.Application:
         app = web.Application()
         app[SETTINGS] = settings
@@ -78,11 +78,11 @@ def program_of(trail: Trail) -> Program:
     return Program(name="pulsecal-test", create_app=create_app, port=_port, drain=drain)
 
 
-def _port(settings: Settings) -> int:
+def _port(settings: ServiceSettings) -> int:
     return settings.port
 
 
-async def test_a_program_serves_through_the_shared_http_server(settings: Settings) -> None:
+async def test_a_program_serves_through_the_shared_http_server(settings: ServiceSettings) -> None:
     async with running(program_of(Trail()), settings, host="127.0.0.1") as served:
         answer = await converse(served.port, [GET])
         refused = await converse(served.port, [b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"])
@@ -94,7 +94,7 @@ async def test_a_program_serves_through_the_shared_http_server(settings: Setting
 
 
 async def test_shutdown_drains_with_the_listener_closed_then_stops_as_aiohttp_does(
-    settings: Settings,
+    settings: ServiceSettings,
 ) -> None:
     trail = Trail()
     async with running(program_of(trail), settings, host="127.0.0.1") as served:
@@ -106,7 +106,7 @@ async def test_shutdown_drains_with_the_listener_closed_then_stops_as_aiohttp_do
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_serve_stops_on_sigterm_or_sigint_and_shuts_down(
-    settings: Settings, signum: signal.Signals
+    settings: ServiceSettings, signum: signal.Signals
 ) -> None:
     trail = Trail()
     before = signal.getsignal(signum)
@@ -126,16 +126,16 @@ async def test_serve_stops_on_sigterm_or_sigint_and_shuts_down(
     assert trail.events == ["started", "drain, not accepting", "on_shutdown", "cleaned up"]
 
 
-def _blocking_read_ms(settings: Settings) -> int:
+def _blocking_read_ms(settings: ServiceSettings) -> int:
     return 700
 
 
-def _pool_size(settings: Settings) -> int:
+def _pool_size(settings: ServiceSettings) -> int:
     return 3
 
 
 async def test_the_clients_live_in_cleanup_contexts_under_the_shared_keys(
-    settings: Settings,
+    settings: ServiceSettings,
 ) -> None:
     configured: list[object] = []
 
@@ -147,8 +147,8 @@ async def test_the_clients_live_in_cleanup_contexts_under_the_shared_keys(
     app[TRACING] = Tracing(provider=None)
     app.cleanup_ctx.extend(
         [
-            redis_client(blocking_ms=_blocking_read_ms),
-            postgres_pool(max_size=_pool_size, configure=configure, check=True),
+            redis_client(blocking_ms=_blocking_read_ms(settings)),
+            postgres_pool(max_size=_pool_size(settings), configure=configure, check=True),
             http_client,
         ]
     )
@@ -170,7 +170,7 @@ async def test_the_clients_live_in_cleanup_contexts_under_the_shared_keys(
 
 
 @pytest.fixture
-def operated(settings: Settings) -> Settings:
+def operated(settings: ServiceSettings) -> ServiceSettings:
     return dataclasses.replace(settings, environment="production", health_detail_token=OPERATOR)
 
 
@@ -189,7 +189,7 @@ async def details(client: Any, path: str) -> tuple[int, dict[str, Any]]:
 
 
 async def test_without_conditions_of_its_own_every_probe_says_the_process_answers(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     client = await probed(aiohttp_client, Probes(settings=operated, service_id="test"))
 
@@ -202,7 +202,7 @@ async def test_without_conditions_of_its_own_every_probe_says_the_process_answer
 
 
 async def test_readiness_follows_the_conditions_and_the_drain_while_startup_passes_once(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     database_up = False
     draining = False
@@ -240,7 +240,7 @@ async def test_readiness_follows_the_conditions_and_the_drain_while_startup_pass
 
 
 async def test_health_reports_the_checkers_last_results(
-    aiohttp_client: AiohttpClient, operated: Settings
+    aiohttp_client: AiohttpClient, operated: ServiceSettings
 ) -> None:
     async def failing() -> None:
         raise OSError("refused")

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from shared.access import COOKIE
 from shared.httpserver import SERVER
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings, SidecarSettings
 from shared.telemetry import BATCH_FIELD, HeartbeatBase, WorkerHeartbeat, encode_heartbeat
 from sidecar.app import create_app
 from sidecar.appkeys import CONSUMER
@@ -28,7 +28,7 @@ AS_OPERATOR = {"Authorization": f"Bearer {OPERATOR}"}
 
 
 @pytest.fixture
-def sidecar_settings(sidecar_settings: Settings) -> Settings:
+def sidecar_settings(sidecar_settings: SidecarSettings) -> SidecarSettings:
     """A production sidecar whose operator holds ``OPERATOR``."""
     return dataclasses.replace(
         sidecar_settings, environment="production", health_detail_token=OPERATOR
@@ -62,7 +62,7 @@ async def wait_for_requests(sidecar: Client, expected: int, **labels: str) -> st
 
 
 async def test_requests_the_service_answers_appear_in_metrics(
-    client: Client, device: Device, aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    client: Client, device: Device, aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
     for seq in range(5):
@@ -96,7 +96,7 @@ async def _has(sidecar: Client, name: str, value: float, **labels: str) -> bool:
 
 
 async def test_service_process_metrics_come_from_its_heartbeat(
-    client: Client, aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    client: Client, aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
 
@@ -109,7 +109,7 @@ async def test_service_process_metrics_come_from_its_heartbeat(
 
 
 async def test_beside_a_worker_the_metrics_come_from_the_workers_heartbeat(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     pod = sidecar_settings.pod
     service = heartbeat(pod)
@@ -139,7 +139,7 @@ async def test_beside_a_worker_the_metrics_come_from_the_workers_heartbeat(
 
 
 async def test_a_restarted_sidecar_resumes_with_matching_totals(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     pod = sidecar_settings.pod
     for _ in range(3):
@@ -159,7 +159,7 @@ async def test_a_restarted_sidecar_resumes_with_matching_totals(
 
 
 async def test_a_scrape_is_never_ahead_of_the_checkpoint(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     # Checkpoints only when scraped: a kill right after a scrape loses nothing it showed.
     settings = dataclasses.replace(sidecar_settings, sidecar_checkpoint_interval=3600)
@@ -183,7 +183,7 @@ async def test_a_scrape_is_never_ahead_of_the_checkpoint(
 
 
 async def test_entries_trimmed_before_being_read_are_counted_as_a_gap(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     pod = sidecar_settings.pod
     for _ in range(5):
@@ -197,7 +197,7 @@ async def test_entries_trimmed_before_being_read_are_counted_as_a_gap(
 
 
 async def test_a_recreated_stream_is_read_from_its_start(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     pod = sidecar_settings.pod
     await xadd_batch(redis, keys, pod, [http_record()] * 4)
@@ -214,7 +214,7 @@ async def test_a_recreated_stream_is_read_from_its_start(
 
 
 async def test_an_undecodable_entry_is_skipped_and_counted(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     pod = sidecar_settings.pod
     await redis.xadd(keys.telemetry(pod), {BATCH_FIELD: b"\xc1 not msgpack"})
@@ -229,7 +229,7 @@ async def test_an_undecodable_entry_is_skipped_and_counted(
 
 
 async def test_lag_and_backlog_measure_the_distance_to_the_stream_head(
-    redis: Redis, keys: Keys, settings: Settings
+    redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     stream = keys.telemetry(settings.pod)
     for entry_id in ("1000-0", "2000-0", "5000-0"):
@@ -256,7 +256,7 @@ async def test_lag_and_backlog_measure_the_distance_to_the_stream_head(
 
 
 async def test_metrics_need_the_token_when_one_is_set(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     token = "s3cret"  # noqa: S105 - a test's own token, not a secret
     settings = dataclasses.replace(sidecar_settings, metrics_token=token)
@@ -279,7 +279,7 @@ async def _loaded(sidecar: Client) -> bool:
 
 
 async def test_metrics_disabled_means_no_endpoint_and_no_consumption(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     settings = dataclasses.replace(sidecar_settings, metrics_enabled=False)
     await xadd_batch(redis, keys, settings.pod, [http_record()])
@@ -298,7 +298,7 @@ async def test_metrics_disabled_means_no_endpoint_and_no_consumption(
 
 
 async def test_openmetrics_is_served_on_request_with_exemplars(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     trace = "0af7651916cd43dd8448eb211c80319c"
     await xadd_batch(redis, keys, sidecar_settings.pod, [http_record(trace_id=trace)])
@@ -317,7 +317,7 @@ async def test_the_full_exposition_passes_promtool(
     client: Client,
     device: Device,
     aiohttp_client: AiohttpClient,
-    sidecar_settings: Settings,
+    sidecar_settings: SidecarSettings,
     redis: Redis,
     keys: Keys,
 ) -> None:
@@ -349,7 +349,7 @@ async def checked_once(sidecar: Client) -> bool:
 
 
 async def test_health_reports_the_service_down_when_its_heartbeat_goes_stale(
-    client: Client, aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    client: Client, aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
 
@@ -372,7 +372,7 @@ async def test_health_reports_the_service_down_when_its_heartbeat_goes_stale(
 
 
 async def test_a_heartbeat_older_than_its_ttl_is_stale(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, redis: Redis, keys: Keys
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
 ) -> None:
     pod = sidecar_settings.pod
     # Written without an expiry, so only its age tells that it is stale.
@@ -387,7 +387,7 @@ async def test_a_heartbeat_older_than_its_ttl_is_stale(
 
 
 async def test_health_reports_postgres_down_when_it_cannot_be_reached(
-    client: Client, aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    client: Client, aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     sidecar = await aiohttp_client(
@@ -412,7 +412,7 @@ async def test_health_reports_postgres_down_when_it_cannot_be_reached(
 
 
 async def test_health_json_is_served_when_asked_for(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
 
@@ -426,7 +426,7 @@ async def test_health_json_is_served_when_asked_for(
 
 
 async def test_without_redis_the_dashboard_says_so_and_liveness_still_passes(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     sidecar = await aiohttp_client(
@@ -444,7 +444,7 @@ async def test_without_redis_the_dashboard_says_so_and_liveness_still_passes(
 
 
 async def test_the_dashboard_escapes_what_it_shows(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     settings = dataclasses.replace(sidecar_settings, pod_name="<script>alert(1)</script>")
     sidecar = await aiohttp_client(create_app(settings))
@@ -456,7 +456,7 @@ async def test_the_dashboard_escapes_what_it_shows(
 
 
 async def test_the_dashboard_is_the_operator_s(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
 
@@ -475,7 +475,7 @@ async def test_the_dashboard_is_the_operator_s(
 
 
 async def test_signing_in_sets_a_cookie_that_opens_the_dashboard_but_not_the_metrics(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     settings = dataclasses.replace(sidecar_settings, metrics_token=OPERATOR)
     sidecar = await aiohttp_client(create_app(settings))
@@ -498,7 +498,7 @@ async def test_signing_in_sets_a_cookie_that_opens_the_dashboard_but_not_the_met
 
 @pytest.mark.parametrize(("environment", "status"), [("development", 200), ("production", 403)])
 async def test_without_any_token_the_dashboard_opens_only_in_development(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, environment: str, status: int
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, environment: str, status: int
 ) -> None:
     untokened = dataclasses.replace(
         sidecar_settings, environment=environment, health_detail_token=None, metrics_token=None
@@ -513,7 +513,7 @@ async def test_without_any_token_the_dashboard_opens_only_in_development(
 
 
 async def test_sidecar_health_answers_anyone_its_status_alone(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
     await eventually(lambda: checked_once(sidecar))
@@ -526,7 +526,7 @@ async def test_sidecar_health_answers_anyone_its_status_alone(
 
 
 async def test_no_sidecar_answer_names_the_server_s_versions(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     sidecar = await aiohttp_client(create_app(sidecar_settings))
 

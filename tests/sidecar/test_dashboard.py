@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from shared.appkeys import CHECKER
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from sidecar.app import create_app
 from tests.support.env import AiohttpClient, Device
 from tests.support.paths import ROOT_DIR
@@ -54,7 +54,7 @@ async def test_the_dashboard_shows_each_component_including_a_failed_one(
     client: Client,
     device: Device,
     aiohttp_client: AiohttpClient,
-    sidecar_settings: Settings,
+    sidecar_settings: SidecarSettings,
     redis: Redis,
     keys: Keys,
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from shared.httpserver import SERVER, HttpServer, Limits, ProtocolError
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from sidecar.app import create_app
 from tests.support.rawhttp import Answer, converse, parse_answer
 
@@ -35,7 +35,7 @@ class ServedSidecar:
 
 
 @pytest.fixture
-async def sidecar(sidecar_settings: Settings) -> AsyncIterator[ServedSidecar]:
+async def sidecar(sidecar_settings: SidecarSettings) -> AsyncIterator[ServedSidecar]:
     settings = dataclasses.replace(
         sidecar_settings, environment="production", health_detail_token=OPERATOR
     )

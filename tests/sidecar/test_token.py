@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from shared.settings import Settings
+from shared.settings import SidecarSettings
 from sidecar.app import create_app
 from sidecar.appkeys import CONSUMER
 from tests.support.env import AiohttpClient
@@ -14,7 +14,7 @@ from tests.support.served import Served, exchange, raw_request
 
 
 async def sidecar_with_token(
-    aiohttp_client: AiohttpClient, settings: Settings, token: str
+    aiohttp_client: AiohttpClient, settings: SidecarSettings, token: str
 ) -> Served:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, metrics_token=token)))
     assert client.port is not None
@@ -32,7 +32,7 @@ async def sidecar_with_token(
     ],
 )
 async def test_an_authorization_header_of_any_bytes_is_401(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings, authorization: bytes
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, authorization: bytes
 ) -> None:
     served = await sidecar_with_token(aiohttp_client, sidecar_settings, "s3cret-metrics")
 
@@ -45,7 +45,7 @@ async def test_an_authorization_header_of_any_bytes_is_401(
 
 
 async def test_a_token_that_is_not_utf8_is_compared_byte_for_byte(
-    aiohttp_client: AiohttpClient, sidecar_settings: Settings
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings
 ) -> None:
     raw_token = b"m-\xff-" + uuid.uuid4().hex.encode()
     # How Python hands over an environment variable holding those bytes.

@@ -6,7 +6,6 @@ may be called twice, so fixtures call it in their finalizers whatever the test d
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.settings import Settings
+from tests.support.settings import SETTINGS_VARIABLES
 
 __all__ = ("RedisProxy", "RedisServer", "ServiceProcess", "free_port")
 
@@ -28,7 +27,7 @@ READY_DEADLINE = 15.0  # seconds for a process to start answering
 
 _ERRORS = ("error", "critical")
 # The service must see only the configuration a test gives it, not the developer's shell.
-_SETTINGS_ENV = frozenset(field.metadata["env"] for field in dataclasses.fields(Settings))
+_SETTINGS_ENV = SETTINGS_VARIABLES
 
 
 def free_port() -> int:

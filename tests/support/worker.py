@@ -6,7 +6,6 @@ batch as the device sent it, and when it was received), which is what ``service.
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 import signal
@@ -24,9 +23,10 @@ from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.readings import encode_entry
-from shared.settings import Settings
+from shared.settings import ProgramSettings, WorkerSettings
 from tests.support.env import REDIS_URL
 from tests.support.procs import _SETTINGS_ENV, _Process, free_port
+from tests.support.settings import for_program
 from worker.persist import PERSIST_GROUP
 
 __all__ = (
@@ -44,7 +44,7 @@ WORKER_BIN = Path(sys.executable).with_name("pulsecal-worker")
 BASE_TS = 1_764_000_000_000  # 2025-11-24T16:00Z: older than any partition, so the default
 
 
-def worker_settings(settings: Settings, **overrides: Any) -> Settings:
+def worker_settings(settings: ProgramSettings, **overrides: Any) -> WorkerSettings:
     """The worker of the test's prefix and schema, polling and claiming quickly."""
     values: dict[str, Any] = {
         "worker_block_ms": 100,
@@ -59,7 +59,7 @@ def worker_settings(settings: Settings, **overrides: Any) -> Settings:
         "analysis_backoff_max": 0.05,
     }
     values.update(overrides)
-    return dataclasses.replace(settings, **values)
+    return for_program(WorkerSettings, settings, **values)
 
 
 def reading(

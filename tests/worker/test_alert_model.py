@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.readings import encode_entry
-from shared.settings import Settings
+from shared.settings import WorkerSettings
 from shared.telemetry import BATCH_FIELD, Kind, decode_batch
 from tests.support.env import REDIS_URL
 from tests.support.worker import BASE_TS, eventually, worker_settings
@@ -212,7 +212,7 @@ def the_400_batches() -> tuple[Vitals, ...]:
 class Harness:
     """The worker app (its real factory) on one loop, driven from synchronous examples."""
 
-    def __init__(self, runner: asyncio.Runner, config: Settings) -> None:
+    def __init__(self, runner: asyncio.Runner, config: WorkerSettings) -> None:
         self.runner = runner
         self.config = config
         self.keys = Keys(config.redis_key_prefix)
@@ -342,7 +342,7 @@ class Harness:
 def harness(migrated: str) -> Iterator[Harness]:
     prefix = f"test:{uuid.uuid4().hex[:10]}:"
     config = worker_settings(
-        Settings(
+        WorkerSettings(
             redis_url=REDIS_URL,
             redis_key_prefix=prefix,
             database_url=migrated,
@@ -355,7 +355,7 @@ def harness(migrated: str) -> Iterator[Harness]:
             shutdown_timeout=5.0,
         ),
         worker_block_ms=20,
-        alert_lateness=Settings().alert_lateness,
+        alert_lateness=WorkerSettings().alert_lateness,
     )
     assert (config.alert_hr_duration, config.alert_max_gap, config.alert_lateness) == (
         RULES[0].duration_ms / 1000,

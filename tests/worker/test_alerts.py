@@ -17,7 +17,7 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import ServiceSettings, SidecarSettings, WorkerSettings
 from shared.telemetry import ALERT_RULES, BATCH_FIELD, Kind, Record, decode_batch
 from sidecar.app import create_app as create_sidecar
 from tests.support.env import AiohttpClient
@@ -33,9 +33,9 @@ StartWorker = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
-def start_worker(aiohttp_client: AiohttpClient, settings: Settings) -> StartWorker:
+def start_worker(aiohttp_client: AiohttpClient, settings: ServiceSettings) -> StartWorker:
     async def start(**overrides: Any) -> Client:
-        config = tuned(settings, alert_lateness=Settings().alert_lateness, **overrides)
+        config = tuned(settings, alert_lateness=WorkerSettings().alert_lateness, **overrides)
         return await aiohttp_client(create_app(config))
 
     return start
@@ -85,7 +85,7 @@ EPISODE_400 = ("hr_high", BASE_TS + 100_000, BASE_TS + 160_000, BASE_TS + 190_00
 
 
 async def test_an_episode_inside_one_upload_is_recorded_with_its_readings_times(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = device_of(keys, "upload")
     # Buffered data posted back to back: the worker takes all 400 in one group.
@@ -99,7 +99,7 @@ async def test_an_episode_inside_one_upload_is_recorded_with_its_readings_times(
 
 
 async def test_the_same_readings_sent_one_at_a_time_give_the_same_alert(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = device_of(keys, "slow")
     await start_worker(worker_block_ms=20)
@@ -115,8 +115,8 @@ async def test_redelivered_readings_open_nothing_again_and_count_each_episode_on
     aiohttp_client: AiohttpClient,
     redis: Redis,
     keys: Keys,
-    settings: Settings,
-    sidecar_settings: Settings,
+    settings: ServiceSettings,
+    sidecar_settings: SidecarSettings,
 ) -> None:
     device = device_of(keys, "again")
     batches = the_400_batches(device)
@@ -157,8 +157,8 @@ async def test_a_reading_later_than_the_bound_is_stored_skipped_by_the_rules_and
     aiohttp_client: AiohttpClient,
     redis: Redis,
     keys: Keys,
-    settings: Settings,
-    sidecar_settings: Settings,
+    settings: ServiceSettings,
+    sidecar_settings: SidecarSettings,
 ) -> None:
     device = device_of(keys, "late")
     warnings: list[str] = []
@@ -202,7 +202,7 @@ async def test_a_reading_later_than_the_bound_is_stored_skipped_by_the_rules_and
 
 
 async def test_an_alert_cleared_and_a_new_episode_of_its_rule_in_one_group_are_both_recorded(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = device_of(keys, "twice")
     await start_worker()
@@ -224,7 +224,7 @@ async def test_an_alert_cleared_and_a_new_episode_of_its_rule_in_one_group_are_b
 
 
 async def test_worker_restarted_mid_episode_resumes_the_run_where_it_was(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = device_of(keys, "restart")
     batches = the_400_batches(device)
@@ -240,12 +240,12 @@ async def test_worker_restarted_mid_episode_resumes_the_run_where_it_was(
 
 
 def test_lateness_is_a_setting_of_its_own() -> None:
-    fields = {f.metadata["env"]: f.default for f in dataclasses.fields(Settings)}
+    fields = {f.metadata["env"]: f.default for f in dataclasses.fields(WorkerSettings)}
 
     assert fields["ALERT_LATENESS"] == 5.0
 
 
 def test_the_sidecar_knows_every_rule_the_worker_alerts_on() -> None:
-    worker_rules = {rule.name for rule in rules_from(Settings())} | {SILENCE}
+    worker_rules = {rule.name for rule in rules_from(WorkerSettings())} | {SILENCE}
 
     assert worker_rules == set(ALERT_RULES)

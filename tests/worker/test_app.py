@@ -6,7 +6,6 @@ reference one (``analysis.app``), or, where it must fail on demand, a stand-in.
 """
 
 import asyncio
-import dataclasses
 import math
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,7 @@ from redis.asyncio import Redis
 from analysis.app import create_app as create_analysis_app
 from shared.keys import Keys
 from shared.readings import DeadLetter, decode_dead_letter, decode_entry
-from shared.settings import Settings
+from shared.settings import AnalysisSettings, ServiceSettings, variables
 from shared.telemetry import (
     BATCH_FIELD,
     Kind,
@@ -33,6 +32,7 @@ from shared.telemetry import (
     decode_heartbeat,
 )
 from tests.support.env import AiohttpClient, Device, DeviceFactory
+from tests.support.settings import for_program
 from tests.support.worker import (
     BASE_TS,
     add_bodies,
@@ -54,7 +54,7 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 @pytest.fixture
-def start_worker(aiohttp_client: AiohttpClient, settings: Settings) -> StartWorker:
+def start_worker(aiohttp_client: AiohttpClient, settings: ServiceSettings) -> StartWorker:
     async def start(**overrides: Any) -> Client:
         return await aiohttp_client(create_app(tuned(settings, **overrides)))
 
@@ -73,7 +73,7 @@ async def query(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ..
 
 
 async def test_every_reading_is_stored_once_with_its_values_and_acknowledged(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     devices = ["dev-a-" + keys.prefix.split(":")[1], "dev-b-" + keys.prefix.split(":")[1]]
     batches = [reading(d, seq, hr=60 + seq % 7) for d in devices for seq in range(40)]
@@ -135,7 +135,7 @@ async def _length_is(redis: Redis, stream: str, length: int) -> bool:
 
 
 async def test_poison_entries_go_to_the_dead_letter_stream_and_the_rest_flow(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = "dev-poison-" + keys.prefix.split(":")[1]
     await add_readings(redis, keys, [reading(device, seq) for seq in range(5)])
@@ -176,7 +176,7 @@ async def _has_dead_letter_records(redis: Redis, keys: Keys, pod: str) -> bool:
 
 
 async def test_entries_from_before_the_bounds_met_the_columns_never_wait_to_be_dead(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     """Entries an older service acknowledged: samples too small for a double are stored as
     the 0 it decoded them to; vitals a real cannot hold are dead letters at once."""
@@ -216,7 +216,7 @@ async def persisted(redis: Redis, keys: Keys) -> bool:
 
 
 async def test_an_hr_alert_opens_once_after_its_duration_and_clears(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = "dev-tachy-" + keys.prefix.split(":")[1]
     await start_worker(alert_hr_duration=5.0, alert_max_gap=3.0)
@@ -255,7 +255,7 @@ async def _alert_records_are(redis: Redis, keys: Keys, pod: str, count: int) -> 
 
 
 async def test_a_gap_in_the_data_restarts_the_duration_and_low_spo2_alerts(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = "dev-desat-" + keys.prefix.split(":")[1]
     await start_worker(alert_spo2_duration=4.0, alert_max_gap=2.0)
@@ -277,7 +277,7 @@ async def test_a_silent_device_gets_one_silence_alert_until_data_arrives(
     start_worker: StartWorker,
     redis: Redis,
     keys: Keys,
-    settings: Settings,
+    settings: ServiceSettings,
     make_device: DeviceFactory,
 ) -> None:
     device = (await make_device()).device_id
@@ -316,9 +316,9 @@ async def test_a_device_window_becomes_one_analysis_with_its_heart_rate(
     start_worker: StartWorker,
     redis: Redis,
     keys: Keys,
-    settings: Settings,
+    settings: ServiceSettings,
 ) -> None:
-    ai = await aiohttp_client(create_analysis_app(settings))
+    ai = await aiohttp_client(create_analysis_app(for_program(AnalysisSettings, settings)))
     device = "dev-ai-" + keys.prefix.split(":")[1]
     await start_worker(
         ai_service_url=str(ai.make_url("/")), analysis_window=10.0, worker_claim_idle=5.0
@@ -363,7 +363,7 @@ async def test_ai_down_retries_then_fails_opens_the_circuit_and_closes_when_it_r
     start_worker: StartWorker,
     redis: Redis,
     keys: Keys,
-    settings: Settings,
+    settings: ServiceSettings,
 ) -> None:
     calls: list[int] = []
     up = asyncio.Event()
@@ -444,7 +444,7 @@ async def test_circuit_breaker_opens_after_failures_and_lets_one_trial_through()
 
 
 async def test_probes_and_heartbeat_describe_the_worker(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     worker = await start_worker()
 
@@ -495,7 +495,7 @@ async def test_probes_give_anyone_the_status_and_the_operator_the_details(
 
 
 async def test_persist_telemetry_counts_rows_and_samples(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = "dev-tm-" + keys.prefix.split(":")[1]
     await add_readings(redis, keys, [reading(device, seq) for seq in range(12)])
@@ -511,7 +511,7 @@ async def test_persist_telemetry_counts_rows_and_samples(
 
 
 def test_worker_settings_are_in_the_documented_contract() -> None:
-    fields = {f.metadata["env"]: f.default for f in dataclasses.fields(Settings)}
+    fields = {variable.name: variable.default for variable in variables()}
 
     assert fields["WORKER_PORT"] == 3002
     assert fields["ADMIN_TOKEN"] is None
@@ -519,7 +519,7 @@ def test_worker_settings_are_in_the_documented_contract() -> None:
 
 
 async def test_an_unready_ai_service_does_not_stop_persisting(
-    start_worker: StartWorker, redis: Redis, keys: Keys, settings: Settings
+    start_worker: StartWorker, redis: Redis, keys: Keys, settings: ServiceSettings
 ) -> None:
     device = "dev-noai-" + keys.prefix.split(":")[1]
     server = TestServer(web.Application())
@@ -539,7 +539,7 @@ async def test_batches_the_service_acknowledged_reach_readings_through_the_worke
     start_worker: StartWorker,
     redis: Redis,
     keys: Keys,
-    settings: Settings,
+    settings: ServiceSettings,
 ) -> None:
     for seq in range(5):
         body = device.batch(seq, ppg=[1.5, 2.5, 3.5])

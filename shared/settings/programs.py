@@ -1,0 +1,80 @@
+"""What a program's settings class is, and loading one from the environment.
+
+Each program's class (``service.py``, ``worker.py``, ``sidecar.py``, ``analysis.py``,
+``admin.py``, ``devstack.py``) inherits the sections it reads; a module each, so that a
+process builds only its own. A program validates only the variables its class declares:
+a typo in a variable another program reads stops that program, not this one.
+"""
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+
+from .common import TelemetrySection
+
+__all__ = (
+    "ProgramSettings",
+    "SettingsError",
+    "load_settings",
+    "load_settings_or_exit",
+)
+
+
+class SettingsError(ValueError):
+    """A variable holds a value the program cannot use; the message names it."""
+
+
+class ProgramSettings:
+    """What every program's settings class has: the name of the program that reads it."""
+
+    __slots__ = ()
+    program: ClassVar[str]
+
+    if TYPE_CHECKING:
+        __dataclass_fields__: ClassVar[dict[str, "dataclasses.Field[Any]"]]
+
+
+P = TypeVar("P", bound=ProgramSettings)
+
+
+def load_settings(environ: Mapping[str, str], program: type[P]) -> P:
+    """The settings ``program`` reads from ``environ``; a bad value is a SettingsError."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(program):
+        name = field.metadata["env"]
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            values[field.name] = field.metadata["parse"](raw)
+        except ValueError as e:
+            shown = raw if len(raw) <= 60 else raw[:57] + "..."
+            raise SettingsError(f"{name}={shown!r}: {e}") from e
+    settings = program(**values)
+    _check_heartbeat(settings)
+    return settings
+
+
+def _check_heartbeat(settings: ProgramSettings) -> None:
+    # A heartbeat that expires before the next one is written would report a live process gone.
+    if isinstance(settings, TelemetrySection) and (
+        settings.heartbeat_ttl <= settings.heartbeat_interval
+    ):
+        raise SettingsError(
+            f"HEARTBEAT_TTL={settings.heartbeat_ttl}: expected more than "
+            f"HEARTBEAT_INTERVAL ({settings.heartbeat_interval})"
+        )
+
+
+def load_settings_or_exit(environ: Mapping[str, str], program: type[P]) -> P:
+    """``load_settings``, or exit 2 with one line naming the program and the variable."""
+    try:
+        return load_settings(environ, program)
+    except SettingsError as e:
+        _exit_with(f"{program.program}: invalid configuration: {e}")
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
