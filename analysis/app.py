@@ -35,12 +35,11 @@ from shared.appkeys import PROBES
 from shared.cli import parse_program_args
 from shared.errors import error_response, fault_response
 from shared.httpserver import expect_continue, server_header
-from shared.logs import Logs, setup_logging
+from shared.logs import setup_logging
 from shared.runtime import serving
 from shared.runtime.probes import Probes
 from shared.runtime.serving import Program, Running
 from shared.settings import AnalysisSettings, load_settings_or_exit
-from shared.tracing import Tracing
 
 __all__ = ("ANALYSIS", "AnalysisError", "Estimate", "analyse", "create_app", "main", "running")
 
@@ -236,11 +235,10 @@ def create_app(settings: AnalysisSettings) -> web.Application:
     return app
 
 
-def _served_app(
-    settings: AnalysisSettings, *, tracing: Tracing | None = None, logs: Logs | None = None
-) -> web.Application:
-    # Not traced, and no drops to report: the app needs nothing of the process.
-    del tracing, logs
+def _served_app(settings: AnalysisSettings, **process: object) -> web.Application:
+    # Not traced, and no drops to report: the app needs nothing of the process's tracing
+    # and logs the runtime hands every program.
+    del process
     return create_app(settings)
 
 
