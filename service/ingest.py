@@ -27,6 +27,8 @@ from .fastpath.acks import AckResponse
 from .fastpath.keepalive import Peer
 from .fastpath.wsframes import TextSocket
 from .ratelimit import (
+    ALLOWED,
+    REFUSED,
     Decision,
     RateLimitUnavailableError,
     decision_from_reply,
@@ -35,7 +37,7 @@ from .ratelimit import (
     rate_limit_lines,
 )
 from .state import IngestState
-from .store import StoreUnavailableError, WriteResult
+from .store import NO_POLICY, STORED, StoreUnavailableError, WriteResult
 
 __all__ = ("HTTP_ROUTE", "WS_ROUTE", "ingest_http", "ingest_ws")
 
@@ -94,11 +96,12 @@ async def _unauthenticated(state: IngestState, request: web.Request, route: str)
 
 def _verdict(state: IngestState, route: str, result: WriteResult) -> Decision | None:
     """The rate-limit decision in a write's result; rejections are counted for the sidecar."""
-    _, verdict, window, remaining, reset = result
     policy = state.ingest_policy
-    if verdict == 0 or policy is None:
+    if result.verdict == NO_POLICY or policy is None:
         return None
-    decision = decision_from_reply(policy, verdict, window, remaining, reset)
+    decision = decision_from_reply(
+        policy, result.verdict, result.window, result.remaining, result.reset_ms
+    )
     if decision.over:
         state.telemetry.record(over_limit_record(route, policy, decision))
     return decision
@@ -176,7 +179,7 @@ async def _traced_store(
     ) as span:
         trace = format_traceparent(span.get_span_context()).encode()
         result = await state.writer.submit(device_id, seq, payload, trace)
-        span.set_attribute("pulsecal.write.stored", result[0] == 1)
+        span.set_attribute("pulsecal.write.stored", result.stored == STORED)
         return result
 
 
@@ -228,26 +231,26 @@ async def _ingest_http(
             return _unavailable(state, f"cannot store the batch now: {e}"), 0
     finally:
         state.batches_in_flight -= 1
-    stored, verdict, window, remaining, reset = result
     extra = b""
-    if verdict != 0:
+    if result.verdict != NO_POLICY:
         policy = state.ingest_policy
         assert policy is not None
-        if verdict != 1:
+        if result.verdict != ALLOWED:
             decision = _verdict(state, HTTP_ROUTE, result)
             assert decision is not None
             if not decision.allowed:
                 headers = rate_limit_headers(policy, decision)
                 details = {"policy": policy.name, "window": decision.window.name}
                 return error_response(429, "rate limit exceeded", details, headers=headers), 0
-        extra = rate_limit_lines(policy, window, remaining, reset)
+        extra = rate_limit_lines(policy, result.window, result.remaining, result.reset_ms)
     samples = len(batch.ppg)
+    stored = result.stored == STORED
     body = b'{"accepted":%d,"seq":%d,"duplicate":%s}' % (
         samples,
         batch.seq,
-        b"false" if stored == 1 else b"true",
+        b"false" if stored else b"true",
     )
-    return AckResponse(body, extra), samples if stored == 1 else 0
+    return AckResponse(body, extra), samples if stored else 0
 
 
 class _Seq(msgspec.Struct):
@@ -446,10 +449,10 @@ class _DeviceSocket:
         """What Redis decided for the message's batch."""
         try:
             if message.write_span is not None:
-                message.write_span.set_attribute("pulsecal.write.stored", result[0] == 1)
+                message.write_span.set_attribute("pulsecal.write.stored", result.stored == STORED)
                 message.write_span.end()
             # An ack carries no rate-limit headers: only a verdict over the limit matters.
-            decision = _verdict(self.state, WS_ROUTE, result) if result[1] >= 2 else None
+            decision = _verdict(self.state, WS_ROUTE, result) if result.verdict >= REFUSED else None
             if decision is not None and not decision.allowed:
                 assert self.state.ingest_policy is not None
                 details = {"policy": self.state.ingest_policy.name, "window": decision.window.name}
@@ -461,7 +464,7 @@ class _DeviceSocket:
                     retry_after=decision.retry_after,
                 )
                 self._finish(message, reply, 429)
-            elif result[0] == 1:
+            elif result.stored == STORED:
                 self._finish(message, f'{{"ack":{message.seq}}}', 202, message.samples)
             else:
                 self._finish(message, f'{{"ack":{message.seq},"duplicate":true}}', 202)

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from aiohttp import web
 from loguru import logger
@@ -33,7 +33,10 @@ from shared.keys import Keys
 from shared.telemetry import Kind, Record
 
 __all__ = (
+    "ALLOWED",
     "GCRA_LUA",
+    "REFUSED",
+    "SHADOWED",
     "Decision",
     "LocalLimiter",
     "Policy",
@@ -120,10 +123,16 @@ class Decision:
         return _seconds(self.reset_ms / 1000.0)
 
 
+# The code a GCRA decision returns first: within every window, over one and refused, over
+# one but let through because the policy is in shadow mode.
+ALLOWED: Final = 1
+REFUSED: Final = 2
+SHADOWED: Final = 3
+
 # One Lua function for both scripts. ``first`` is the index in KEYS of the policy's first
 # window key; the windows' limits and periods come from ARGV starting at ``params``
-# (``limit, period_ms`` per window). Returns code (1 allowed, 2 refused, 3 over but let
-# through in shadow mode), the deciding window (1-based), remaining, and reset in ms.
+# (``limit, period_ms`` per window). Returns the code (ALLOWED, REFUSED, SHADOWED), the
+# deciding window (1-based), remaining, and reset in ms.
 #
 # Each cell holds its TAT (with 17 significant digits, so it reads back exactly: Lua's
 # tostring keeps 14, a tenth of a millisecond at today's epoch, enough to refuse a request at
@@ -190,8 +199,8 @@ def decision_from_reply(
     policy: Policy, code: int, window: int, remaining: int, reset_ms: int
 ) -> Decision:
     return Decision(
-        allowed=code != 2,
-        over=code != 1,
+        allowed=code != REFUSED,
+        over=code != ALLOWED,
         window=policy.windows[window - 1],
         remaining=remaining,
         reset_ms=float(reset_ms),
