@@ -13,7 +13,7 @@ from aiohttp import web
 
 from shared.appkeys import TRACING
 from shared.errors import CLIENT_CLOSED, error_response, fault_response, hung_up
-from shared.telemetry import Kind
+from shared.telemetry import http_record
 from shared.tracing import TRACEPARENT
 
 from .appkeys import INGEST
@@ -55,8 +55,7 @@ def instrumented(
             raise
         method = request.method
         request.app[INGEST].telemetry.record(
-            (
-                Kind.HTTP,
+            http_record(
                 route,
                 method if method in _METHODS else "OTHER",
                 response.status,
@@ -78,15 +77,12 @@ def count_hang_up(request: web.Request, route: str, started: float) -> None:
         return
     method = request.method
     request.app[INGEST].telemetry.record(
-        (
-            Kind.HTTP,
+        http_record(
             route,
             method if method in _METHODS else "OTHER",
             CLIENT_CLOSED,
             int((time.perf_counter() - started) * 1e6),
             request.content_length or 0,
-            0,
-            None,
         )
     )
 

@@ -17,7 +17,13 @@ from loguru import logger
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, set_span_in_context
 
 from shared.errors import error_body, error_response, fault_response
-from shared.telemetry import Kind
+from shared.telemetry import (
+    http_record,
+    rate_limited_record,
+    ws_close_record,
+    ws_message_record,
+    ws_open_record,
+)
 from shared.tracing import TRACEPARENT, format_traceparent, links_from
 from shared.wire import BatchError, decode_batch
 
@@ -71,16 +77,7 @@ async def _unauthenticated(state: IngestState, request: web.Request, route: str)
             return _unavailable(state, "rate limits cannot be checked now")
         if decision.over:
             state.telemetry.record(
-                (
-                    Kind.RATE_LIMITED,
-                    route,
-                    policy.name,
-                    200 if decision.allowed else 429,
-                    0,
-                    0,
-                    0,
-                    None,
-                )
+                rate_limited_record(route, policy.name, 200 if decision.allowed else 429)
             )
         if not decision.allowed:
             return error_response(
@@ -128,8 +125,7 @@ async def ingest_http(request: web.Request) -> web.StreamResponse:
         count_hang_up(request, HTTP_ROUTE, started)
         raise
     state.telemetry.record(
-        (
-            Kind.HTTP,
+        http_record(
             HTTP_ROUTE,
             "POST",
             response.status,
@@ -521,10 +517,8 @@ class _DeviceSocket:
             else:
                 self.refused_in_a_row = 0
             record(
-                (
-                    Kind.WS_MESSAGE,
+                ws_message_record(
                     WS_ROUTE,
-                    "WS",
                     message.status,
                     int((time.perf_counter() - message.started) * 1e6),
                     message.size,
@@ -594,7 +588,7 @@ class _DeviceSocket:
 def _refused(state: IngestState, started: float, response: web.Response) -> web.Response:
     """A refused handshake, counted as a request on the route like the HTTP route's."""
     duration = int((time.perf_counter() - started) * 1e6)
-    state.telemetry.record((Kind.HTTP, WS_ROUTE, "GET", response.status, duration, 0, 0, None))
+    state.telemetry.record(http_record(WS_ROUTE, "GET", response.status, duration, 0))
     return response
 
 
@@ -625,7 +619,7 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
         state.tokens.release(socket)
         raise
     record = state.telemetry.record
-    record((Kind.WS_OPEN, WS_ROUTE, "GET", 101, 0, 0, 0, None))
+    record(ws_open_record(WS_ROUTE))
     peer = socket.peer
     state.websockets[ws] = peer
     if socket.revoked is not None:  # while the handshake was on its way
@@ -650,5 +644,5 @@ async def ingest_ws(request: web.Request) -> web.StreamResponse:
         state.tokens.release(socket)
         del state.websockets[ws]
         code = 1006 if peer.dropped else ws.close_code or 1006
-        record((Kind.WS_CLOSE, WS_ROUTE, "GET", code, 0, 0, 0, None))
+        record(ws_close_record(WS_ROUTE, code))
     return ws

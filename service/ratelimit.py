@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.keys import Keys
-from shared.telemetry import Kind, Record
+from shared.telemetry import Record, rate_limited_record
 
 __all__ = (
     "ALLOWED",
@@ -191,8 +191,7 @@ _CHECK_SHA = hashlib.sha1(_CHECK_LUA.encode()).hexdigest()  # noqa: S324
 
 def over_limit_record(route: str, policy: Policy, decision: Decision) -> Record:
     """Telemetry for a request over ``policy``: 429 if refused, 200 if shadow mode let it by."""
-    status = 200 if decision.allowed else 429
-    return (Kind.RATE_LIMITED, route, policy.name, status, 0, 0, 0, None)
+    return rate_limited_record(route, policy.name, 200 if decision.allowed else 429)
 
 
 def decision_from_reply(

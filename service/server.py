@@ -10,7 +10,7 @@ from aiohttp import web
 from shared.httpserver import HttpServer, Limits, ProtocolError
 from shared.logs import Logs
 from shared.settings import Settings
-from shared.telemetry import Kind
+from shared.telemetry import protocol_error_record
 from shared.tracing import Tracing
 
 from .app import create_app, drain
@@ -28,9 +28,7 @@ def protocol_error_recorder(app: web.Application) -> Callable[[ProtocolError], N
     ``pulsecal_http_protocol_errors_total{kind}``."""
 
     def record(error: ProtocolError) -> None:
-        app[INGEST].telemetry.record(
-            (Kind.PROTOCOL_ERROR, error.kind, "", error.status, 0, 0, 0, None)
-        )
+        app[INGEST].telemetry.record(protocol_error_record(error.kind, error.status))
 
     return record
 

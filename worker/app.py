@@ -42,7 +42,7 @@ from shared.reporting import LoopLagMonitor, Telemetry, process_memory, publish_
 from shared.resources import health_checks, http_client, pool_stats, static_details
 from shared.settings import Settings, load_settings_or_exit
 from shared.tasks import cancel_and_wait
-from shared.telemetry import Heartbeat, Kind, encode_heartbeat
+from shared.telemetry import Heartbeat, alert_record, encode_heartbeat
 from shared.tracing import Tracing, setup_tracing
 from shared.version import build_version
 
@@ -205,13 +205,13 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
 
     def on_alert(change: AlertChange) -> None:
         change.log()
-        telemetry.record((Kind.ALERT, change.rule, change.action, 0, 0, 0, 0, None))
+        telemetry.record(alert_record(change.rule, change.action))
 
     late_log = _LateReadingsLog()
 
     def on_late(count: int) -> None:
         for _ in range(count):
-            telemetry.record((Kind.ALERT, LATE_ROUTE, LATE_METHOD, 0, 0, 0, 0, None))
+            telemetry.record(alert_record(LATE_ROUTE, LATE_METHOD))
         late_log.add(count)
 
     scheduler: WindowScheduler | None = None
