@@ -17,7 +17,7 @@ from shared.telemetry import http_record
 from shared.tracing import TRACEPARENT
 
 from .appkeys import INGEST
-from .ratelimit import Policy, RateLimitUnavailableError, over_limit_record, rate_limit_headers
+from .ratelimit import Policy, check_client
 
 __all__ = ("UNMATCHED", "count_hang_up", "instrumented", "not_found")
 
@@ -91,20 +91,12 @@ def _rate_limited(route: str, handler: Handler, policy: Policy) -> Handler:
     """``handler`` behind ``policy``, per client IP, its headers on the answer."""
 
     async def rate_limited(request: web.Request) -> web.StreamResponse:
-        state = request.app[INGEST]
-        try:
-            decision = await state.limiter.check(policy, state.proxies.client_ip(request))
-        except RateLimitUnavailableError as e:
-            return error_response(503, str(e), headers={"Retry-After": str(state.retry_after)})
-        if decision.over:
-            state.telemetry.record(over_limit_record(route, policy, decision))
-        headers = rate_limit_headers(policy, decision)
-        if not decision.allowed:
-            details = {"policy": policy.name, "window": decision.window.name}
-            return error_response(429, "rate limit exceeded", details, headers=headers)
+        gate = await check_client(request.app[INGEST], request, route, policy)
+        if not isinstance(gate, dict):
+            return gate
         response = await handler(request)
         if not response.prepared:
-            response.headers.update(headers)
+            response.headers.update(gate)
         return response
 
     return rate_limited
