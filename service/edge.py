@@ -13,11 +13,11 @@ from aiohttp import web
 
 from shared.appkeys import TRACING
 from shared.errors import CLIENT_CLOSED, error_response, fault_response, hung_up
-from shared.telemetry import Kind
+from shared.telemetry import http_record
 from shared.tracing import TRACEPARENT
 
 from .appkeys import INGEST
-from .ratelimit import Policy, RateLimitUnavailableError, over_limit_record, rate_limit_headers
+from .ratelimit import Policy, check_client
 
 __all__ = ("UNMATCHED", "count_hang_up", "instrumented", "not_found")
 
@@ -55,8 +55,7 @@ def instrumented(
             raise
         method = request.method
         request.app[INGEST].telemetry.record(
-            (
-                Kind.HTTP,
+            http_record(
                 route,
                 method if method in _METHODS else "OTHER",
                 response.status,
@@ -78,15 +77,12 @@ def count_hang_up(request: web.Request, route: str, started: float) -> None:
         return
     method = request.method
     request.app[INGEST].telemetry.record(
-        (
-            Kind.HTTP,
+        http_record(
             route,
             method if method in _METHODS else "OTHER",
             CLIENT_CLOSED,
             int((time.perf_counter() - started) * 1e6),
             request.content_length or 0,
-            0,
-            None,
         )
     )
 
@@ -95,20 +91,12 @@ def _rate_limited(route: str, handler: Handler, policy: Policy) -> Handler:
     """``handler`` behind ``policy``, per client IP, its headers on the answer."""
 
     async def rate_limited(request: web.Request) -> web.StreamResponse:
-        state = request.app[INGEST]
-        try:
-            decision = await state.limiter.check(policy, state.proxies.client_ip(request))
-        except RateLimitUnavailableError as e:
-            return error_response(503, str(e), headers={"Retry-After": str(state.retry_after)})
-        if decision.over:
-            state.telemetry.record(over_limit_record(route, policy, decision))
-        headers = rate_limit_headers(policy, decision)
-        if not decision.allowed:
-            details = {"policy": policy.name, "window": decision.window.name}
-            return error_response(429, "rate limit exceeded", details, headers=headers)
+        gate = await check_client(request.app[INGEST], request, route, policy)
+        if not isinstance(gate, dict):
+            return gate
         response = await handler(request)
         if not response.prepared:
-            response.headers.update(headers)
+            response.headers.update(gate)
         return response
 
     return rate_limited

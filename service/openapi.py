@@ -23,7 +23,7 @@ from shared.errors import CODES
 from shared.httpserver import ACCEPT_ENCODING
 from shared.wire import DEVICE_ID_PATTERN, PpgBatch
 
-__all__ = ("OPENAPI_ROUTE", "build_document", "document_bytes", "openapi_handler")
+__all__ = ("OPENAPI_ROUTE", "build_document", "document_bytes", "ecma_patterns", "openapi_handler")
 
 OPENAPI_ROUTE = "/openapi.json"
 # The contract's version: changes with the API, not with each build.
@@ -180,16 +180,18 @@ def _ecma_pattern(pattern: str) -> str:
     return _PYTHON_ANCHORS.sub(lambda m: m.group(1) + ("^" if m.group(2) == "A" else "$"), pattern)
 
 
-def _ecma_patterns(node: Any) -> Any:
-    """``node`` with each ``pattern`` in JSON Schema's regex dialect: the service's patterns
-    are Python's (``\\Z``, as ``$`` also matches before a final newline there)."""
+def ecma_patterns(node: Any) -> Any:
+    """``node`` (a JSON Schema, or any part of one) with each ``pattern`` in JSON Schema's
+    regex dialect: the service's patterns are Python's (``\\Z``, as ``$`` also matches
+    before a final newline there), and msgspec's schemas carry them as they are. Whatever
+    schema of the service's types is published goes through it."""
     if isinstance(node, dict):
         return {
-            k: _ecma_pattern(v) if k == "pattern" and isinstance(v, str) else _ecma_patterns(v)
+            k: _ecma_pattern(v) if k == "pattern" and isinstance(v, str) else ecma_patterns(v)
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_ecma_patterns(v) for v in node]
+        return [ecma_patterns(v) for v in node]
     return node
 
 
@@ -538,7 +540,7 @@ def build_document() -> dict[str, Any]:
             },
         },
     }
-    portable: dict[str, Any] = _ecma_patterns(document)
+    portable: dict[str, Any] = ecma_patterns(document)
     return portable
 
 

@@ -13,6 +13,12 @@ Ingestion is limited per device in the same Lua call as the group-committed writ
 one ``EVALSHA`` each. When Redis cannot be asked, a per-process GCRA with the same
 policies decides (fail open with local limits), or the request is refused with 503 when
 ``RATE_LIMIT_FAIL_MODE=closed``.
+
+What the routes meet follows the limiters, each one call that answers a whole step: the
+per-IP gate (``check_client``), and the ingest policy's verdict in a write's result turned
+into the 429 of an HTTP request or of a WebSocket message (``refuse_over_limit``,
+``refuse_over_limit_message``). Each counts for the sidecar what is over the limit,
+refused or let through in shadow mode.
 """
 
 import asyncio
@@ -22,18 +28,26 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from aiohttp import web
 from loguru import logger
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from shared.errors import error_message, error_response, unavailable_response
 from shared.keys import Keys
-from shared.telemetry import Kind, Record
+from shared.telemetry import rate_limited_record
+
+if TYPE_CHECKING:  # types only: the state holds this module's limiter, the store embeds GCRA_LUA
+    from .state import IngestState
+    from .store import WriteResult
 
 __all__ = (
+    "ALLOWED",
     "GCRA_LUA",
+    "REFUSED",
+    "SHADOWED",
     "Decision",
     "LocalLimiter",
     "Policy",
@@ -41,10 +55,12 @@ __all__ = (
     "RateLimiter",
     "TrustedProxies",
     "Window",
+    "check_client",
     "decision_from_reply",
-    "over_limit_record",
     "rate_limit_headers",
     "rate_limit_lines",
+    "refuse_over_limit",
+    "refuse_over_limit_message",
 )
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -120,10 +136,16 @@ class Decision:
         return _seconds(self.reset_ms / 1000.0)
 
 
+# The code a GCRA decision returns first: within every window, over one and refused, over
+# one but let through because the policy is in shadow mode.
+ALLOWED: Final = 1
+REFUSED: Final = 2
+SHADOWED: Final = 3
+
 # One Lua function for both scripts. ``first`` is the index in KEYS of the policy's first
 # window key; the windows' limits and periods come from ARGV starting at ``params``
-# (``limit, period_ms`` per window). Returns code (1 allowed, 2 refused, 3 over but let
-# through in shadow mode), the deciding window (1-based), remaining, and reset in ms.
+# (``limit, period_ms`` per window). Returns the code (ALLOWED, REFUSED, SHADOWED), the
+# deciding window (1-based), remaining, and reset in ms.
 #
 # Each cell holds its TAT (with 17 significant digits, so it reads back exactly: Lua's
 # tostring keeps 14, a tenth of a millisecond at today's epoch, enough to refuse a request at
@@ -180,18 +202,12 @@ return {code, w, remaining, reset}
 _CHECK_SHA = hashlib.sha1(_CHECK_LUA.encode()).hexdigest()  # noqa: S324
 
 
-def over_limit_record(route: str, policy: Policy, decision: Decision) -> Record:
-    """Telemetry for a request over ``policy``: 429 if refused, 200 if shadow mode let it by."""
-    status = 200 if decision.allowed else 429
-    return (Kind.RATE_LIMITED, route, policy.name, status, 0, 0, 0, None)
-
-
 def decision_from_reply(
     policy: Policy, code: int, window: int, remaining: int, reset_ms: int
 ) -> Decision:
     return Decision(
-        allowed=code != 2,
-        over=code != 1,
+        allowed=code != REFUSED,
+        over=code != ALLOWED,
         window=policy.windows[window - 1],
         remaining=remaining,
         reset_ms=float(reset_ms),
@@ -385,3 +401,71 @@ def _bare_address(value: str) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         return ""
+
+
+# What the routes meet. Each is one call from a route's step and answers it whole: the
+# decision, its telemetry, and the answer (429 and its headers, or the headers to add).
+
+
+async def check_client(
+    state: "IngestState",
+    request: web.BaseRequest,
+    route: str,
+    policy: Policy,
+    *,
+    refusal: str = "rate limit exceeded",
+) -> web.Response | dict[str, str]:
+    """The per-IP gate of ``policy``: the refusal to answer (429 with ``refusal``; 503 when
+    Redis cannot decide and limits fail closed), else the headers the answer carries."""
+    try:
+        decision = await state.limiter.check(policy, state.proxies.client_ip(request))
+    except RateLimitUnavailableError as e:
+        return unavailable_response(str(e), state.retry_after)
+    if decision.over:
+        status = 200 if decision.allowed else 429
+        state.telemetry.record(rate_limited_record(route, policy.name, status))
+    headers = rate_limit_headers(policy, decision)
+    if not decision.allowed:
+        details = {"policy": policy.name, "window": decision.window.name}
+        return error_response(429, refusal, details, headers=headers)
+    return headers
+
+
+def _over_ingest_limit(state: "IngestState", route: str, result: "WriteResult") -> Decision:
+    """The decision in a write's reply that is over the ingest policy, counted."""
+    policy = state.ingest_policy
+    assert policy is not None  # a verdict comes only from a policy
+    decision = decision_from_reply(
+        policy, result.verdict, result.window, result.remaining, result.reset_ms
+    )
+    status = 200 if decision.allowed else 429
+    state.telemetry.record(rate_limited_record(route, policy.name, status))
+    return decision
+
+
+def refuse_over_limit(
+    state: "IngestState", route: str, result: "WriteResult"
+) -> web.Response | None:
+    """For a write over the ingest policy (``REFUSED`` or ``SHADOWED``): the 429 to answer,
+    or None when shadow mode let it through."""
+    decision = _over_ingest_limit(state, route, result)
+    if decision.allowed:
+        return None
+    policy = state.ingest_policy
+    assert policy is not None
+    details = {"policy": policy.name, "window": decision.window.name}
+    headers = rate_limit_headers(policy, decision)
+    return error_response(429, "rate limit exceeded", details, headers=headers)
+
+
+def refuse_over_limit_message(
+    state: "IngestState", route: str, result: "WriteResult", seq: int
+) -> str | None:
+    """``refuse_over_limit`` for a WebSocket message: the 429 message to answer, or None."""
+    decision = _over_ingest_limit(state, route, result)
+    if decision.allowed:
+        return None
+    policy = state.ingest_policy
+    assert policy is not None
+    details = {"policy": policy.name, "window": decision.window.name}
+    return error_message(429, "rate limit exceeded", seq, details, retry_after=decision.retry_after)

@@ -11,7 +11,7 @@ from shared.logs import Logs
 from shared.runtime import serving
 from shared.runtime.serving import Program, Running
 from shared.settings import ServiceSettings
-from shared.telemetry import SERVICE_PROGRAM, Kind
+from shared.telemetry import SERVICE_PROGRAM, protocol_error_record
 from shared.tracing import Tracing
 
 from .app import create_app, drain
@@ -25,9 +25,7 @@ def protocol_error_recorder(app: web.Application) -> Callable[[ProtocolError], N
     ``pulsecal_http_protocol_errors_total{kind}``."""
 
     def record(error: ProtocolError) -> None:
-        app[INGEST].telemetry.record(
-            (Kind.PROTOCOL_ERROR, error.kind, "", error.status, 0, 0, 0, None)
-        )
+        app[INGEST].telemetry.record(protocol_error_record(error.kind, error.status))
 
     return record
 

@@ -1,4 +1,5 @@
-"""JSON error responses: one shape for every refusal, with the right status.
+"""JSON error responses: one shape for every refusal, with the right status (as an HTTP
+answer, or as a WebSocket message).
 
 An exception a handler lets through is either the client's doing (a body that cannot be read
 as sent, a client that hung up) or ours. ``fault_response`` tells them apart: the client's
@@ -23,9 +24,11 @@ __all__ = (
     "CODES",
     "client_fault",
     "error_body",
+    "error_message",
     "error_response",
     "fault_response",
     "hung_up",
+    "unavailable_response",
 )
 
 # nginx's "client closed request": nobody reads the answer, but telemetry counts it apart
@@ -66,6 +69,28 @@ def error_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+def unavailable_response(message: str, retry_after: int) -> web.Response:
+    """503: nothing was taken, the client tries again after ``retry_after`` seconds."""
+    return error_response(503, message, headers={"Retry-After": str(retry_after)})
+
+
+def error_message(
+    status: int,
+    message: str,
+    seq: int | None,
+    details: Any = None,
+    *,
+    retry_after: int | None = None,
+) -> str:
+    """An error as one WebSocket text message: the error of the HTTP body, with its status
+    (no status line carries it) and the seq of the message it answers."""
+    error = error_body(status, message, details)
+    error["status"] = status
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    return msgspec.json.encode({"error": error, "seq": seq}).decode()
 
 
 def hung_up(request: web.BaseRequest) -> bool:

@@ -42,7 +42,7 @@ still decodes a newer heartbeat and a newer reader an older one; fields of the o
 """
 
 import enum
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import msgspec
 
@@ -59,10 +59,20 @@ __all__ = (
     "ServiceHeartbeat",
     "TelemetryBatch",
     "WorkerHeartbeat",
+    "alert_record",
+    "analysis_record",
+    "dead_letter_record",
     "decode_batch",
     "decode_heartbeat",
     "encode_batch",
     "encode_heartbeat",
+    "http_record",
+    "persist_record",
+    "protocol_error_record",
+    "rate_limited_record",
+    "ws_close_record",
+    "ws_message_record",
+    "ws_open_record",
 )
 
 BATCH_FIELD = b"b"
@@ -109,8 +119,76 @@ PROTOCOL_ERROR_KINDS = (
 
 
 # kind, route template, method, status, duration in microseconds, request bytes,
-# samples accepted, trace id of a sampled request (else None).
+# samples accepted, trace id of a sampled request (else None). Built by the constructors
+# below, one per kind; the sidecar reads it by position.
 Record = tuple[int, str, str, int, int, int, int, str | None]
+
+# Read once: on Python 3.11 an enum member read off its class costs more than the rest of
+# a record, and records are built on the ingest path.
+_HTTP: Final = Kind.HTTP
+_WS_MESSAGE: Final = Kind.WS_MESSAGE
+_WS_OPEN: Final = Kind.WS_OPEN
+_WS_CLOSE: Final = Kind.WS_CLOSE
+_RATE_LIMITED: Final = Kind.RATE_LIMITED
+_ALERT: Final = Kind.ALERT
+_ANALYSIS: Final = Kind.ANALYSIS
+_PERSIST: Final = Kind.PERSIST
+_DEAD_LETTER: Final = Kind.DEAD_LETTER
+_PROTOCOL_ERROR: Final = Kind.PROTOCOL_ERROR
+
+
+def http_record(
+    route: str,
+    method: str,
+    status: int,
+    duration_us: int,
+    size: int,
+    samples: int = 0,
+    trace_id: str | None = None,
+) -> Record:
+    """One HTTP request (``size``: the request's declared bytes)."""
+    return (_HTTP, route, method, status, duration_us, size, samples, trace_id)
+
+
+def ws_message_record(
+    route: str, status: int, duration_us: int, size: int, samples: int, trace_id: str | None
+) -> Record:
+    """One WebSocket message, answered with ``status``."""
+    return (_WS_MESSAGE, route, "WS", status, duration_us, size, samples, trace_id)
+
+
+def ws_open_record(route: str) -> Record:
+    return (_WS_OPEN, route, "GET", 101, 0, 0, 0, None)
+
+
+def ws_close_record(route: str, code: int) -> Record:
+    return (_WS_CLOSE, route, "GET", code, 0, 0, 0, None)
+
+
+def rate_limited_record(route: str, policy: str, status: int) -> Record:
+    """A request over ``policy``: ``status`` 429 when refused, 200 when shadow mode let it by."""
+    return (_RATE_LIMITED, route, policy, status, 0, 0, 0, None)
+
+
+def alert_record(rule: str, action: str) -> Record:
+    return (_ALERT, rule, action, 0, 0, 0, 0, None)
+
+
+def analysis_record(status: int, duration_us: int, attempts: int, samples: int) -> Record:
+    return (_ANALYSIS, "/analyze", "POST", status, duration_us, attempts, samples, None)
+
+
+def persist_record(status: int, duration_us: int, rows: int, samples: int) -> Record:
+    return (_PERSIST, "readings", "COPY", status, duration_us, rows, samples, None)
+
+
+def dead_letter_record(reason: str) -> Record:
+    return (_DEAD_LETTER, reason, "", 0, 0, 0, 0, None)
+
+
+def protocol_error_record(kind: str, status: int) -> Record:
+    """``kind``: one of ``PROTOCOL_ERROR_KINDS``."""
+    return (_PROTOCOL_ERROR, kind, "", status, 0, 0, 0, None)
 
 
 class TelemetryBatch(msgspec.Struct, array_like=True, gc=False):

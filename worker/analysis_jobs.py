@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.reporting import Telemetry
-from shared.telemetry import Kind
+from shared.telemetry import analysis_record
 
 from .groups import Delivery, GroupReader
 from .persist import Row
@@ -397,15 +397,8 @@ class AnalysisRunner:
             self.active -= 1
         self.outcomes[outcome.status] += 1
         self._telemetry.record(
-            (
-                Kind.ANALYSIS,
-                "/analyze",
-                "POST",
-                outcome.code,
-                int(duration_ms * 1000),
-                outcome.attempts,
-                outcome.samples,
-                None,
+            analysis_record(
+                outcome.code, int(duration_ms * 1000), outcome.attempts, outcome.samples
             )
         )
         bound = logger.bind(deviceId=job.device_id, windowStart=job.start_ms)

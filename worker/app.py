@@ -45,7 +45,7 @@ from shared.runtime.probes import Probes
 from shared.runtime.serving import Program, run
 from shared.settings import WorkerSettings, load_settings_or_exit
 from shared.tasks import cancel_and_wait
-from shared.telemetry import WORKER_PROGRAM, Kind, WorkerHeartbeat
+from shared.telemetry import WORKER_PROGRAM, WorkerHeartbeat, alert_record
 from shared.tracing import Tracing
 from shared.version import build_version
 
@@ -162,13 +162,13 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
 
     def on_alert(change: AlertChange) -> None:
         change.log()
-        telemetry.record((Kind.ALERT, change.rule, change.action, 0, 0, 0, 0, None))
+        telemetry.record(alert_record(change.rule, change.action))
 
     late_log = _LateReadingsLog()
 
     def on_late(count: int) -> None:
         for _ in range(count):
-            telemetry.record((Kind.ALERT, LATE_ROUTE, LATE_METHOD, 0, 0, 0, 0, None))
+            telemetry.record(alert_record(LATE_ROUTE, LATE_METHOD))
         late_log.add(count)
 
     scheduler: WindowScheduler | None = None

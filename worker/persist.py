@@ -47,7 +47,7 @@ from shared.keys import Keys
 from shared.readings import PERSIST_GROUP, EntryError, encode_dead_letter
 from shared.readings import decode_entry as decode_readings_entry
 from shared.reporting import Telemetry
-from shared.telemetry import Kind
+from shared.telemetry import dead_letter_record, persist_record
 from shared.tracing import Tracing, links_from, remote_context
 from shared.wire import BatchError, decode_stored_batch, stored_samples
 
@@ -467,9 +467,7 @@ class ReadingsPersister:
 
     def _record(self, status: int, started: float, rows: int, samples: int) -> None:
         duration = int((time.perf_counter() - started) * 1e6)
-        self._telemetry.record(
-            (Kind.PERSIST, "readings", "COPY", status, duration, rows, samples, None)
-        )
+        self._telemetry.record(persist_record(status, duration, rows, samples))
 
     async def _write(self, rows: list[Row]) -> tuple[int, int, Evaluation]:
         # Results in binary: the inserted rows come back to be evaluated, and parse faster so.
@@ -562,7 +560,7 @@ class ReadingsPersister:
             await pipe.execute()
         for entry, kind, reason in dead:
             self.dead_letters += 1
-            self._telemetry.record((Kind.DEAD_LETTER, kind, "", 0, 0, 0, 0, None))
+            self._telemetry.record(dead_letter_record(kind))
             logger.bind(entryId=entry.entry_id.decode()).error(
                 "worker: readings entry {} moved to the dead-letter stream ({}): {}",
                 entry.entry_id.decode(),

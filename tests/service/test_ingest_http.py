@@ -4,18 +4,19 @@ import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from unittest import mock
 
 import msgspec
 import psycopg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from service.app import create_app
 from service.appkeys import INGEST
-from service.fastpath.acks import _header_lines
+from service.fastpath.acks import AckResponse
 from shared.devices import revoke_device
 from shared.keys import Keys
 from shared.settings import ServiceSettings
@@ -354,7 +355,20 @@ async def test_ack_to_http_10_clients(client: Client, device: Device) -> None:
         writer.close()
 
 
-def test_ack_refuses_header_values_that_would_split_the_response() -> None:
-    assert _header_lines({"traceresponse": "00-abc-def-01"}) == b"traceresponse: 00-abc-def-01\r\n"
+async def _written_ack(headers: dict[str, str]) -> bytes:
+    """What an ack with ``headers`` set on it writes to its connection."""
+    transport = mock.Mock()
+    transport.is_closing.return_value = False
+    response = AckResponse(b"{}")
+    response.headers.update(headers)
+    await response.prepare(make_mocked_request("POST", "/ingestion/ppg", transport=transport))
+    [(written,), _] = transport.write.call_args
+    return bytes(written)
+
+
+async def test_ack_refuses_header_values_that_would_split_the_response() -> None:
+    head, _, body = (await _written_ack({"traceresponse": "00-abc-def-01"})).partition(b"\r\n\r\n")
+    assert head.endswith(b"\r\ntraceresponse: 00-abc-def-01")
+    assert body == b"{}"
     with pytest.raises(ValueError, match="line break"):
-        _header_lines({"X-Note": "a\r\nSet-Cookie: b"})
+        await _written_ack({"X-Note": "a\r\nSet-Cookie: b"})

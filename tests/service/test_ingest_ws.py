@@ -1,19 +1,21 @@
 """The WebSocket ingestion contract: acks, errors that keep the connection, protocol abuse."""
 
 import asyncio
+import base64
 from dataclasses import replace
+from unittest import mock
 
 import msgspec
 import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from redis.asyncio import Redis
 
-from service import ingest
 from service.app import create_app
 from service.appkeys import INGEST
 from service.fastpath import wsframes
 from service.fastpath.wsframes import TextSocket
+from service.ingest import ws as ws_route
 from shared.keys import Keys
 from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device
@@ -159,15 +161,15 @@ async def test_messages_sent_without_waiting_are_answered_in_order(
     client: Client, device: Device, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Reading pauses at 4 unanswered messages and resumes at 2: the 200 below go through it.
-    monkeypatch.setattr(ingest, "MAX_UNANSWERED", 4)
+    monkeypatch.setattr(ws_route, "MAX_UNANSWERED", 4)
     pauses = []
-    pause = ingest._DeviceSocket._pause
+    pause = ws_route.DeviceSocket.pause
 
-    def counted_pause(socket: ingest._DeviceSocket) -> None:
+    def counted_pause(socket: ws_route.DeviceSocket) -> None:
         pauses.append(len(socket.unanswered))
         pause(socket)
 
-    monkeypatch.setattr(ingest._DeviceSocket, "_pause", counted_pause)
+    monkeypatch.setattr(ws_route.DeviceSocket, "pause", counted_pause)
     seqs = list(range(1, 201))
     async with client.ws_connect(URL, headers=device.headers) as ws:
         for seq in seqs:
@@ -244,8 +246,20 @@ async def test_the_ordinary_aiohttp_path_keeps_the_same_contract(
         (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
     ],
 )
-def test_a_reply_frame_is_fin_text_unmasked_with_its_length(size: int, header: bytes) -> None:
+async def test_a_reply_frame_is_fin_text_unmasked_with_its_length(size: int, header: bytes) -> None:
     """RFC 6455 5.2: 7-bit length, else 126 and 16 bits, else 127 and 64 bits."""
-    payload = b"x" * size
+    transport = mock.Mock()
+    transport.is_closing.return_value = False
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
+        "Sec-WebSocket-Version": "13",
+    }
+    socket = TextSocket(lambda text: None)
+    await socket.prepare(make_mocked_request("GET", URL, headers=handshake, transport=transport))
+    payload = "x" * size
 
-    assert wsframes._frame(payload) == header + payload
+    assert socket.send_text_frame(payload)
+    [(written,), _] = transport.write.call_args
+    assert written == header + payload.encode()

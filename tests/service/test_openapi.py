@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.app import create_app
-from service.openapi import OPENAPI_ROUTE, _ecma_patterns, build_document, document_bytes
+from service.openapi import OPENAPI_ROUTE, build_document, document_bytes, ecma_patterns
 from shared.settings import ServiceSettings
 from shared.wire import BatchError, PpgBatch, decode_batch
 from tests.support.env import AiohttpClient, Device
@@ -171,7 +171,7 @@ def test_batch_schema_is_the_decoders_type_with_portable_patterns() -> None:
 
     batch = build_document()["components"]["schemas"]["PpgBatch"]
 
-    assert batch == _ecma_patterns(components["PpgBatch"])
+    assert batch == ecma_patterns(components["PpgBatch"])
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_batch_schema_is_the_decoders_type_with_portable_patterns() -> None:
     ],
 )
 def test_python_anchors_are_written_as_json_schema_anchors(python: str, ecma: str) -> None:
-    assert _ecma_patterns({"pattern": python}) == {"pattern": ecma}
+    assert ecma_patterns({"pattern": python}) == {"pattern": ecma}
 
 
 @pytest.mark.parametrize(

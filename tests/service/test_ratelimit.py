@@ -40,6 +40,7 @@ from shared.settings import ServiceSettings, SettingsError, load_settings
 from shared.telemetry import Kind
 from tests.support.env import REDIS_URL, AiohttpClient, Device, DeviceFactory
 from tests.support.procs import RedisServer, ServiceProcess, free_port
+from tests.support.telemetry import read_records
 
 Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ppg"
@@ -353,7 +354,8 @@ async def test_shadow_mode_counts_but_lets_through(
     client = await aiohttp_client(app)
 
     statuses = [(await post(client, device, seq))[0] for seq in range(1, 5)]
-    over = [r for r in app[INGEST].telemetry._buffer if r[0] == Kind.RATE_LIMITED]
+    telemetry = await read_records(redis, keys, limited.pod, flush=app[INGEST].telemetry)
+    over = [r for r in telemetry if r[0] == Kind.RATE_LIMITED]
 
     assert statuses == [202] * 4
     assert [(r[1], r[2], r[3]) for r in over] == [(URL, "ingest", 200)] * 2

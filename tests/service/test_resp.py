@@ -2,6 +2,7 @@
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -9,9 +10,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from service.fastpath.resp import RespConnection, encode_command
-from service.ratelimit import Policy, Window
-from service.store import _WRITE_BATCH_SHA, ReadingsWriter, StoreUnavailableError, _Pending
+from service.ratelimit import ALLOWED, REFUSED, Policy, Window
+from service.store import (
+    DUPLICATE,
+    NOT_ATTEMPTED,
+    STORED,
+    ReadingsWriter,
+    StoreUnavailableError,
+)
 from shared.keys import Keys
+from shared.tasks import cancel_and_wait
+from tests.support.env import REDIS_URL
 
 
 def command(*args: str) -> bytes:
@@ -19,7 +28,7 @@ def command(*args: str) -> bytes:
 
 
 def readings_writer(
-    url: str,
+    connection: RespConnection,
     keys: Keys,
     *,
     max_in_flight: int = 1,
@@ -27,7 +36,7 @@ def readings_writer(
     policy: Policy | None = None,
 ) -> ReadingsWriter:
     return ReadingsWriter(
-        RespConnection(url, connect_timeout=1),
+        connection,
         keys,
         max_batch=10,
         max_pending=10,
@@ -85,34 +94,54 @@ async def test_a_dropped_connection_is_replaced_on_the_next_command() -> None:
         conn.close()
 
 
+class RecordingConnection(RespConnection):
+    """The real connection, keeping each command it sends."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, connect_timeout=1)
+        self.sent: list[bytes] = []
+
+    async def execute(self, command: bytes) -> Any:
+        self.sent.append(command)
+        return await super().execute(command)
+
+
 @pytest.mark.parametrize("windows", [(), (Window("default", 1000, 60), Window("burst", 50, 1))])
 async def test_the_write_command_is_the_evalsha_of_its_arguments(
-    windows: tuple[Window, ...],
+    windows: tuple[Window, ...], redis: Redis, key_prefix: str
 ) -> None:
     """The writer encodes its EVALSHA from cached parts: it must equal the plain encoding."""
-    keys = Keys("pre%fix:")
+    keys = Keys(f"{key_prefix}pre%fix:")
     policy = Policy("ingest", windows) if windows else None
-    writer = readings_writer("redis://127.0.0.1:6379", keys, policy=policy)
-    future = asyncio.get_running_loop().create_future()
+    connection = RecordingConnection(REDIS_URL)
+    writer = readings_writer(connection, keys, policy=policy)
     batch = [
-        _Pending("dev-a", 7, b'{"x":"100%"}', future, b""),
-        _Pending("dev-b", 12345678901234, b"{}", future, b"00-" + b"1" * 32 + b"-" + b"2" * 16),
-        _Pending("dev-a", 8, b"[]", future, b""),
+        ("dev-a", 7, b'{"x":"100%"}', b""),
+        ("dev-b", 12345678901234, b"{}", b"00-" + b"1" * 32 + b"-" + b"2" * 16),
+        ("dev-a", 8, b"[]", b""),
     ]
+    # Queued before the flusher runs, so the three leave in one write.
+    futures = [writer.submit(*item) for item in batch]
+    runner = asyncio.create_task(writer.run())
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=5)
+    finally:
+        await cancel_and_wait([runner])
+        connection.close()
 
-    command = writer._command(batch)
-
+    command = connection.sent[0]
     device_keys: list[bytes] = []
-    for item in batch:
-        device_keys.append(f"{keys.seen_prefix}{item.device_id}".encode())
+    for device_id, *_ in batch:
+        device_keys.append(f"{keys.seen_prefix}{device_id}".encode())
         device_keys += [
-            keys.ingest_rate_limit("ingest", w.name, item.device_id).encode() for w in windows
+            keys.ingest_rate_limit("ingest", w.name, device_id).encode() for w in windows
         ]
+    sha = command.split(b"\r\n")[4]
     received = command.split(b"\r\n")[2 * (3 + 1 + len(device_keys) + 3) + 2]
     assert received.isdigit()
     expected = [
         b"EVALSHA",
-        _WRITE_BATCH_SHA,
+        sha,
         b"%d" % (1 + len(device_keys)),
         keys.readings.encode(),
         *device_keys,
@@ -122,9 +151,31 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
         received,
         *(policy.args if policy is not None else (b"0", b"0")),
     ]
-    for item in batch:
-        expected += [b"%d" % item.seq, item.payload, item.trace]
+    for _, seq, payload, trace in batch:
+        expected += [b"%d" % seq, payload, trace]
     assert command == encode_command(expected)
+    assert await redis.script_exists(sha.decode()) == [True]  # the script that wrote them
+    assert [r.stored for r in results] == [STORED] * 3
+
+
+async def test_a_write_result_names_what_redis_decided(redis: Redis, keys: Keys) -> None:
+    connection = RespConnection(REDIS_URL, connect_timeout=1)
+    policy = Policy("ingest", (Window("default", 2, 60),))
+    writer = readings_writer(connection, keys, policy=policy)
+    runner = asyncio.create_task(writer.run())
+    try:
+        results = [await writer.submit("dev-a", seq, b"{}") for seq in (1, 1, 2)]
+    finally:
+        await cancel_and_wait([runner])
+        connection.close()
+
+    assert [(r.stored, r.verdict, r.window, r.remaining) for r in results] == [
+        (STORED, ALLOWED, 1, 1),
+        (DUPLICATE, ALLOWED, 1, 0),
+        (NOT_ATTEMPTED, REFUSED, 1, 0),
+    ]
+    assert 0 < results[0].reset_ms <= 30_000 < results[1].reset_ms <= 60_000
+    assert (writer.stored, writer.duplicates, writer.refused) == (1, 1, 1)
 
 
 async def test_a_write_unanswered_for_the_timeout_fails_and_the_next_reconnects() -> None:
@@ -140,7 +191,7 @@ async def test_a_write_unanswered_for_the_timeout_fails_and_the_next_reconnects(
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     writer = readings_writer(
-        f"redis://127.0.0.1:{port}/0",
+        RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=1),
         Keys(f"test-{uuid.uuid4().hex}:"),
         max_in_flight=2,
         timeout=0.2,

@@ -9,15 +9,11 @@ from redis.asyncio import Redis
 from service.app import create_app
 from shared.keys import Keys
 from shared.settings import ServiceSettings
-from shared.telemetry import BATCH_FIELD, Kind, Record, decode_batch, decode_heartbeat
+from shared.telemetry import BATCH_FIELD, Kind, decode_batch, decode_heartbeat
 from tests.support.env import AiohttpClient, Device
+from tests.support.telemetry import read_records
 
 Client = TestClient[web.Request, web.Application]
-
-
-async def read_records(redis: Redis, keys: Keys, pod: str) -> list[Record]:
-    entries = await redis.xrange(keys.telemetry(pod))
-    return [r for _, fields in entries for r in decode_batch(fields[BATCH_FIELD]).records]
 
 
 async def test_every_request_and_socket_event_becomes_a_record(

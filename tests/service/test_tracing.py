@@ -20,6 +20,7 @@ from shared.settings import ServiceSettings
 from shared.telemetry import Kind
 from shared.tracing import Tracing, _endpoint, parse_traceparent, setup_tracing
 from tests.support.env import AiohttpClient, Device
+from tests.support.telemetry import read_records
 from tests.support.worker import eventually, stored_counts, worker_settings
 from worker.app import create_app as create_worker_app
 
@@ -163,7 +164,8 @@ async def test_a_sampled_request_is_traced_through_the_write_into_the_stream(
     assert resource["service.instance.id"] == settings.pod
     assert resource["service.version"]
     # The sidecar's exemplars point at this trace.
-    record = next(r for r in client.app[INGEST].telemetry._buffer if r[0] == Kind.HTTP)
+    records = await read_records(redis, keys, settings.pod, flush=client.app[INGEST].telemetry)
+    record = next(r for r in records if r[0] == Kind.HTTP)
     assert record[7] == server["trace_id"]
 
 
@@ -217,10 +219,14 @@ async def test_an_unsampled_request_makes_no_span_and_no_trace_in_the_stream(
 
 
 async def test_the_sampling_ratio_is_honoured(
-    traced_service: TracedService, settings: ServiceSettings, device: Device
+    traced_service: TracedService,
+    settings: ServiceSettings,
+    device: Device,
+    redis: Redis,
+    keys: Keys,
 ) -> None:
     # A closed port: nothing needs to arrive for the decision to be counted. Records stay
-    # in the buffer, where the test counts them.
+    # in the buffer until the test writes them out, all in one entry.
     _, client = await traced_service(
         CLOSED_COLLECTOR,
         app_settings=replace(settings, telemetry_flush_interval=3600),
@@ -231,7 +237,8 @@ async def test_the_sampling_ratio_is_honoured(
 
     for seq in range(requests):
         await client.post(URL, json=device.batch(seq), headers=device.headers)
-    records = [r for r in client.app[INGEST].telemetry._buffer if r[0] == Kind.HTTP]
+    telemetry = await read_records(redis, keys, settings.pod, flush=client.app[INGEST].telemetry)
+    records = [r for r in telemetry if r[0] == Kind.HTTP]
     sampled = sum(1 for r in records if r[7] is not None)
 
     assert len(records) == requests

@@ -8,7 +8,20 @@ from prometheus_client.openmetrics.parser import (
 )
 
 from shared.health import CheckResult
-from shared.telemetry import PROTOCOL_ERROR_KINDS, Kind, Record, TelemetryBatch
+from shared.telemetry import (
+    PROTOCOL_ERROR_KINDS,
+    Kind,
+    Record,
+    TelemetryBatch,
+    alert_record,
+    analysis_record,
+    dead_letter_record,
+    protocol_error_record,
+    rate_limited_record,
+    ws_close_record,
+    ws_message_record,
+    ws_open_record,
+)
 from sidecar.aggregate import (
     DURATION_BUCKETS_S,
     OVERFLOW,
@@ -106,11 +119,11 @@ def test_websocket_events_are_counted_by_kind() -> None:
     aggregator.add_batch(
         batch(
             [
-                (Kind.WS_OPEN, ws, "GET", 101, 0, 0, 0, None),
-                (Kind.WS_MESSAGE, ws, "WS", 202, 50, 120, 4, None),
-                (Kind.WS_MESSAGE, ws, "WS", 422, 50, 30, 0, None),
-                (Kind.WS_CLOSE, ws, "GET", 1001, 0, 0, 0, None),
-                (Kind.WS_CLOSE, ws, "GET", 77, 0, 0, 0, None),
+                ws_open_record(ws),
+                ws_message_record(ws, 202, 50, 120, 4, None),
+                ws_message_record(ws, 422, 50, 30, 0, None),
+                ws_close_record(ws, 1001),
+                ws_close_record(ws, 77),
                 (max(Kind) + 1, ws, "GET", 0, 0, 0, 0, None),
             ]
         )
@@ -152,10 +165,10 @@ def test_rate_limit_verdicts_are_counted_by_policy_route_and_mode_and_survive_a_
     aggregator.add_batch(
         batch(
             [
-                (Kind.RATE_LIMITED, ppg, "ingest", 429, 0, 0, 0, None),
-                (Kind.RATE_LIMITED, ppg, "ingest", 429, 0, 0, 0, None),
-                (Kind.RATE_LIMITED, ws, "ingest", 429, 0, 0, 0, None),
-                (Kind.RATE_LIMITED, "unmatched", "api", 200, 0, 0, 0, None),
+                rate_limited_record(ppg, "ingest", 429),
+                rate_limited_record(ppg, "ingest", 429),
+                rate_limited_record(ws, "ingest", 429),
+                rate_limited_record("unmatched", "api", 200),
             ]
         )
     )
@@ -180,10 +193,10 @@ def test_protocol_errors_are_counted_by_a_bounded_kind_and_survive_a_restart() -
     aggregator.add_batch(
         batch(
             [
-                (Kind.PROTOCOL_ERROR, "bad_header", "", 400, 0, 0, 0, None),
-                (Kind.PROTOCOL_ERROR, "bad_header", "", 400, 0, 0, 0, None),
-                (Kind.PROTOCOL_ERROR, "header_timeout", "", 408, 0, 0, 0, None),
-                (Kind.PROTOCOL_ERROR, "a kind from a newer service", "", 400, 0, 0, 0, None),
+                protocol_error_record("bad_header", 400),
+                protocol_error_record("bad_header", 400),
+                protocol_error_record("header_timeout", 408),
+                protocol_error_record("a kind from a newer service", 400),
             ]
         )
     )
@@ -208,7 +221,7 @@ def test_protocol_errors_are_counted_by_a_bounded_kind_and_survive_a_restart() -
 def test_the_saved_state_restores_every_total_and_the_position() -> None:
     aggregator = Aggregator(max_series=100)
     aggregator.add_batch(batch([http_record(), http_record(status=503, duration_us=7000)]))
-    aggregator.add_batch(batch([(Kind.WS_MESSAGE, "/ingestion/ws", "WS", 202, 1, 2, 3, None)]))
+    aggregator.add_batch(batch([ws_message_record("/ingestion/ws", 202, 1, 2, 3, None)]))
     aggregator.last_id, aggregator.entries_read, aggregator.gap_entries = "17-3", 40, 2
 
     restored = Aggregator.from_bytes(aggregator.to_bytes(), max_series=100)
@@ -348,15 +361,15 @@ def test_the_worker_s_records_become_the_business_counters() -> None:
     aggregator.add_batch(
         batch(
             [
-                (Kind.ALERT, "hr_high", "open", 0, 0, 0, 0, None),
-                (Kind.ALERT, "hr_high", "open", 0, 0, 0, 0, None),
-                (Kind.ALERT, "hr_high", "clear", 0, 0, 0, 0, None),
-                (Kind.ALERT, "silence", "open", 0, 0, 0, 0, None),
-                (Kind.ANALYSIS, "/analyze", "POST", 200, 900, 1, 1500, None),
-                (Kind.ANALYSIS, "/analyze", "POST", 500, 900, 4, 1500, None),
-                (Kind.ANALYSIS, "/analyze", "POST", 422, 900, 1, 1500, None),
-                (Kind.ANALYSIS, "/analyze", "POST", 204, 0, 0, 0, None),
-                (Kind.DEAD_LETTER, "undecodable", "", 0, 0, 0, 0, None),
+                alert_record("hr_high", "open"),
+                alert_record("hr_high", "open"),
+                alert_record("hr_high", "clear"),
+                alert_record("silence", "open"),
+                analysis_record(200, 900, 1, 1500),
+                analysis_record(500, 900, 4, 1500),
+                analysis_record(422, 900, 1, 1500),
+                analysis_record(204, 0, 0, 0),
+                dead_letter_record("undecodable"),
             ]
         )
     )

@@ -15,6 +15,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from shared import telemetry
 from shared.keys import Keys
 from shared.telemetry import BATCH_FIELD, Record, ServiceHeartbeat, TelemetryBatch, encode_batch
 from tests.support.procs import _SETTINGS_ENV, READY_DEADLINE, _Process, free_port
@@ -47,7 +48,7 @@ def http_record(
     samples: int = 4,
     trace_id: str | None = None,
 ) -> Record:
-    return (0, route, method, status, duration_us, size, samples, trace_id)
+    return telemetry.http_record(route, method, status, duration_us, size, samples, trace_id)
 
 
 async def xadd_batch(
