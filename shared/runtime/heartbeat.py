@@ -36,10 +36,16 @@ class HeartbeatPublisher:
         await self._redis.set(self._key, encode_heartbeat(self._build()), ex=self._ttl)
 
     async def run(self) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 async with asyncio.timeout(max(self._interval, 1.0)):
                     await self.publish()
             except (RedisError, OSError, TimeoutError):
                 pass  # a missing heartbeat is itself the signal the sidecar reports
+            # A cancellation that lands while redis-py is mid-command can be swallowed on its
+            # way through the client (the task stays "cancelling", nothing is raised): stop
+            # here, or the loop would outlive its cancel_and_wait.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self._interval)

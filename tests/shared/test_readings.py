@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from service.fastpath.resp import RespConnection
-from service.store import ReadingsWriter
+from service.store import STORED, ReadingsWriter
 from shared.keys import Keys
 from shared.readings import (
     BATCH_FIELD,
@@ -94,7 +94,7 @@ async def test_the_write_script_adds_the_entry_that_encode_entry_describes(
     before = now_ms()
     outcome = await writer.submit("dev-1", 7, BATCH, trace)
     after = now_ms()
-    assert outcome[0] == 1  # stored
+    assert outcome.stored == STORED
 
     [(_, fields)] = cast(Entries, await redis.xrange(keys.readings))
     entry = decode_entry(fields)
