@@ -60,6 +60,7 @@ __all__ = (
     "remote_context",
     "sanitize_attributes",
     "setup_tracing",
+    "traces_endpoint",
 )
 
 TRACEPARENT = "traceparent"
@@ -282,7 +283,8 @@ class _LoopExport(SpanProcessor):
                 logger.warning("tracing: the collector is unreachable; spans are dropped")
 
 
-def _endpoint(settings: TracingSection) -> str:
+def traces_endpoint(settings: TracingSection) -> str:
+    """Where the spans go: the OTLP traces endpoint, else the base one, else Jaeger's."""
     if settings.otel_exporter_otlp_traces_endpoint:
         return settings.otel_exporter_otlp_traces_endpoint
     if settings.otel_exporter_otlp_endpoint:
@@ -487,7 +489,7 @@ def setup_tracing(settings: TracingSection, *, service_name: str) -> Tracing:
         }
     )
     provider = TracerProvider(resource=resource, sampler=sampler, id_generator=ids)
-    endpoint = _endpoint(settings)
+    endpoint = traces_endpoint(settings)
     processor = _LoopExport(settings, endpoint)
     provider.add_span_processor(processor)
 

@@ -23,14 +23,17 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
+# PARSER_INTERNALS: whether the frame parser's internals are as this module expects; when
+# False, every socket takes aiohttp's ordinary path (the tests set it so to check that path
+# keeps the contract).
 try:  # private: the queue between aiohttp's frame parser and receive()
     from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 
-    _INTERNALS = True
+    PARSER_INTERNALS = True
 except ImportError:  # pragma: no cover - another aiohttp layout: the ordinary path
-    _INTERNALS = False
+    PARSER_INTERNALS = False
 
-__all__ = ("TextSocket",)
+__all__ = ("PARSER_INTERNALS", "TextSocket")
 
 # The queue's own flow-control limit, as aiohttp sets it (DEFAULT_CHUNK_SIZE).
 _QUEUE_LIMIT = 2**16
@@ -48,7 +51,7 @@ def _frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
-if _INTERNALS:
+if PARSER_INTERNALS:
 
     class _TextTaker(WebSocketDataQueue):
         """The parser's queue: text messages go to ``on_text``, everything else is queued."""
@@ -96,7 +99,7 @@ class TextSocket(web.WebSocketResponse):
         # client that spoke before its 101 keeps the ordinary path.
         tail = getattr(protocol, "_message_tail", None)
         super()._post_start(request, *args, **kwargs)
-        if not _INTERNALS or tail != b"" or self._compress:
+        if not PARSER_INTERNALS or tail != b"" or self._compress:
             return
         if getattr(protocol, "_payload_parser", None) is not getattr(self, "_parser", object()):
             return

@@ -91,3 +91,20 @@ def test_the_check_sees_a_crossing_import(tmp_path: Path) -> None:
         "def later():\n    import sidecar.app\n"
     )
     assert _imports(module, own="worker") == {"service", "worker", "sidecar"}
+
+
+def test_no_test_imports_a_private_name_of_the_code() -> None:
+    """Tests use what the code offers; a private name is free to change without them."""
+    private = []
+    for path in sorted((ROOT_DIR / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                if node.module.split(".")[0] not in FIRST_PARTY:
+                    continue
+                private += [
+                    f"{path.relative_to(ROOT_DIR)}: {node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+    assert private == []

@@ -215,7 +215,7 @@ async def test_the_ordinary_aiohttp_path_keeps_the_same_contract(
 ) -> None:
     """Where aiohttp's internals are not as expected, text messages come through its queue
     and the handler's loop, and are answered the same way."""
-    monkeypatch.setattr(wsframes, "_INTERNALS", False)
+    monkeypatch.setattr(wsframes, "PARSER_INTERNALS", False)
     client = await aiohttp_client(create_app(settings))
     async with client.ws_connect(URL, headers=device.headers) as ws:
         await ws.send_json(device.batch(1))

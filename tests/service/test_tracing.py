@@ -18,7 +18,7 @@ from service.appkeys import INGEST
 from shared.keys import Keys
 from shared.settings import ServiceSettings
 from shared.telemetry import Kind
-from shared.tracing import Tracing, _endpoint, parse_traceparent, setup_tracing
+from shared.tracing import Tracing, parse_traceparent, setup_tracing, traces_endpoint
 from tests.support.env import AiohttpClient, Device
 from tests.support.telemetry import read_records
 from tests.support.worker import eventually, stored_counts, worker_settings
@@ -296,9 +296,9 @@ def test_a_legacy_jaeger_endpoint_is_pointed_at_the_otlp_port(settings: ServiceS
         legacy, otel_exporter_otlp_endpoint="http://collector:4318/", jaeger_endpoint=None
     )
 
-    assert _endpoint(legacy) == "http://jaeger:4318/v1/traces"
-    assert _endpoint(otlp) == "http://jaeger:4318/v1/traces"
-    assert _endpoint(explicit) == "http://collector:4318/v1/traces"
+    assert traces_endpoint(legacy) == "http://jaeger:4318/v1/traces"
+    assert traces_endpoint(otlp) == "http://jaeger:4318/v1/traces"
+    assert traces_endpoint(explicit) == "http://collector:4318/v1/traces"
 
 
 def test_tracing_off_decides_nothing(settings: ServiceSettings) -> None:

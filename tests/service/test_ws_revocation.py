@@ -80,7 +80,7 @@ async def test_a_revoked_token_closes_its_open_socket_with_1008(
     monkeypatch: pytest.MonkeyPatch,
     taking_text: bool,
 ) -> None:
-    monkeypatch.setattr(wsframes, "_INTERNALS", taking_text)
+    monkeypatch.setattr(wsframes, "PARSER_INTERNALS", taking_text)
     client = await aiohttp_client(create_app(settings))
     async with client.ws_connect(URL, headers=device.headers) as ws:
         await ws.send_json(device.batch(1))
