@@ -1,6 +1,5 @@
 """What the ingestion handlers need, gathered in one object so a request looks it up once."""
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +39,5 @@ class IngestState:
     draining: bool = False
     # Batches taken before draining began and not yet answered (HTTP requests, WS messages).
     batches_in_flight: int = 0
-    started: bool = False
-    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     # Set by whoever runs the server (it knows the connections); unknown until then.
     count_connections: Callable[[], int] = lambda: -1
