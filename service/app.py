@@ -11,7 +11,6 @@ from aiohttp import web
 from loguru import logger
 
 from shared.appkeys import (
-    CHECKER,
     HTTP_SERVER,
     LOGS,
     PG_POOL,
@@ -19,12 +18,11 @@ from shared.appkeys import (
     REDIS_AUX,
     TRACING,
 )
-from shared.health import HealthChecker
 from shared.httpserver import SERVER, expect_continue
 from shared.keys import Keys
 from shared.logs import Logs
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory
-from shared.resources import health_checks, pool_stats, static_details
+from shared.resources import dependency_checker, pool_stats
 from shared.runtime.clients import http_client, postgres_pool, redis_client
 from shared.runtime.heartbeat import HeartbeatPublisher
 from shared.runtime.probes import Probes
@@ -133,13 +131,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         tracing=app[TRACING],
     )
     app[INGEST] = state
-    checker = HealthChecker(
-        health_checks(app),
-        timeout=settings.health_check_timeout_ms / 1000,
-        interval=settings.health_check_interval,
-        static_details=static_details(settings),
-    )
-    app[CHECKER] = checker
+    checker = dependency_checker(app)
     process = app[PROBES]
     process.ready = probes.readiness_checks(state, checker)
     process.draining = lambda: state.draining

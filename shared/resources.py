@@ -7,12 +7,19 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from .appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS
-from .health import Check, ai_services_check, disk_check, redis_check, threshold_check
+from .appkeys import CHECKER, HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS
+from .health import (
+    Check,
+    HealthChecker,
+    ai_services_check,
+    disk_check,
+    redis_check,
+    threshold_check,
+)
 from .reporting import process_memory
 from .settings import HealthChecksSection
 
-__all__ = ("health_checks", "pool_stats", "static_details")
+__all__ = ("dependency_checker", "health_checks", "pool_stats", "static_details")
 
 
 def health_checks(app: web.Application) -> dict[str, Check]:
@@ -58,3 +65,17 @@ def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
         "available": stats.get("pool_available", 0),
         "waiting": stats.get("requests_waiting", 0),
     }
+
+
+def dependency_checker(app: web.Application) -> HealthChecker:
+    """The background checker of ``health_checks``, under ``CHECKER``: what the probes and
+    the heartbeat of the service and the worker read."""
+    settings = app[SETTINGS]
+    checker = HealthChecker(
+        health_checks(app),
+        timeout=settings.health_check_timeout_ms / 1000,
+        interval=settings.health_check_interval,
+        static_details=static_details(settings),
+    )
+    app[CHECKER] = checker
+    return checker

@@ -24,7 +24,6 @@ from redis.exceptions import RedisError
 
 from shared.alerts import count_open_alerts
 from shared.appkeys import (
-    CHECKER,
     HTTP_CLIENT,
     LOGS,
     PG_POOL,
@@ -38,7 +37,7 @@ from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
 from shared.logs import Logs, setup_logging
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory
-from shared.resources import health_checks, pool_stats, static_details
+from shared.resources import dependency_checker, pool_stats
 from shared.runtime.clients import http_client, postgres_pool, redis_client
 from shared.runtime.heartbeat import HeartbeatPublisher
 from shared.runtime.probes import Probes
@@ -230,13 +229,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         runner=runner,
     )
     app[WORKER] = state
-    checker = HealthChecker(
-        health_checks(app),
-        timeout=settings.health_check_timeout_ms / 1000,
-        interval=settings.health_check_interval,
-        static_details=static_details(settings),
-    )
-    app[CHECKER] = checker
+    checker = dependency_checker(app)
     probes = app[PROBES]
     probes.ready = _readiness_checks(state, checker)
     probes.draining = lambda: state.draining
