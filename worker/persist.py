@@ -56,7 +56,6 @@ from .consumers import DeadConsumers
 from .groups import Delivery, GroupReader
 
 __all__ = (
-    "PERSIST_GROUP",
     "STAGING_DDL",
     "ReadingsPersister",
     "Row",

@@ -140,9 +140,8 @@ def test_the_environment_is_exactly_the_dev_lock() -> None:
 
 
 def test_the_devtools_need_nothing_the_project_does_not_lock() -> None:
-    """devtools/ is installed with --no-deps: it may only depend on pulsecal itself."""
-    requires = [Requirement(r) for r in metadata.requires("pulsecal-devtools") or ()]
-    assert [canonicalize_name(r.name) for r in requires] == [_PROJECT]
+    """devtools/ is installed with --no-deps beside pulsecal: it declares nothing to lock."""
+    assert metadata.requires("pulsecal-devtools") in (None, [])
 
 
 def test_aiohttp_is_locked_to_the_release_its_fast_paths_were_written_against() -> None:

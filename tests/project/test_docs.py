@@ -14,9 +14,6 @@ DOCS = sorted((ROOT_DIR / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 README_MAX_BYTES = 8192
 
-# Files other changes are adding now; drop an entry once its file is in the tree.
-PENDING: frozenset[str] = frozenset()
-
 # Top-level folders of the repository: a `code span` starting with one of them is a path.
 REPO_FOLDERS = (
     ".ci",
@@ -93,8 +90,6 @@ def test_the_readme_opens_with_the_two_commands_for_a_fresh_machine() -> None:
 def _leads_somewhere(page: Path, target: str) -> bool:
     file_part, _, anchor = target.partition("#")
     linked = (page.parent / file_part).resolve() if file_part else page
-    if str(linked.relative_to(ROOT_DIR)) in PENDING:
-        return True
     if not linked.exists():
         return False
     return not anchor or linked.suffix != ".md" or anchor in _anchors(linked)
@@ -108,9 +103,7 @@ def test_every_relative_link_leads_to_a_file_and_heading(page: Path) -> None:
 
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_every_repository_path_named_exists(page: Path) -> None:
-    missing = [
-        path for path in _repo_paths(page) if path not in PENDING and not (ROOT_DIR / path).exists()
-    ]
+    missing = [path for path in _repo_paths(page) if not (ROOT_DIR / path).exists()]
     assert missing == []
 
 

@@ -22,12 +22,11 @@ import psycopg
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.readings import encode_entry
+from shared.readings import PERSIST_GROUP, encode_entry
 from shared.settings import ProgramSettings, WorkerSettings
 from tests.support.env import REDIS_URL
 from tests.support.procs import _SETTINGS_ENV, _Process, free_port
 from tests.support.settings import for_program
-from worker.persist import PERSIST_GROUP
 
 __all__ = (
     "PostgresCluster",

@@ -26,13 +26,12 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.readings import encode_entry
+from shared.readings import PERSIST_GROUP, encode_entry
 from shared.settings import WorkerSettings
 from shared.telemetry import BATCH_FIELD, Kind, decode_batch
 from tests.support.env import REDIS_URL
 from tests.support.worker import BASE_TS, eventually, worker_settings
 from worker.app import create_app
-from worker.persist import PERSIST_GROUP
 
 # ------------------------------------------------------------------ the reference model
 

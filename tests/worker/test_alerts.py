@@ -17,6 +17,7 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.readings import PERSIST_GROUP
 from shared.settings import ServiceSettings, SidecarSettings, WorkerSettings
 from shared.telemetry import ALERT_RULES, BATCH_FIELD, Kind, Record, decode_batch
 from sidecar.app import create_app as create_sidecar
@@ -26,7 +27,6 @@ from tests.support.worker import BASE_TS, add_readings, eventually, reading, sto
 from tests.support.worker import worker_settings as tuned
 from worker.alerts import SILENCE, rules_from
 from worker.app import create_app
-from worker.persist import PERSIST_GROUP
 
 Client = TestClient[web.Request, web.Application]
 StartWorker = Callable[..., Awaitable[Client]]

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from analysis.app import create_app as create_analysis_app
 from shared.keys import Keys
-from shared.readings import DeadLetter, decode_dead_letter, decode_entry
+from shared.readings import PERSIST_GROUP, DeadLetter, decode_dead_letter, decode_entry
 from shared.settings import AnalysisSettings, ServiceSettings, variables
 from shared.telemetry import (
     BATCH_FIELD,
@@ -46,7 +46,7 @@ from worker.analysis_jobs import CircuitBreaker
 from worker.app import create_app
 from worker.appkeys import WORKER
 from worker.groups import stream_entries
-from worker.persist import PERSIST_GROUP, safe_trim_id
+from worker.persist import safe_trim_id
 
 Client = TestClient[web.Request, web.Application]
 StartWorker = Callable[..., Awaitable[Client]]

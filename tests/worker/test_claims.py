@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.readings import decode_entry
+from shared.readings import PERSIST_GROUP, decode_entry
 from tests.support.worker import (
     WorkerProcess,
     add_readings,
@@ -26,7 +26,6 @@ from tests.support.worker import (
     stored_counts,
     worker_config,
 )
-from worker.persist import PERSIST_GROUP
 
 DEVICES = 20
 
