@@ -1,21 +1,27 @@
 """The readings stream's entries and its dead letters: one owner for both formats.
 
-The service writes a readings entry from Lua (``service/store.py``, its script built from the
-field names here); everything else that writes one (tests, benchmarks, a re-queue) uses
-``encode_entry``, which writes the same fields in the same order. The worker reads entries
-with ``decode_entry``. An entry holds:
+The service's write script (``service/store.py``, built from the field names here) adds one
+entry per write, carrying every batch that write stored (``encode_write`` writes the same
+fields in the same order); everything else decodes with ``decode_entries``. An entry holds:
 
-- ``d`` (``BATCH_FIELD``): the batch exactly as the device sent it (``shared/wire.py``);
-- ``r`` (``RECEIVED_FIELD``): when the service received it, epoch milliseconds, decimal;
-- ``t`` (``TRACE_FIELD``), only for a sampled request: the traceparent of the span that wrote
-  it, so the consumer continues the trace.
+- ``r`` (``RECEIVED_FIELD``): when the service received the write, epoch milliseconds, decimal;
+- ``d0``, ``d1``, ... (``BATCH_FIELD`` and the batch's index in the entry, from 0): each batch
+  exactly as the device sent it (``shared/wire.py``);
+- ``t0``, ... (``TRACE_FIELD`` and the index), only for a batch of a sampled request: the
+  traceparent of the span that wrote it, so the consumer continues the trace.
 
-A dead letter (the worker's ``readings:dead`` stream) is the original entry's fields, as they
-were, plus why it was given up: the ``dl_*`` fields below. Fields keep their names for good:
-entries written by an older process must still decode.
+An entry of one batch in the first format, ``d``, ``r`` and ``t`` without an index, is what
+``encode_entry`` writes: the service wrote it so before entries carried several batches, a
+dead letter keeps one batch so, and either can be added to the stream again as it is. Both
+decode, so entries left in the stream by an older service are read after an upgrade.
+
+A dead letter (the worker's ``readings:dead`` stream) is one batch's fields in that
+one-batch format, plus why it was given up: the ``dl_*`` fields below, ``dl_index`` being the
+batch's index in its original entry. Fields keep their names for good: entries written by an
+older process must still decode.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
@@ -28,10 +34,14 @@ __all__ = (
     "DeadLetter",
     "EntryError",
     "ReadingsEntry",
+    "batch_field",
     "decode_dead_letter",
+    "decode_entries",
     "decode_entry",
     "encode_dead_letter",
     "encode_entry",
+    "encode_write",
+    "trace_field",
 )
 
 # The consumer group the worker reads the stream as (Postgres is its destination).
@@ -49,6 +59,7 @@ DEAD_LETTER_KINDS = ("undecodable", "rejected", "redelivered")
 # The original entry's fields are kept beside these; their prefix keeps the two apart.
 _DEAD_LETTER_PREFIX = b"dl_"
 _DL_ID = b"dl_id"
+_DL_INDEX = b"dl_index"
 _DL_KIND = b"dl_kind"
 _DL_REASON = b"dl_reason"
 _DL_DELIVERIES = b"dl_deliveries"
@@ -60,6 +71,17 @@ _MISSING = (
     f" or '{RECEIVED_FIELD.decode()}' (received at) field"
 )
 _NOT_MS = f"'{RECEIVED_FIELD.decode()}' is not epoch milliseconds: "
+_FIRST_BATCH = BATCH_FIELD + b"0"
+
+
+def batch_field(index: int) -> bytes:
+    """The field of the ``index``-th batch (from 0) of an entry that carries several."""
+    return b"%s%d" % (BATCH_FIELD, index)
+
+
+def trace_field(index: int) -> bytes:
+    """The field of the traceparent of the ``index``-th batch of an entry."""
+    return b"%s%d" % (TRACE_FIELD, index)
 
 
 class EntryError(ValueError):
@@ -91,29 +113,66 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
     consumer: str
     at_ms: int
     fields: dict[bytes, bytes]
+    # The batch's index in its original entry; None for a dead letter of a whole entry, or
+    # one written before entries carried several batches.
+    index: int | None = None
 
 
 def encode_entry(
     batch: bytes, received_ms: int, traceparent: bytes | None = None
 ) -> dict[bytes, bytes]:
-    """The fields of the entry the service's write script adds for this batch (an empty
-    ``traceparent`` is none, as there), in its order: the ``XADD`` field-value pairs."""
+    """The fields of a one-batch entry in the first format (an empty ``traceparent`` is
+    none), in order: the ``XADD`` field-value pairs of a dead letter's batch or a re-queue."""
     fields = {BATCH_FIELD: batch, RECEIVED_FIELD: b"%d" % received_ms}
     if traceparent:
         fields[TRACE_FIELD] = traceparent
     return fields
 
 
-def decode_entry(fields: Mapping[bytes, bytes]) -> ReadingsEntry:
-    """The entry of an ``XREAD``/``XRANGE`` reply's fields; ``EntryError`` if it is not one.
-    Fields it does not know are ignored, so a newer writer may add some."""
-    batch = fields.get(BATCH_FIELD)
+def encode_write(
+    received_ms: int, batches: Sequence[tuple[bytes, bytes | None]]
+) -> dict[bytes, bytes]:
+    """The fields of the entry the service's write script adds for a write that stored
+    ``batches`` (each the batch and its traceparent, an empty one being none), in its order."""
+    fields = {RECEIVED_FIELD: b"%d" % received_ms}
+    for i, (batch, traceparent) in enumerate(batches):
+        fields[batch_field(i)] = batch
+        if traceparent:
+            fields[trace_field(i)] = traceparent
+    return fields
+
+
+def _received(fields: Mapping[bytes, bytes]) -> bytes:
     received = fields.get(RECEIVED_FIELD)
-    if batch is None or received is None:
+    if received is None:
         raise EntryError(_MISSING)
     if not received.isdigit():
         raise EntryError(f"{_NOT_MS}{received[:40]!r}")
-    return ReadingsEntry(batch, received, fields.get(TRACE_FIELD))
+    return received
+
+
+def decode_entries(fields: Mapping[bytes, bytes]) -> list[ReadingsEntry]:
+    """Every batch of an ``XREAD``/``XRANGE`` reply's entry, in order, in either format;
+    ``EntryError`` if it is not an entry. Fields it does not know are ignored, so a newer
+    writer may add some."""
+    batch = fields.get(BATCH_FIELD)
+    if batch is not None or _FIRST_BATCH not in fields:
+        return [decode_entry(fields)]
+    received = _received(fields)
+    entries = []
+    i = 0
+    while (batch := fields.get(batch_field(i))) is not None:
+        entries.append(ReadingsEntry(batch, received, fields.get(trace_field(i))))
+        i += 1
+    return entries
+
+
+def decode_entry(fields: Mapping[bytes, bytes]) -> ReadingsEntry:
+    """The batch of a one-batch entry in the first format; ``EntryError`` if it is not one."""
+    batch = fields.get(BATCH_FIELD)
+    if batch is None:
+        raise EntryError(_MISSING)
+    return ReadingsEntry(batch, _received(fields), fields.get(TRACE_FIELD))
 
 
 def encode_dead_letter(
@@ -125,9 +184,12 @@ def encode_dead_letter(
     deliveries: int,
     consumer: str,
     at_ms: int,
+    index: int | None = None,
 ) -> dict[bytes, bytes]:
-    """The dead-letter stream's fields for the readings entry ``entry_id`` with ``fields``."""
-    return {
+    """The dead-letter stream's fields for the readings entry ``entry_id`` with ``fields``
+    (one batch's, ``encode_entry``; or a whole entry's that does not decode), ``index`` the
+    batch's in that entry."""
+    dead = {
         **fields,
         _DL_ID: entry_id,
         _DL_KIND: kind.encode(),
@@ -136,6 +198,9 @@ def encode_dead_letter(
         _DL_CONSUMER: consumer.encode(),
         _DL_AT: b"%d" % at_ms,
     }
+    if index is not None:
+        dead[_DL_INDEX] = b"%d" % index
+    return dead
 
 
 def decode_dead_letter(fields: Mapping[bytes, bytes]) -> DeadLetter:
@@ -149,6 +214,7 @@ def decode_dead_letter(fields: Mapping[bytes, bytes]) -> DeadLetter:
             consumer=fields[_DL_CONSUMER].decode(errors="replace"),
             at_ms=int(fields[_DL_AT]),
             fields={k: v for k, v in fields.items() if not k.startswith(_DEAD_LETTER_PREFIX)},
+            index=int(fields[_DL_INDEX]) if _DL_INDEX in fields else None,
         )
     except (KeyError, ValueError) as e:
         raise EntryError(f"not a dead letter: {e}") from e
