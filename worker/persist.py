@@ -1,24 +1,47 @@
 """Readings from the Redis stream to Postgres: exactly once in ``readings``, whatever crashes.
 
 One consumer group (``persist``) on the readings stream; every worker process is a consumer
-of its own. A round reads up to ``WORKER_BATCH`` entries (``XREADGROUP``), copies them into
-a per-connection temporary table with one ``COPY`` and inserts them into ``readings`` with
+of its own. A stream entry carries the batches of one write of the service (``d0``, ``d1``,
+...; or one batch, ``d``, in the format older services wrote: ``shared/readings.py``), and a
+row of ``readings`` is one batch, known here by its entry and its index there (``Row``). A
+round reads up to ``WORKER_BATCH`` entries (``XREADGROUP``), copies their batches into a
+per-connection temporary table with one ``COPY`` and inserts them into ``readings`` with
 ``ON CONFLICT (device_id, ts, seq) DO NOTHING``; the device status and the vital alert rules
-are updated in the same transaction. The entries are acknowledged (``XACK``) only after the
-commit. So a crash before the commit leaves them pending and they are stored later; a crash
-between commit and acknowledgement has them delivered again, and the conflict clause keeps
-them from being stored twice.
+are updated in the same transaction. An entry is acknowledged (``XACK``) only after the
+commit, and only once every one of its batches is stored or dead-lettered. So a crash before
+the commit leaves it pending and its batches are stored later; a crash between commit and
+acknowledgement has it delivered again, and the conflict clause keeps its batches from
+being stored twice.
 
 Entries a dead consumer left pending (its process's heartbeat is gone, or is another
 process's: ``worker.consumers``) are claimed at once, before any new entry is read; any
 entry idle for ``WORKER_CLAIM_IDLE`` is claimed (``XAUTOCLAIM``) as well. While Postgres is
 unavailable the round is retried with backoff (no new entries are read meanwhile, and
-retries do not count as deliveries). An entry that is
-not a valid batch goes to the dead-letter stream at once; one that Postgres refuses is
-found by trying the entries one by one (each in a savepoint), left pending with the reason
-recorded, and moved to the dead-letter stream once it has been delivered
-``WORKER_DEAD_LETTER_AFTER`` times; so is an entry that kept being delivered without ever
-being acknowledged (one that crashes its consumer, say).
+retries do not count as deliveries).
+
+Dead letters are per batch. An entry whose fields are no entry at all (no receive time, no
+batch) goes to the dead-letter stream whole, at once. A batch that is not a valid batch goes
+there alone, in the one-batch format and with its index in the entry (``dl_index``), and its
+entry's other batches are stored; an entry in the one-batch format is its one batch, so its
+dead letter is the entry as it was, without an index. A batch Postgres refuses is found by
+trying the round's batches one by one (each in a savepoint); its reason is recorded in the
+errors hash (under the entry id for an entry in the one-batch format, ``<id>/<index>`` for a
+batch of an entry of several), its entry's other batches are stored, and the entry stays
+pending until the delivery that reaches ``WORKER_DEAD_LETTER_AFTER``, when that batch goes
+to the dead-letter stream. An entry delivered more often than that without being
+acknowledged (one that crashes its consumer, say) has each of its batches dead-lettered, as
+refused if a reason is recorded for it, else as redelivered, without decoding them.
+
+A dead letter is added in the same ``MULTI`` as the acknowledgement of its entry. An entry
+none of whose batches is to be stored is settled so before the commit; the dead batches of
+one with batches to store wait for the commit and are added, the entry acknowledged, after
+it. So a crash never leaves a batch dead-lettered with its entry pending, to be
+dead-lettered again at the next delivery; the price is that an undecodable batch in an
+entry with a batch Postgres refuses waits with that entry, and goes when the refused one
+does. Two windows remain for a second dead letter of the same batch: a connection lost
+after Redis ran the ``MULTI`` but before its reply came (the step is retried: the
+acknowledgement is idempotent, the ``XADD`` not), and an entry claimed for being idle from a
+consumer still working on it (both may settle it).
 
 Trimming (``StreamJanitor``): an entry may go only once every consumer group has
 acknowledged it. For each group the first entry it may still need is its oldest pending
@@ -44,8 +67,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
-from shared.readings import PERSIST_GROUP, EntryError, encode_dead_letter
-from shared.readings import decode_entry as decode_readings_entry
+from shared.readings import (
+    BATCH_FIELD,
+    PERSIST_GROUP,
+    EntryError,
+    ReadingsEntry,
+    decode_entries,
+    encode_dead_letter,
+    encode_entry,
+)
 from shared.reporting import Telemetry
 from shared.telemetry import dead_letter_record, persist_record
 from shared.tracing import Tracing, links_from, remote_context
@@ -60,7 +90,9 @@ __all__ = (
     "ReadingsPersister",
     "Row",
     "StreamJanitor",
-    "decode_entry",
+    "UndecodableBatch",
+    "UndecodableError",
+    "decode_rows",
     "ensure_partitions",
     "safe_trim_id",
 )
@@ -116,19 +148,32 @@ _UNDERFLOW_CANDIDATE = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One decoded readings entry: its COPY line and what the worker needs besides."""
+    """One decoded batch: its COPY line and what the worker needs besides. A batch is known
+    by its entry and its index there (0 for an entry in the one-batch format)."""
 
     entry_id: bytes
+    index: int
     device_id: str
     ts_ms: int
     samples: int
     line: bytes
-    # The traceparent of the sampled request that wrote it (field ``t``), if any.
+    # The traceparent of the sampled request that wrote it (field ``t<index>``), if any.
     trace: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class UndecodableBatch:
+    """A batch of an entry that is not a valid batch: dead-lettered alone, why in ``reason``."""
+
+    entry_id: bytes
+    index: int
+    batch: ReadingsEntry
+    reason: str
+
+
 class UndecodableError(ValueError):
-    pass
+    """Why fields give no row; from ``decode_rows``: they are no entry at all (so it is
+    dead-lettered whole)."""
 
 
 def _optional(value: float | None) -> bytes:
@@ -151,12 +196,23 @@ def _pg_array(raw: bytes) -> bytes:
     return raw.translate(_TO_PG_ARRAY)
 
 
-def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
-    """The entry's COPY line (text format); ``UndecodableError`` says why there is none."""
+def decode_rows(entry_id: bytes, fields: dict[bytes, bytes]) -> list[Row | UndecodableBatch]:
+    """Every batch of the entry, in order: its COPY line (text format), or why there is none.
+    ``UndecodableError`` if the fields are no entry at all."""
     try:
-        entry = decode_readings_entry(fields)
+        batches = decode_entries(fields)
     except EntryError as e:
         raise UndecodableError(str(e)) from e
+    out: list[Row | UndecodableBatch] = []
+    for index, entry in enumerate(batches):
+        try:
+            out.append(_row(entry_id, index, entry))
+        except UndecodableError as e:
+            out.append(UndecodableBatch(entry_id, index, entry, str(e)))
+    return out
+
+
+def _row(entry_id: bytes, index: int, entry: ReadingsEntry) -> Row:
     try:
         batch = decode_stored_batch(entry.batch)
     except BatchError as e:
@@ -176,7 +232,54 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Row:
         _optional(batch.spo2),
         entry.received,
     )
-    return Row(entry_id, batch.device_id, batch.ts, samples, line, entry.traceparent)
+    return Row(entry_id, index, batch.device_id, batch.ts, samples, line, entry.traceparent)
+
+
+def _one_batch_format(fields: dict[bytes, bytes]) -> bool:
+    """An entry in the first format (``d``, ``r``, ``t``): its one batch is the entry."""
+    return BATCH_FIELD in fields
+
+
+def _error_key(entry: Delivery, index: int) -> bytes:
+    """The errors hash's field of a batch: the entry id for an entry in the one-batch format
+    (as before entries carried several), ``<id>/<index>`` for one of several."""
+    if _one_batch_format(entry.fields):
+        return entry.entry_id
+    return b"%s/%d" % (entry.entry_id, index)
+
+
+def _error_keys(entry: Delivery) -> list[bytes]:
+    """The errors hash's fields of every batch of ``entry`` (its id when it does not decode)."""
+    try:
+        count = len(decode_entries(entry.fields))
+    except EntryError:
+        return [entry.entry_id]
+    return [_error_key(entry, i) for i in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Dead:
+    """A dead letter to add: a batch (``index``), or a whole entry (``index`` None: one
+    that does not decode, or one in the one-batch format), with the fields it keeps."""
+
+    entry: Delivery
+    index: int | None
+    fields: dict[bytes, bytes]
+    kind: str
+    reason: str
+
+
+def _whole(entry: Delivery, kind: str, reason: str) -> _Dead:
+    return _Dead(entry, None, entry.fields, kind, reason)
+
+
+def _dead_batch(entry: Delivery, index: int, batch: ReadingsEntry, kind: str, reason: str) -> _Dead:
+    """One batch's dead letter: the entry as it is when its one batch is the entry, else the
+    batch in the one-batch format, with its index."""
+    if _one_batch_format(entry.fields):
+        return _whole(entry, kind, reason)
+    fields = encode_entry(batch.batch, batch.received_ms, batch.traceparent)
+    return _Dead(entry, index, fields, kind, reason)
 
 
 async def ensure_partitions(pool: AsyncConnectionPool, *, days_ahead: int) -> int:
@@ -339,52 +442,84 @@ class ReadingsPersister:
     # ------------------------------------------------------------------ one round
 
     async def handle(self, entries: list[Delivery]) -> None:
-        """Store a round of entries; everything stored or dead-lettered is acknowledged."""
+        """Store a round of entries; an entry is acknowledged once each of its batches is
+        stored or dead-lettered."""
         rows: list[Row] = []
-        dead: list[tuple[Delivery, str, str]] = []
+        # Entries with no batch left to store: dead-lettered and acknowledged now.
+        buried: list[Delivery] = []
+        dead_now: list[_Dead] = []
+        # Entries with batches to store: their dead batches wait for the commit.
+        held: dict[bytes, list[_Dead]] = {}
         reasons = await self._recorded_reasons(entries)
         for entry in entries:
-            # Tried that often already (a rejected entry is buried at its last try): it
-            # keeps its consumers from acknowledging it, perhaps by crashing them.
-            if entry.deliveries > self._dead_letter_after:
-                reason = reasons.get(entry.entry_id) or (
-                    f"delivered {entry.deliveries} times without being acknowledged"
-                )
-                kind = "rejected" if entry.entry_id in reasons else "redelivered"
-                dead.append((entry, kind, reason))
-                continue
-            try:
-                rows.append(decode_entry(entry.entry_id, entry.fields))
-            except UndecodableError as e:
-                dead.append((entry, "undecodable", str(e)))
-        if dead:
+            dead, stored = self._sort(entry, reasons)
+            if stored:
+                rows += stored
+                held[entry.entry_id] = dead
+            else:
+                buried.append(entry)
+                dead_now += dead
+        if buried:
             await self._until_done(
-                "moving entries to the dead-letter stream", lambda: self._bury(dead)
+                "moving entries to the dead-letter stream",
+                lambda: self._settle(dead_now, buried, {}),
             )
         if rows:
-            await self._persist(rows, {e.entry_id: e for e in entries})
+            await self._persist(rows, {e.entry_id: e for e in entries}, held)
+
+    def _sort(self, entry: Delivery, reasons: dict[bytes, str]) -> tuple[list[_Dead], list[Row]]:
+        """The entry's batches that are dead letters, and those to store."""
+        if entry.deliveries > self._dead_letter_after:
+            # Tried that often already (a refused batch is buried at its last try): it keeps
+            # its consumers from acknowledging it, perhaps by crashing them. Not decoded
+            # further than into its batches.
+            redelivered = f"delivered {entry.deliveries} times without being acknowledged"
+            try:
+                batches = decode_entries(entry.fields)
+            except EntryError:
+                return [_whole(entry, "redelivered", redelivered)], []
+            dead = []
+            for index, batch in enumerate(batches):
+                reason = reasons.get(_error_key(entry, index))
+                kind = "redelivered" if reason is None else "rejected"
+                dead.append(_dead_batch(entry, index, batch, kind, reason or redelivered))
+            return dead, []
+        try:
+            decoded = decode_rows(entry.entry_id, entry.fields)
+        except UndecodableError as e:
+            return [_whole(entry, "undecodable", str(e))], []
+        rows = [item for item in decoded if isinstance(item, Row)]
+        dead = [
+            _dead_batch(entry, item.index, item.batch, "undecodable", item.reason)
+            for item in decoded
+            if isinstance(item, UndecodableBatch)
+        ]
+        return dead, rows
 
     async def _recorded_reasons(self, entries: list[Delivery]) -> dict[bytes, str]:
-        redelivered = [e.entry_id for e in entries if e.deliveries > 1]
-        if not redelivered:
+        """Why Postgres refused batches of these entries at an earlier delivery."""
+        keys = [key for e in entries if e.deliveries > 1 for key in _error_keys(e)]
+        if not keys:
             return {}
 
         async def read() -> dict[bytes, str]:
-            values = await self._redis.hmget(self._errors, redelivered)
+            values = await self._redis.hmget(self._errors, keys)
             return {
-                entry_id: value.decode(errors="replace") if isinstance(value, bytes) else value
-                for entry_id, value in zip(redelivered, values, strict=True)
+                key: value.decode(errors="replace") if isinstance(value, bytes) else value
+                for key, value in zip(keys, values, strict=True)
                 if value is not None
             }
 
         result: dict[bytes, str] = await self._until_done("reading failure reasons", read)
         return result
 
-    async def _persist(self, rows: list[Row], entries: dict[bytes, Delivery]) -> None:
+    async def _persist(
+        self, rows: list[Row], entries: dict[bytes, Delivery], held: dict[bytes, list[_Dead]]
+    ) -> None:
         """Commit ``rows``; a group holding sampled batches is a span of their traces."""
         traces = [row.trace.decode() for row in rows if row.trace] if self._tracing.enabled else []
         if not traces:
-            await self._commit(rows, entries)
+            await self._commit(rows, entries, held)
             return
         # A child of the first sampled batch's write (so the trace runs on across the
         # stream into Postgres), linked to the others the same commit stored.
@@ -401,9 +536,13 @@ class ReadingsPersister:
                 "db.system": "postgresql",
             },
         ):
-            await self._commit(rows, entries)
+            await self._commit(rows, entries, held)
 
-    async def _commit(self, rows: list[Row], entries: dict[bytes, Delivery]) -> None:
+    async def _commit(
+        self, rows: list[Row], entries: dict[bytes, Delivery], held: dict[bytes, list[_Dead]]
+    ) -> None:
+        """Store ``rows``, then settle the entries they came from (``held``: each one's dead
+        batches): those with every batch stored or dead are acknowledged."""
         delay = 0.05
         failing_since: float | None = None
         while True:
@@ -415,8 +554,8 @@ class ReadingsPersister:
                 except (psycopg.DataError, psycopg.IntegrityError) as e:
                     logger.warning("worker: Postgres refused a group ({}); isolating", e)
                     rejected = await self._find_rejected(rows)
-                    bad = {row.entry_id for row, _ in rejected}
-                    rows = [row for row in rows if row.entry_id not in bad]
+                    bad = {(row.entry_id, row.index) for row, _ in rejected}
+                    rows = [row for row in rows if (row.entry_id, row.index) not in bad]
                     inserted, samples, evaluation = (
                         await self._write(rows) if rows else (0, 0, Evaluation())
                     )
@@ -451,18 +590,40 @@ class ReadingsPersister:
             self._on_alert(change)
         if evaluation.late and self._on_late is not None:
             self._on_late(evaluation.late)
-        if rejected:
-            await self._until_done(
-                "recording rejected entries", lambda: self._reject(rejected, entries)
+        refused = self._refused(rejected, entries, held)
+        settled = [entries[entry_id] for entry_id in held if entry_id not in refused]
+        dead = [d for entry in settled for d in held[entry.entry_id]]
+        await self._until_done(
+            "acknowledging stored entries", lambda: self._settle(dead, settled, refused)
+        )
+        if rows and self._on_persisted is not None:
+            await self._on_persisted(rows)
+
+    def _refused(
+        self,
+        rejected: list[tuple[Row, str]],
+        entries: dict[bytes, Delivery],
+        held: dict[bytes, list[_Dead]],
+    ) -> dict[bytes, dict[bytes, str]]:
+        """The batches Postgres refused: at their entry's last try, dead batches of it (in
+        ``held``); before, the entries left pending, each with the reasons to record."""
+        self.rejected += len(rejected)
+        refused: dict[bytes, dict[bytes, str]] = {}
+        for row, reason in rejected:
+            entry = entries[row.entry_id]
+            logger.bind(entryId=row.entry_id.decode(), deviceId=row.device_id).warning(
+                "worker: Postgres refused batch {} of readings entry {} (delivery {}): {}",
+                row.index,
+                row.entry_id.decode(),
+                entry.deliveries,
+                reason,
             )
-        if rows:
-            ids = [row.entry_id for row in rows]
-            redelivered = [i for i in ids if entries[i].deliveries > 1]
-            await self._until_done(
-                "acknowledging stored entries", lambda: self._ack(ids, redelivered)
-            )
-            if self._on_persisted is not None:
-                await self._on_persisted(rows)
+            if entry.deliveries >= self._dead_letter_after:
+                batch = decode_entries(entry.fields)[row.index]
+                held[row.entry_id].append(_dead_batch(entry, row.index, batch, "rejected", reason))
+            else:
+                refused.setdefault(row.entry_id, {})[_error_key(entry, row.index)] = reason
+        return refused
 
     def _record(self, status: int, started: float, rows: int, samples: int) -> None:
         duration = int((time.perf_counter() - started) * 1e6)
@@ -508,63 +669,54 @@ class ReadingsPersister:
             await copy.write(row.line)
         await cur.execute(_INSERT)
 
-    async def _reject(
-        self, rejected: list[tuple[Row, str]], entries: dict[bytes, Delivery]
+    async def _settle(
+        self,
+        dead: list[_Dead],
+        acknowledged: list[Delivery],
+        refused: dict[bytes, dict[bytes, str]],
     ) -> None:
-        self.rejected += len(rejected)
-        now_dead: list[tuple[Delivery, str, str]] = []
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for row, reason in rejected:
-                entry = entries[row.entry_id]
-                logger.bind(entryId=row.entry_id.decode(), deviceId=row.device_id).warning(
-                    "worker: Postgres refused readings entry {} (delivery {}): {}",
-                    row.entry_id.decode(),
-                    entry.deliveries,
-                    reason,
-                )
-                if entry.deliveries >= self._dead_letter_after:
-                    now_dead.append((entry, "rejected", reason))
-                else:
-                    pipe.hset(self._errors, row.entry_id, reason)
-            pipe.expire(self._errors, 7 * 86_400)
-            await pipe.execute()
-        if now_dead:
-            await self._bury(now_dead)
-
-    async def _ack(self, ids: list[bytes], redelivered: list[bytes]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self._stream, PERSIST_GROUP, *ids)
-            if redelivered:
-                pipe.hdel(self._errors, *redelivered)
-            await pipe.execute()
-
-    async def _bury(self, dead: list[tuple[Delivery, str, str]]) -> None:
-        """Dead letters: each added to the dead-letter stream and acknowledged, atomically."""
+        """One step: the dead letters added, the entries they belong to (every batch of
+        which is now stored or dead) acknowledged, atomically; the reasons of the batches
+        refused before their last try recorded (their entries stay pending)."""
         now_ms = time.time_ns() // 1_000_000
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for entry, kind, reason in dead:
+        # Reasons are recorded only at a delivery before the last: none for a first one.
+        forget = [key for e in acknowledged if e.deliveries > 1 for key in _error_keys(e)]
+        reasons = {key: reason for batch in refused.values() for key, reason in batch.items()}
+        async with self._redis.pipeline(transaction=bool(dead)) as pipe:
+            for letter in dead:
                 # redis-py's field type is a dict of every encodable type (invariant).
                 fields: dict[Any, Any] = encode_dead_letter(
-                    entry.entry_id,
-                    entry.fields,
-                    kind=kind,
-                    reason=reason,
-                    deliveries=entry.deliveries,
+                    letter.entry.entry_id,
+                    letter.fields,
+                    kind=letter.kind,
+                    reason=letter.reason,
+                    deliveries=letter.entry.deliveries,
                     consumer=self._consumer,
                     at_ms=now_ms,
+                    index=letter.index,
                 )
                 pipe.xadd(self._dead, fields, maxlen=self._dead_letter_maxlen, approximate=True)
-                pipe.xack(self._stream, PERSIST_GROUP, entry.entry_id)
-                pipe.hdel(self._errors, entry.entry_id)
+            if acknowledged:
+                pipe.xack(self._stream, PERSIST_GROUP, *[e.entry_id for e in acknowledged])
+            if forget:
+                pipe.hdel(self._errors, *forget)
+            if reasons:
+                # redis-py's mapping type is invariant as well.
+                mapping: dict[Any, Any] = reasons
+                pipe.hset(self._errors, mapping=mapping)
+                pipe.expire(self._errors, 7 * 86_400)
             await pipe.execute()
-        for entry, kind, reason in dead:
+        for letter in dead:
             self.dead_letters += 1
-            self._telemetry.record(dead_letter_record(kind))
-            logger.bind(entryId=entry.entry_id.decode()).error(
-                "worker: readings entry {} moved to the dead-letter stream ({}): {}",
-                entry.entry_id.decode(),
-                kind,
-                reason,
+            self._telemetry.record(dead_letter_record(letter.kind))
+            entry_id = letter.entry.entry_id.decode()
+            what = "entry" if letter.index is None else f"batch {letter.index} of entry"
+            logger.bind(entryId=entry_id).error(
+                "worker: readings {} {} moved to the dead-letter stream ({}): {}",
+                what,
+                entry_id,
+                letter.kind,
+                letter.reason,
             )
 
 
