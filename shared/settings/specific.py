@@ -243,7 +243,10 @@ class WorkerSection(Section):
 
     worker_port: int = variable("WORKER_PORT", 3002, PORT, "HTTP port of the worker's probes")
     worker_batch: int = variable(
-        "WORKER_BATCH", 500, IntRange(1, 100_000), "readings read and stored per round"
+        "WORKER_BATCH",
+        500,
+        IntRange(1, 100_000),
+        "readings stream entries (one per write of the service) read and stored per round",
     )
     worker_block_ms: int = variable(
         "WORKER_BLOCK_MS",
@@ -261,7 +264,7 @@ class WorkerSection(Section):
         "WORKER_DEAD_LETTER_AFTER",
         5,
         IntRange(1, 1000),
-        "deliveries before a failing entry becomes a dead letter",
+        "deliveries of an entry before a failing batch of it becomes a dead letter",
     )
     worker_retry_max: float = variable(
         "WORKER_RETRY_MAX",
