@@ -3,7 +3,7 @@
 Run from the repository root with the project's virtualenv::
 
     .venv/bin/python bench/worker.py [--entries 200000] [--duration 10] [--sustain 60]
-        [--episodes 0.3] [--no-service --rate 5000]
+        [--episodes 0.3] [--no-service --rate 5000] [--per-entry 16 | --one-batch-format]
 
 Every process under test is pinned to core 0 (``taskset -c 0``); the load side (wrk, the
 stream writer, the harness's own ``redis-server``) to core 1. Postgres is the local one (a
@@ -14,16 +14,19 @@ and is not pinned: it is the worker's database, not the worker.
    ``bench/run.py`` runs it: 50 samples per batch, devices registered with
    ``pulsecal-admin``); its acknowledged samples/s is the figure to beat.
 2. Worker throughput: the stream is pre-filled with ``--entries`` batches in the service's
-   exact entry format (``shared.readings.encode_entry``: the batch JSON as wrk sends it and
-   the time received); then ``pulsecal-worker`` (analysis off) persists them. Rows/s and
-   samples/s are measured between 10 % and 90 % of the way, from the persist group's
-   acknowledgements. Each device sends one batch (one second of data) per second of its own
-   clock, in rotation; with ``--episodes F`` a fraction F of the devices has ``hr`` 150 for
-   80 s out of every 120 s (so their ``hr_high`` alerts open and clear), the others stay
-   between 60 and 100.
+   exact entry format (``shared.readings.encode_write``: one entry per write carrying
+   ``--per-entry`` batches, the service's ``WRITE_MAX_BATCH`` by default, as its writes are
+   under load: the batch JSON as wrk sends it and the time received; or, with
+   ``--one-batch-format``, one batch per entry as older services wrote them,
+   ``shared.readings.encode_entry``); then ``pulsecal-worker`` (analysis off) persists them.
+   Rows/s and samples/s are measured between 10 % and 90 % of the way, from the persist
+   group's acknowledgements (every entry holds the same number of batches). Each device
+   sends one batch (one second of data) per second of its own clock, in rotation; with
+   ``--episodes F`` a fraction F of the devices has ``hr`` 150 for 80 s out of every 120 s
+   (so their ``hr_high`` alerts open and clear), the others stay between 60 and 100.
 3. Sustained: a writer appends batches at the service's measured peak rate (``--rate``
    with ``--no-service``) for ``--sustain`` seconds while the worker runs; the backlog (the
-   group's lag + pending) is sampled every second.
+   group's lag + pending, in batches) is sampled every second.
 
 ``--no-service`` skips step 1 (for a machine without wrk, or to measure the worker alone).
 
@@ -48,7 +51,8 @@ import psycopg
 import redis
 
 from shared.keys import Keys
-from shared.readings import PERSIST_GROUP, encode_entry
+from shared.readings import PERSIST_GROUP, encode_entry, encode_write
+from shared.settings import variables
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -75,6 +79,8 @@ STREAM = Keys(KEY_PREFIX).readings
 GROUP = PERSIST_GROUP
 RATE_HZ = 50
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The most batches one write of the service (so one readings entry) carries, by default.
+WRITE_MAX_BATCH: int = {v.name: v.default for v in variables()}["WRITE_MAX_BATCH"]
 
 
 def batch_body(device_id: str, seq: int, ts_ms: int, samples: int, rng: random.Random) -> bytes:
@@ -102,16 +108,26 @@ EPISODE_ON_S, EPISODE_CYCLE_S = 80, 120  # longer than ALERT_HR_DURATION (60 s),
 
 
 class Writer:
-    """Appends batches to the stream in the service's entry format, from core 1.
+    """Appends batches to the stream in the service's entry format, from core 1:
+    ``per_entry`` batches to an entry (0: one to an entry, in the one-batch format).
 
-    Device ``i % n`` sends entry ``i``; its clock advances one second (one batch of 50
+    Device ``i % n`` sends batch ``i``; its clock advances one second (one batch of 50
     samples at 50 Hz) each time its turn comes round.
     """
 
     def __init__(
-        self, client: redis.Redis, devices: list[str], samples: int, *, episodes: float = 0.0
+        self,
+        client: redis.Redis,
+        devices: list[str],
+        samples: int,
+        *,
+        episodes: float = 0.0,
+        per_entry: int = WRITE_MAX_BATCH,
     ) -> None:
         self._client = client
+        self._per_entry = per_entry
+        # Batches per stream entry.
+        self.batches_per_entry = max(1, per_entry)
         self._devices = devices
         self._rng = random.Random(7)
         # A few bodies per device, re-stamped with a new seq and ts for each entry.
@@ -129,8 +145,9 @@ class Writer:
         self.samples = samples
 
     def entries(self, count: int) -> list[dict[bytes, bytes]]:
+        """``count`` batches (a whole number of entries) in their entries."""
         received_ms = time.time_ns() // 1_000_000
-        out = []
+        bodies = []
         n = len(self._devices)
         for _ in range(count):
             i = self._i
@@ -144,25 +161,41 @@ class Writer:
                 self._ts0 + second * 1000,
                 templates[i % len(templates)],
             )
-            out.append(encode_entry(body, received_ms))
-        return out
+            bodies.append(body)
+        if not self._per_entry:
+            return [encode_entry(body, received_ms) for body in bodies]
+        step = self._per_entry
+        return [
+            encode_write(received_ms, [(body, None) for body in bodies[start : start + step]])
+            for start in range(0, len(bodies), step)
+        ]
 
-    def write(self, count: int) -> None:
+    def whole(self, count: int) -> int:
+        """``count`` batches rounded up to a whole number of entries (at least one)."""
+        per = self.batches_per_entry
+        return max(1, -(-count // per)) * per
+
+    def write(self, count: int) -> int:
+        """Writes about ``count`` batches (rounded up to whole entries); how many."""
+        count = self.whole(count)
         pipe = self._client.pipeline(transaction=False)
         for fields in self.entries(count):
             pipe.xadd(STREAM, fields)
         pipe.execute()
+        return count
 
 
-def acknowledged(client: redis.Redis) -> tuple[int, int]:
-    """(entries read by the persist group and acknowledged, lag + pending)."""
+def acknowledged(client: redis.Redis, per_entry: int) -> tuple[int, int]:
+    """(batches read by the persist group and acknowledged, lag + pending in batches), for
+    entries of ``per_entry`` batches each."""
     for group in client.xinfo_groups(STREAM):
         if group["name"] == GROUP.encode():
             read = int(group.get("entries-read") or 0)
             pending = int(group["pending"])
             lag = group.get("lag")
-            return read - pending, (int(lag) if lag is not None else 0) + pending
-    return 0, int(client.xlen(STREAM))
+            backlog = (int(lag) if lag is not None else 0) + pending
+            return (read - pending) * per_entry, backlog * per_entry
+    return 0, int(client.xlen(STREAM)) * per_entry
 
 
 def start_worker(bench: Bench, env: dict[str, str], name: str) -> Any:
@@ -181,18 +214,17 @@ def measure_worker(
     bench: Bench, client: redis.Redis, writer: Writer, env: dict[str, str], entries: int
 ) -> dict[str, Any]:
     client.delete(STREAM)
+    entries = writer.whole(entries)
     done = 0
     while done < entries:
-        chunk = min(5000, entries - done)
-        writer.write(chunk)
-        done += chunk
+        done += writer.write(min(writer.whole(5000), entries - done))
     proc = start_worker(bench, env, "worker")
     window = CpuWindow({"worker": lambda: [proc.pid]})
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
     window.start()
     while True:
-        acked, backlog = acknowledged(client)
+        acked, backlog = acknowledged(client, writer.batches_per_entry)
         samples.append((time.monotonic(), acked))
         if backlog == 0 and acked >= entries:
             break
@@ -238,9 +270,7 @@ def sustained(
         # Pinned by the harness's own affinity (core 1); paced in 50 ms slices.
         next_at = time.monotonic()
         while not stop.is_set():
-            count = max(1, round(rate * 0.05))
-            writer.write(count)
-            written[0] += count
+            written[0] += writer.write(round(rate * 0.05))
             next_at += 0.05
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -252,14 +282,15 @@ def sustained(
     try:
         while time.monotonic() - started < seconds:
             time.sleep(1.0)
-            backlog.append(acknowledged(client)[1])
+            backlog.append(acknowledged(client, writer.batches_per_entry)[1])
     finally:
         stop.set()
         thread.join()
     wall = time.monotonic() - started
     cpu_s = (proc_ticks(proc.pid) - ticks0) / CLK_TCK
     drain_started = time.monotonic()
-    while acknowledged(client)[1] > 0 and time.monotonic() - drain_started < 120:
+    per_entry = writer.batches_per_entry
+    while acknowledged(client, per_entry)[1] > 0 and time.monotonic() - drain_started < 120:
         time.sleep(0.1)
     drained_s = time.monotonic() - drain_started
     bench.procs.stop(proc)
@@ -290,8 +321,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rate", type=float, default=5000.0, help="sustained rows/s with --no-service (5000)"
     )
+    p.add_argument(
+        "--per-entry",
+        type=int,
+        default=WRITE_MAX_BATCH,
+        help=f"batches to a stream entry, as one write of the service ({WRITE_MAX_BATCH})",
+    )
+    p.add_argument(
+        "--one-batch-format",
+        action="store_true",
+        help="one batch to an entry, in the format older services wrote",
+    )
     p.add_argument("--output", type=Path, default=BENCH / "results" / "worker.json")
     args = p.parse_args(argv)
+    if args.per_entry < 1:
+        p.error("--per-entry must be at least 1")
     # bench/run.py's Bench wants its own options; these are the ones it reads here.
     args.wrk_threads = 1
     args.warmup = 2.0
@@ -332,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. The worker alone, on a full stream.
         writer = Writer(
-            client, [d.device_id for d in devices], args.samples, episodes=args.episodes
+            client,
+            [d.device_id for d in devices],
+            args.samples,
+            episodes=args.episodes,
+            per_entry=0 if args.one_batch_format else args.per_entry,
         )
         worker_env = {
             **common,

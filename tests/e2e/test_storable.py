@@ -119,7 +119,8 @@ class StoreHarness:
         refused = await self.redis.hgetall(self.keys.readings_errors)
         if dead or refused:
             await self.redis.delete(self.keys.readings_dead, self.keys.readings_errors)
-        reasons = [(f[b"dl_reason"][:300], f[b"d"][:300]) for _, f in dead]
+        # A dead letter holds one batch (field ``d``), or a whole entry that did not decode.
+        reasons = [(f[b"dl_reason"][:300], f.get(b"d", b"")[:300]) for _, f in dead]
         assert reasons == [], "dead letters"
         assert refused == {}, "refused by Postgres"
 

@@ -1,7 +1,10 @@
 """Helpers of the worker tests: readings entries, the worker and Postgres as real processes.
 
-Entries are written in the service's exact format (``shared.readings.encode_entry``: the
-batch as the device sent it, and when it was received), which is what ``service.store`` writes.
+Entries are written in the service's exact format (``shared.readings.encode_write``: one
+entry per write, carrying the batches of that write as the devices sent them, and when they
+were received), grouped as the service groups them (up to ``WRITE_MAX_BATCH`` per write);
+or, for the upgrade's sake, one batch per entry in the format older services wrote
+(``shared.readings.encode_entry``).
 """
 
 import asyncio
@@ -15,20 +18,21 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import psycopg
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.readings import PERSIST_GROUP, encode_entry
-from shared.settings import ProgramSettings, WorkerSettings
+from shared.readings import PERSIST_GROUP, encode_entry, encode_write
+from shared.settings import ProgramSettings, WorkerSettings, variables
 from tests.support.env import REDIS_URL
 from tests.support.procs import _SETTINGS_ENV, _Process, free_port
 from tests.support.settings import for_program
 
 __all__ = (
+    "WRITE_MAX_BATCH",
     "PostgresCluster",
     "WorkerProcess",
     "add_bodies",
@@ -41,6 +45,8 @@ __all__ = (
 
 WORKER_BIN = Path(sys.executable).with_name("pulsecal-worker")
 BASE_TS = 1_764_000_000_000  # 2025-11-24T16:00Z: older than any partition, so the default
+# The most batches the service's write (so one readings entry) carries, by default.
+WRITE_MAX_BATCH: int = {v.name: v.default for v in variables()}["WRITE_MAX_BATCH"]
 
 
 def worker_settings(settings: ProgramSettings, **overrides: Any) -> WorkerSettings:
@@ -85,19 +91,53 @@ def reading(
     return body
 
 
-async def add_readings(redis: Redis, keys: Keys, batches: Sequence[Mapping[str, Any]]) -> None:
-    """Append batches to the readings stream as the service does (one pipeline)."""
-    await add_bodies(redis, keys, [msgspec.json.encode(batch) for batch in batches])
+async def add_readings(
+    redis: Redis,
+    keys: Keys,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    per_entry: int = WRITE_MAX_BATCH,
+    one_batch_format: bool = False,
+) -> list[bytes]:
+    """Append batches to the readings stream as the service does (one pipeline); the ids
+    of the entries added."""
+    return await add_bodies(
+        redis,
+        keys,
+        [msgspec.json.encode(batch) for batch in batches],
+        per_entry=per_entry,
+        one_batch_format=one_batch_format,
+    )
 
 
-async def add_bodies(redis: Redis, keys: Keys, bodies: Sequence[bytes]) -> None:
-    """Append entries holding these bodies as they are (valid batches or not), received now."""
+async def add_bodies(
+    redis: Redis,
+    keys: Keys,
+    bodies: Sequence[bytes],
+    *,
+    per_entry: int = WRITE_MAX_BATCH,
+    one_batch_format: bool = False,
+    traceparents: Sequence[bytes | None] | None = None,
+) -> list[bytes]:
+    """Append these bodies as they are (valid batches or not), received now: ``per_entry``
+    to an entry, in order, or each in an entry of its own in the one-batch format. The ids
+    of the entries added."""
     received_ms = time.time_ns() // 1_000_000
+    traces = list(traceparents) if traceparents is not None else [None] * len(bodies)
+    pairs = list(zip(bodies, traces, strict=True))
+    if one_batch_format:
+        entries = [encode_entry(body, received_ms, trace) for body, trace in pairs]
+    else:
+        entries = [
+            encode_write(received_ms, pairs[start : start + per_entry])
+            for start in range(0, len(pairs), per_entry)
+        ]
     async with redis.pipeline(transaction=False) as pipe:
-        for body in bodies:
-            fields: dict[Any, Any] = encode_entry(body, received_ms)  # redis-py's field type
-            pipe.xadd(keys.readings, fields)
-        await pipe.execute()
+        for fields in entries:
+            # redis-py's field type is a dict of every encodable type (invariant).
+            added: dict[Any, Any] = fields
+            pipe.xadd(keys.readings, added)
+        return cast(list[bytes], await pipe.execute())
 
 
 async def stored_counts(database_url: str, device_ids: Sequence[str]) -> dict[tuple[str, int], int]:

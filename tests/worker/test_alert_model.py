@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.readings import PERSIST_GROUP, encode_entry
+from shared.readings import PERSIST_GROUP, encode_write
 from shared.settings import WorkerSettings
 from shared.telemetry import BATCH_FIELD, Kind, decode_batch
 from tests.support.env import REDIS_URL
-from tests.support.worker import BASE_TS, eventually, worker_settings
+from tests.support.worker import BASE_TS, WRITE_MAX_BATCH, eventually, worker_settings
 from worker.app import create_app
 
 # ------------------------------------------------------------------ the reference model
@@ -230,21 +230,27 @@ class Harness:
         self.worker = None
 
     async def add(self, batches: Sequence[Vitals], device_id: str) -> None:
-        """One group: the batches appended at once, in the service's entry format."""
+        """One group: the batches appended at once, in the service's entry format (up to
+        ``WRITE_MAX_BATCH`` to an entry)."""
+        bodies: list[tuple[bytes, bytes | None]] = []
+        for v in batches:
+            body: dict[str, Any] = {
+                "device_id": device_id,
+                "seq": v.seq,
+                "ts": v.ts,
+                "rate_hz": 50.0,
+                "ppg": [0.5, 0.6],
+            }
+            if v.hr is not None:
+                body["hr"] = v.hr
+            if v.spo2 is not None:
+                body["spo2"] = v.spo2
+            bodies.append((msgspec.json.encode(body), None))
         async with self.redis.pipeline(transaction=True) as pipe:
-            for v in batches:
-                body: dict[str, Any] = {
-                    "device_id": device_id,
-                    "seq": v.seq,
-                    "ts": v.ts,
-                    "rate_hz": 50.0,
-                    "ppg": [0.5, 0.6],
-                }
-                if v.hr is not None:
-                    body["hr"] = v.hr
-                if v.spo2 is not None:
-                    body["spo2"] = v.spo2
-                fields: dict[Any, Any] = encode_entry(msgspec.json.encode(body), BASE_TS)
+            for start in range(0, len(bodies), WRITE_MAX_BATCH):
+                fields: dict[Any, Any] = encode_write(
+                    BASE_TS, bodies[start : start + WRITE_MAX_BATCH]
+                )
                 pipe.xadd(self.keys.readings, fields)
             await pipe.execute()
 

@@ -102,7 +102,8 @@ async def test_the_stream_is_trimmed_only_below_what_every_group_acknowledged(
     start_worker: StartWorker, redis: Redis, keys: Keys
 ) -> None:
     device = "dev-trim-" + keys.prefix.split(":")[1]
-    await add_readings(redis, keys, [reading(device, seq) for seq in range(30)])
+    # One batch to an entry: 30 entries.
+    await add_readings(redis, keys, [reading(device, seq) for seq in range(30)], per_entry=1)
     # A second group that read 10 entries and acknowledged none of them.
     await redis.xgroup_create(keys.readings, "other", id="0")
     slow = stream_entries(await redis.xreadgroup("other", "c", {keys.readings: ">"}, count=10))
@@ -140,9 +141,10 @@ async def test_poison_entries_go_to_the_dead_letter_stream_and_the_rest_flow(
     device = "dev-poison-" + keys.prefix.split(":")[1]
     await add_readings(redis, keys, [reading(device, seq) for seq in range(5)])
     # Not JSON; and valid JSON the service would have refused: Postgres cannot hold 1e999
-    # in a double.
+    # in a double. Each an entry of its own, in the one-batch format an older service wrote
+    # (a batch of an entry of several: tests/worker/test_entries.py).
     rejected = msgspec.json.encode(reading(device, 5)).replace(b"0.65", b"1e999")
-    await add_bodies(redis, keys, [b"{not json", rejected])
+    await add_bodies(redis, keys, [b"{not json", rejected], one_batch_format=True)
     await add_readings(redis, keys, [reading(device, seq) for seq in range(6, 10)])
 
     worker = await start_worker(worker_dead_letter_after=2, worker_claim_idle=0.2)
@@ -157,6 +159,8 @@ async def test_poison_entries_go_to_the_dead_letter_stream_and_the_rest_flow(
     assert "out of range" in kinds["rejected"].reason
     assert kinds["rejected"].deliveries == 2
     assert decode_entry(kinds["rejected"].fields).batch == rejected
+    # The whole entry, as it was: its one batch.
+    assert [letter.index for letter in dead] == [None, None]
     assert sorted(counts) == [(device, seq) for seq in range(10) if seq != 5]
     assert worker.app[WORKER].persister.dead_letters == 2
     assert await redis.hlen(keys.readings_errors) == 0
@@ -184,8 +188,14 @@ async def test_entries_from_before_the_bounds_met_the_columns_never_wait_to_be_d
     tiny_samples = msgspec.json.encode(reading(device, 1, ppg=[0.25, 7.0, 8.0])).replace(
         b"7.0,8.0", b"1e-400,-123E-0330"
     )
-    await add_bodies(redis, keys, [tiny_samples])
-    await add_readings(redis, keys, [reading(device, 2, rate_hz=5e-324), reading(device, 3)])
+    # In the one-batch format, as an older service wrote them.
+    await add_bodies(redis, keys, [tiny_samples], one_batch_format=True)
+    await add_readings(
+        redis,
+        keys,
+        [reading(device, 2, rate_hz=5e-324), reading(device, 3)],
+        one_batch_format=True,
+    )
 
     worker = await start_worker(worker_dead_letter_after=5, worker_claim_idle=0.2)
     await eventually(lambda: persisted(redis, keys))

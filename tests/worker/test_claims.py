@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.readings import PERSIST_GROUP, decode_entry
+from shared.readings import PERSIST_GROUP, decode_entries
 from tests.support.worker import (
     WorkerProcess,
     add_readings,
@@ -74,8 +74,9 @@ async def batches_of(redis: Redis, keys: Keys, ids: list[bytes]) -> list[tuple[s
             await redis.xrange(keys.readings, min=entry_id, max=entry_id),
         )
         for _, fields in entries:
-            body = json.loads(decode_entry(fields).batch)
-            out.append((body["device_id"], body["seq"]))
+            for batch in decode_entries(fields):
+                body = json.loads(batch.batch)
+                out.append((body["device_id"], body["seq"]))
     return out
 
 
