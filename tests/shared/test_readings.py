@@ -23,9 +23,11 @@ from shared.readings import (
     EntryError,
     ReadingsEntry,
     decode_dead_letter,
+    decode_entries,
     decode_entry,
     encode_dead_letter,
     encode_entry,
+    encode_write,
 )
 from shared.tasks import cancel_and_wait
 from tests.support.env import REDIS_URL
@@ -238,6 +240,41 @@ def test_a_dead_letter_keeps_the_names_it_was_written_with() -> None:
         )
         == fields
     )
+
+
+@given(
+    received_ms=st.integers(min_value=0, max_value=2**63 - 1),
+    batches=st.lists(
+        st.tuples(st.binary(), st.none() | st.binary(min_size=1)), min_size=1, max_size=20
+    ),
+)
+def test_a_written_entry_decodes_to_each_of_its_batches_in_order(
+    received_ms: int, batches: list[tuple[bytes, bytes | None]]
+) -> None:
+    entries = decode_entries(encode_write(received_ms, batches))
+
+    assert [(e.batch, e.received_ms, e.traceparent) for e in entries] == [
+        (batch, received_ms, traceparent) for batch, traceparent in batches
+    ]
+
+
+def test_a_dead_letter_of_one_batch_of_several_names_its_index() -> None:
+    batch = encode_entry(BATCH, 1_764_000_000_000, TRACEPARENT)
+    fields = encode_dead_letter(
+        b"1-0",
+        batch,
+        kind="rejected",
+        reason="DataError: out of range",
+        deliveries=5,
+        consumer="pod-a:0123abcd",
+        at_ms=1_764_000_000_500,
+        index=3,
+    )
+
+    assert fields[b"dl_index"] == b"3"
+    assert decode_dead_letter(fields).index == 3
+    assert decode_dead_letter(fields).fields == batch
+    assert decode_dead_letter({k: v for k, v in fields.items() if k != b"dl_index"}).index is None
 
 
 def test_a_readings_entry_is_no_dead_letter() -> None:
