@@ -44,15 +44,16 @@ class Keys:
         return f"{self.prefix}sidecar:{{{pod}}}:state"
 
     # The worker (docs/worker-and-alerts.md). Its readings keys sit beside the stream under
-    # {ingest}: a dead letter is added and its original acknowledged in one MULTI.
+    # {ingest}: a dead letter is added and its entry acknowledged in one MULTI.
     @property
     def readings_dead(self) -> str:
-        """Dead-letter stream: entries that kept failing, with the reason."""
+        """Dead-letter stream: batches (or whole entries) given up, each with the reason."""
         return f"{self.prefix}{{ingest}}:readings:dead"
 
     @property
     def readings_errors(self) -> str:
-        """Hash of readings entry id -> why persisting it failed last, for the dead letter."""
+        """Hash of a readings batch -> why Postgres refused it last, for its dead letter: the
+        entry id of a one-batch entry, ``<entry id>/<index>`` of a batch of several."""
         return f"{self.prefix}{{ingest}}:readings:errors"
 
     # Analysis jobs and the markers that make one job per device window: under {jobs}, as
