@@ -1,24 +1,24 @@
-"""What a stored WebSocket/HTTP batch costs Redis, for the write script and its alternatives.
+"""What a stored batch costs Redis: the service's write, its parts, and the write it replaced.
 
 Run from the repository root, pinned to one core (the throwaway redis-server goes to the
 other one):
 
-    taskset -c 0 .venv/bin/python bench/writecost.py [--seconds 5] [--payload 1100]
+    taskset -c 0 .venv/bin/python bench/writecost.py [--seconds 5] [--payload 1100] [--batch 16]
 
-Each row drives one fresh Redis with 8 writes in flight of 16 batches each (what the
-service's group commit sends under load) and reads Redis's own CPU time from /proc, so the
-figure is Redis CPU per batch stored, whatever this process costs:
+Each row drives one fresh Redis with 8 writes in flight of ``--batch`` batches each (the
+service's group commit sends up to WRITE_MAX_BATCH per write under load), from 128 devices
+per write in flight, each sending its next seq, and reads Redis's own CPU time from /proc,
+so the figure is Redis CPU per batch stored, whatever this process costs:
 
-- ``script``: the service's write script (``service/store.py``): GCRA cell, idempotency
-  set and ``XADD`` per batch, in one Lua call; ``script, no limit``: rate limiting off;
-- ``script, XADD only``: the same Lua call with only the ``XADD`` left in: the floor of any
-  design that passes the payloads through Lua;
-- ``XADD per batch``: plain pipelined ``XADD``s, no idempotency, no limit;
-- ``XADD per write``: one entry holding all 16 payloads;
-- ``MULTI, script without payloads, XADD per write``: idempotency decided by a script that
-  sees only the seqs, the payloads stored by a plain ``XADD`` in the same transaction (what
-  storing outside Lua would cost; as written it would store a duplicate too, so it is a
-  bound, not a design).
+- ``write``: the service's write (``service/store.py``): ``MULTI``, the ``XADD`` of one entry
+  carrying the write's batches, the script deciding each batch's rate limit and idempotency
+  from the devices' state records, ``EXEC``; ``write, no rate limit``: the same without an
+  ingest policy;
+- ``XADD of the entry alone``: the same entry, added by a plain ``XADD``: what storing the
+  payloads costs, the floor of any write that keeps them in a stream;
+- ``previous write``: the write this one replaced (``bench/previous_write.lua``, kept as it
+  was): one Lua call per write adding one entry per batch, with a GCRA key per device and
+  window and a sorted set of seqs per device, the payloads passed through Lua.
 
 Prints a markdown table.
 """
@@ -26,7 +26,6 @@ Prints a markdown table.
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
 import socket
@@ -39,23 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop
 
-from service import store
 from service.fastpath.resp import RespConnection, encode_command
 from service.ratelimit import Policy, Window
+from service.store import WRITE_CONNECTION_SETUP, ReadingsWriter
 from shared.keys import Keys
-from shared.readings import BATCH_FIELD, encode_entry
 
-BATCH = 16
 IN_FLIGHT = 8
+DEVICES = 128  # per write in flight
 POLICY = Policy("ingest", (Window("minute", 10_000_000, 60.0),), key="device")
-
-_SEEN_ONLY_LUA = b"""
-local out = {}
-for i = 1, #KEYS do
-  out[i] = redis.call('ZADD', KEYS[i], 'NX', ARGV[i], ARGV[i])
-end
-return out
-"""
+PREVIOUS_WRITE = (Path(__file__).parent / "previous_write.lua").read_bytes()
 
 
 def free_port() -> int:
@@ -86,19 +77,21 @@ def redis_server() -> Iterator[tuple[int, int]]:
         proc.wait()
 
 
-def script_variant(xadd_only: bool) -> None:
-    """Point the writer at the service's script, or at it with all but the XADD removed."""
-    lua = store._WRITE_BATCH_LUA
-    if xadd_only:
-        lua = lua.replace("if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then", "if true then")
-        trim = "local held = redis.call('ZCARD', seen)\n      if held == 1 or held > window then"
-        lua = lua.replace(trim, "if false then")
-    store._WRITE_BATCH_SHA = hashlib.sha1(lua.encode()).hexdigest().encode()  # noqa: S324
-    store._LOAD_SCRIPT = encode_command([b"SCRIPT", b"LOAD", lua.encode()])
+def batches(n: int, batch: int) -> list[tuple[str, int]]:
+    """The (device, seq) of write ``n``: each write in flight has DEVICES devices of its
+    own, written in turn, each sending its next seq."""
+    worker, k = divmod(n, 1_000_000_000)
+    out = []
+    for i in range(k * batch, (k + 1) * batch):
+        seq, device = divmod(i, DEVICES)
+        out.append((f"dev-{worker}-{device}", seq))
+    return out
 
 
-async def measure(pid: int, step: Callable[[int], Awaitable[None]], seconds: float) -> float:
-    """Redis CPU µs per batch with IN_FLIGHT loops each storing BATCH batches per step."""
+async def measure(
+    pid: int, step: Callable[[int], Awaitable[None]], seconds: float, batch: int
+) -> float:
+    """Redis CPU µs per batch with IN_FLIGHT loops each storing ``batch`` batches per step."""
     count = 0
     stop = False
 
@@ -106,9 +99,9 @@ async def measure(pid: int, step: Callable[[int], Awaitable[None]], seconds: flo
         nonlocal count
         n = worker * 1_000_000_000
         while not stop:
-            n += 1
             await step(n)
-            count += BATCH
+            n += 1
+            count += batch
 
     tasks = [asyncio.create_task(loop(i)) for i in range(IN_FLIGHT)]
     await asyncio.sleep(1.0)
@@ -120,69 +113,80 @@ async def measure(pid: int, step: Callable[[int], Awaitable[None]], seconds: flo
     return (cpu1 - cpu0) / (n1 - n0) * 1e6
 
 
-async def writer_row(payload: bytes, seconds: float, *, policy: bool, xadd_only: bool) -> float:
-    script_variant(xadd_only)
+def writer(conn: RespConnection, batch: int, *, policy: bool) -> ReadingsWriter:
+    return ReadingsWriter(
+        conn,
+        Keys("bench:"),
+        max_batch=batch,
+        max_pending=100_000,
+        max_in_flight=IN_FLIGHT,
+        timeout=5,
+        idempotency_window=128,
+        idempotency_ttl=3600,
+        policy=POLICY if policy else None,
+    )
+
+
+async def write_row(payload: bytes, seconds: float, batch: int, *, policy: bool) -> float:
     with redis_server() as (port, pid):
         await asyncio.sleep(0.3)
-        conn = RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
-        writer = store.ReadingsWriter(
-            conn,
-            Keys("bench:"),
-            max_batch=BATCH,
-            max_pending=100_000,
-            max_in_flight=IN_FLIGHT,
-            timeout=5,
-            idempotency_window=256,
-            idempotency_ttl=3600,
-            policy=POLICY if policy else None,
+        conn = RespConnection(
+            f"redis://127.0.0.1:{port}/0", connect_timeout=2, setup=WRITE_CONNECTION_SETUP
         )
-        runner = asyncio.create_task(writer.run())
+        store = writer(conn, batch, policy=policy)
+        runner = asyncio.create_task(store.run())
 
         async def step(n: int) -> None:
-            futures = [writer.submit(f"dev-{i:02d}", n, payload) for i in range(BATCH)]
+            futures = [store.submit(device, seq, payload) for device, seq in batches(n, batch)]
             await asyncio.gather(*futures)
 
         try:
-            return await measure(pid, step, seconds)
+            return await measure(pid, step, seconds, batch)
         finally:
             runner.cancel()
             conn.close()
 
 
-async def raw_row(payload: bytes, seconds: float, kind: str) -> float:
+async def xadd_row(payload: bytes, seconds: float, batch: int) -> float:
+    """The write's own XADD, cut out of the transaction the writer builds."""
     with redis_server() as (port, pid):
         await asyncio.sleep(0.3)
         conn = RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
-        sha = await conn.execute(encode_command([b"SCRIPT", b"LOAD", _SEEN_ONLY_LUA]))
-        entry = [part for pair in encode_entry(payload, 1_700_000_000_000).items() for part in pair]
-        blob = b"\n".join([payload] * BATCH)
-        seen_keys = [b"bench:seen:%02d" % i for i in range(BATCH)]
-
-        def commands(n: int) -> list[bytes]:
-            if kind == "each":
-                return [encode_command([b"XADD", b"bench:r", b"*", *entry])] * BATCH
-            if kind == "one":
-                return [encode_command([b"XADD", b"bench:r", b"*", BATCH_FIELD, blob])]
-            seqs = [b"%d" % (n * 100 + i) for i in range(BATCH)]
-            script = [b"EVALSHA", sha, b"%d" % BATCH, *seen_keys, *seqs]
-            return [
-                encode_command([b"MULTI"]),
-                encode_command(script),
-                encode_command([b"XADD", b"bench:r", b"*", BATCH_FIELD, blob]),
-                encode_command([b"EXEC"]),
-            ]
+        store = writer(conn, batch, policy=False)
+        command = store.transaction([(device, 0, payload) for device, _ in batches(0, batch)])
+        xadd = command[command.index(b"*", 1) : command.rindex(b"*", 0, command.index(b"EVALSHA"))]
+        assert xadd.startswith(b"*7\r\n$4\r\nXADD"), xadd[:20]
 
         async def step(n: int) -> None:
-            cmds = commands(n)
-            # One write, its replies awaited together (what a pipeline does).
-            protocol = conn._protocol
-            assert protocol is not None
-            waiters = [protocol.send(b"") for _ in cmds[:-1]]
-            waiters.append(protocol.send(b"".join(cmds)))
-            await asyncio.gather(*waiters)
+            await conn.execute(xadd)
 
         try:
-            return await measure(pid, step, seconds)
+            return await measure(pid, step, seconds, batch)
+        finally:
+            conn.close()
+
+
+async def previous_row(payload: bytes, seconds: float, batch: int) -> float:
+    """The previous write: per batch its seen-set and GCRA cell as keys, and its seq,
+    payload and an empty traceparent as arguments."""
+    with redis_server() as (port, pid):
+        await asyncio.sleep(0.3)
+        conn = RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
+        sha = await conn.execute(encode_command([b"SCRIPT", b"LOAD", PREVIOUS_WRITE]))
+        fixed = [b"128", b"112", b"3600", b"1700000000000", *POLICY.args]
+
+        async def step(n: int) -> None:
+            keys, args = [b"bench:{ingest}:readings"], []
+            for device, seq in batches(n, batch):
+                keys += [b"bench:{ingest}:seen:" + device.encode()]
+                keys += [b"bench:{ingest}:rl:ingest:minute:" + device.encode()]
+                args += [b"%d" % seq, payload, b""]
+            await conn.execute(
+                encode_command([b"EVALSHA", sha, b"%d" % len(keys), *keys, *fixed, *args])
+            )
+
+        try:
+            return await measure(pid, step, seconds, batch)
         finally:
             conn.close()
 
@@ -191,21 +195,17 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row")
     p.add_argument("--payload", type=int, default=1100, help="bytes per batch")
+    p.add_argument("--batch", type=int, default=16, help="batches per write")
     args = p.parse_args()
     payload = b'{"ppg":[' + b"1" * max(0, args.payload - 10) + b"]}"
-    secs = args.seconds
+    secs, batch = args.seconds, args.batch
     rows = [
-        (
-            "script (service/store.py)",
-            writer_row(payload, secs, policy=True, xadd_only=False),
-        ),
-        ("script, no limit", writer_row(payload, secs, policy=False, xadd_only=False)),
-        ("script, XADD only", writer_row(payload, secs, policy=False, xadd_only=True)),
-        ("XADD per batch", raw_row(payload, secs, "each")),
-        ("XADD per write", raw_row(payload, secs, "one")),
-        ("MULTI, script without payloads, XADD per write", raw_row(payload, secs, "multi")),
+        ("write (service/store.py)", write_row(payload, secs, batch, policy=True)),
+        ("write, no rate limit", write_row(payload, secs, batch, policy=False)),
+        ("XADD of the entry alone", xadd_row(payload, secs, batch)),
+        ("previous write (bench/previous_write.lua)", previous_row(payload, secs, batch)),
     ]
-    print(f"{BATCH} batches of {len(payload)} bytes per write, {IN_FLIGHT} writes in flight\n")
+    print(f"{batch} batches of {len(payload)} bytes per write, {IN_FLIGHT} writes in flight\n")
     print("| write | Redis CPU µs per batch |\n| --- | ---: |")
     for name, coro in rows:
         print(f"| {name} | {await coro:.2f} |", flush=True)

@@ -40,7 +40,7 @@ from .fastpath.resp import RespConnection
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
 from .state import IngestState
-from .store import BacklogMonitor, ReadingsWriter
+from .store import WRITE_CONNECTION_SETUP, BacklogMonitor, ReadingsWriter
 from .tokens import TokenCache, TokenRefresher
 
 __all__ = ("create_app", "drain")
@@ -48,7 +48,9 @@ __all__ = ("create_app", "drain")
 
 async def _data_connection(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connection = RespConnection(settings.redis_url, connect_timeout=settings.write_timeout)
+    connection = RespConnection(
+        settings.redis_url, connect_timeout=settings.write_timeout, setup=WRITE_CONNECTION_SETUP
+    )
     app[REDIS_DATA] = connection
     yield
     connection.close()

@@ -142,29 +142,29 @@ ALLOWED: Final = 1
 REFUSED: Final = 2
 SHADOWED: Final = 3
 
-# One Lua function for both scripts. ``first`` is the index in KEYS of the policy's first
-# window key; the windows' limits and periods come from ARGV starting at ``params``
-# (``limit, period_ms`` per window). Returns the code (ALLOWED, REFUSED, SHADOWED), the
-# deciding window (1-based), remaining, and reset in ms.
+# The algorithm once, for both scripts. ``gcra_step`` decides one request of a client
+# against ``nw`` windows: ``tats[w]`` is the client's TAT in window ``w`` (ms; nil: none
+# yet), ``periods[w]`` the window's period (ms) and ``intervals[w]`` its period / limit;
+# ``nexts`` is scratch space. It returns the code (ALLOWED, REFUSED, SHADOWED), the deciding
+# window (1-based), remaining, and reset in ms, and when ALLOWED leaves the new TATs in
+# ``tats`` (refused or shadowed, they are left as they were). The write script keeps a
+# device's TATs in its state record (service/store.py); ``gcra`` keeps a client's in one key per
+# window: ``first`` is the index in KEYS of the policy's first window key, and the limits
+# and periods come from ARGV starting at ``params`` (``limit, period_ms`` per window).
 #
 # Each cell holds its TAT (with 17 significant digits, so it reads back exactly: Lua's
 # tostring keeps 14, a tenth of a millisecond at today's epoch, enough to refuse a request at
 # the boundary) and expires when the TAT is reached.
 GCRA_LUA = """
-local function gcra(first, nw, shadow, params, now)
-  local tats = {}
+local function gcra_step(tats, nw, periods, intervals, shadow, now, nexts)
   local refused, wait = 0, 0
   for w = 1, nw do
-    local limit = tonumber(ARGV[params + 2 * w - 2])
-    local period = tonumber(ARGV[params + 2 * w - 1])
-    local tat = tonumber(redis.call('GET', KEYS[first + w - 1])) or now
+    local tat = tats[w] or now
     if tat < now then tat = now end
-    local new_tat = tat + period / limit
-    local over = new_tat - now - period
-    if over > 0 and over > wait then
-      refused, wait = w, over
-    end
-    tats[w] = new_tat
+    local next_tat = tat + intervals[w]
+    local over = next_tat - now - periods[w]
+    if over > 0 and over > wait then refused, wait = w, over end
+    nexts[w] = next_tat
   end
   if refused > 0 then
     if shadow == 0 then return 2, refused, 0, math.ceil(wait) end
@@ -172,16 +172,32 @@ local function gcra(first, nw, shadow, params, now)
   end
   local best, remaining, reset = 1, nil, 0
   for w = 1, nw do
-    local limit = tonumber(ARGV[params + 2 * w - 2])
-    local period = tonumber(ARGV[params + 2 * w - 1])
-    local ahead = tats[w] - now
-    redis.call('SET', KEYS[first + w - 1], string.format('%.17g', tats[w]), 'PX', math.ceil(ahead))
-    local left = math.floor((period - ahead) / (period / limit) + 1e-9)
+    local ahead = nexts[w] - now
+    tats[w] = nexts[w]
+    local left = math.floor((periods[w] - ahead) / intervals[w] + 1e-9)
     if remaining == nil or left < remaining then
       best, remaining, reset = w, left, math.ceil(ahead)
     end
   end
   return 1, best, remaining, reset
+end
+
+local function gcra(first, nw, shadow, params, now)
+  local tats, periods, intervals = {}, {}, {}
+  for w = 1, nw do
+    periods[w] = tonumber(ARGV[params + 2 * w - 1])
+    intervals[w] = periods[w] / tonumber(ARGV[params + 2 * w - 2])
+    tats[w] = tonumber(redis.call('GET', KEYS[first + w - 1]))
+  end
+  local code, best, remaining, reset = gcra_step(tats, nw, periods, intervals, shadow, now, {})
+  if code == 1 then
+    for w = 1, nw do
+      local tat = tats[w]
+      redis.call('SET', KEYS[first + w - 1], string.format('%.17g', tat),
+        'PX', math.ceil(tat - now))
+    end
+  end
+  return code, best, remaining, reset
 end
 
 local function redis_now_ms()

@@ -10,17 +10,20 @@ accepted its batch.
 
 import asyncio
 import hashlib
+import math
 import string
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+import hiredis
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys
-from shared.readings import BATCH_FIELD, RECEIVED_FIELD, TRACE_FIELD
+from shared.readings import BATCHES_FIELD, RECEIVED_FIELD, TRACE_FIELD, trace_field
 from shared.tasks import cancel_and_wait
 
 from .fastpath.resp import RespConnection, encode_bulk_strings, encode_command
@@ -31,77 +34,319 @@ __all__ = (
     "NOT_ATTEMPTED",
     "NO_POLICY",
     "STORED",
+    "WRITE_CONNECTION_SETUP",
     "BacklogMonitor",
     "ReadingsWriter",
     "StoreUnavailableError",
     "WriteResult",
 )
 
-# Per batch, in one all-or-nothing step: the device's rate limit (GCRA, see ratelimit.py),
-# then idempotency, then the write. Idempotency: a per-device sorted set of recent seqs (at
-# most `window` of them, so it stays small and listpack-encoded). A seq older than what the
-# set holds is accepted again; the persistence worker is idempotent on (device_id, seq) as
-# well. Trimming and refreshing the TTL cost two more commands, so they run only when the
-# set is new or over the window, and then trim it to `keep` (7/8 of the window): one batch
-# in `window - keep` pays for them. The shebang makes Redis check memory once, before the
-# script runs, so no command in it fails for lack of memory: a seq is marked seen only in
-# the same step that stores its batch.
+# One write is one transaction sent at once: ``MULTI``, ``XADD``, ``EVALSHA``, ``EXEC``. The
+# ``XADD`` adds one stream entry carrying every batch of the write (shared/readings.py); the
+# script then decides, per batch in order, the device's rate limit (GCRA, see ratelimit.py)
+# and idempotency. When every batch is stored (nearly always) the entry stays as added;
+# otherwise the script replaces it with one carrying only the stored batches, or removes it.
+# So payloads pass through Lua only on that rare path: every byte entering Lua is hashed
+# (Redis hashes whole strings), which made the payloads the largest cost of a write when
+# the script added the entry itself (BENCHMARKS.md).
 #
-# KEYS: the stream, then per batch its seen-set and one GCRA cell per policy window.
-# ARGV: window, keep, ttl, received ms, window count, shadow, (limit, period ms) per window,
-# then per batch its seq, payload and traceparent ('' when not sampled). The entry is the
-# one shared.readings.encode_entry writes (the field names are put in from there): the body,
-# the time it was received in ms and, for a sampled request, the traceparent.
-# Reply: five integers per batch (see WriteResult).
-_WRITE_BATCH_LUA = (
+# A device's state is one record: its GCRA TATs and its idempotency window, a ring of
+# ``window`` bits over the seqs in (top - window, top], top being the highest seq stored.
+# A seq above top is new; within the ring, its bit says; older than the ring, it is stored
+# again (the worker is idempotent on (device_id, seq) as well). Records live in one hash
+# per generation of ``generation`` ms (KEYS[2] and the generation's number, on Redis's
+# clock): a write reads its devices from the current generation, else the one before, and
+# writes them to the current one, which expires at the end of the next generation. So a
+# record outlives its device's last batch by at least one generation, and a write costs a
+# few commands whatever its number of batches. A record (little-endian): the count of
+# TATs (a byte), the TATs and top (doubles: exact for seqs up to 2^53), then the ring's
+# bytes. TATs of another count (the policy changed) are dropped; a ring of another size (the
+# window changed) starts empty.
+#
+# The generation keys are named here, not in KEYS: they share KEYS[2]'s hash tag, so on a
+# cluster they are in its slot. The shebang makes Redis check memory once, before the script
+# runs, so no command in it fails for lack of memory. The script first checks that the
+# ``XADD`` before it could run (the key is a stream); if not, it changes nothing.
+#
+# KEYS: the stream, the state hashes' prefix.
+# ARGV: window (bits, a multiple of 8), generation (ms), received ms (the entry's), window
+# count, shadow, (limit, period ms) per policy window, then per batch its device and seq.
+# Reply: two integers per batch: (stored + 1) + 4 verdict + 16 window + 1024 remaining, then
+# reset (WriteResult's fields).
+_DECIDE_LUA = (
     "#!lua\n"
     + GCRA_LUA
-    + string.Template("""
+    + string.Template(r"""
 local stream = KEYS[1]
+if redis.call('TYPE', stream)['ok'] ~= 'stream' then
+  return redis.error_reply('WRONGTYPE the readings key is not a stream')
+end
 local window = tonumber(ARGV[1])
-local keep_from = -1 - tonumber(ARGV[2])
-local ttl = ARGV[3]
-local received = ARGV[4]
-local nw = tonumber(ARGV[5])
-local shadow = tonumber(ARGV[6])
-local items = 7 + 2 * nw
-local stride = 1 + nw
-local now = 0
-if nw > 0 then now = redis_now_ms() end
-local out = {}
-for i = 0, (#KEYS - 1) / stride - 1 do
-  local seen = KEYS[2 + i * stride]
-  local verdict, w, remaining, reset = 0, 0, 0, 0
-  if nw > 0 then
-    verdict, w, remaining, reset = gcra(3 + i * stride, nw, shadow, 7, now)
+local nbytes = window / 8
+local generation = tonumber(ARGV[2])
+local received = ARGV[3]
+local nw = tonumber(ARGV[4])
+local shadow = tonumber(ARGV[5])
+local periods, intervals, nexts = {}, {}, {}
+for w = 1, nw do
+  periods[w] = tonumber(ARGV[5 + 2 * w])
+  intervals[w] = periods[w] / tonumber(ARGV[4 + 2 * w])
+end
+local first = 6 + 2 * nw
+local nb = (#ARGV - first + 1) / 2
+local now = redis_now_ms()
+local gen = math.floor(now / generation)
+local current = KEYS[2] .. string.format('%d', gen)
+local previous = KEYS[2] .. string.format('%d', gen - 1)
+local CHUNK = 1000
+local band, bor, lshift = bit.band, bit.bor, bit.lshift
+local byte, char, sub = string.byte, string.char, string.sub
+local unpack_record = struct.unpack
+
+-- Commands over a long list in slices (Lua's unpack has a limit).
+local function hmget(key, fields)
+  if #fields <= CHUNK then return redis.call('HMGET', key, unpack(fields)) end
+  local out = {}
+  for from = 1, #fields, CHUNK do
+    local got = redis.call('HMGET', key, unpack(fields, from, math.min(from + CHUNK - 1, #fields)))
+    for j = 1, #got do out[from + j - 1] = got[j] end
   end
-  local stored = -1
-  if verdict ~= 2 then
-    local seq = ARGV[items + 3 * i]
-    if redis.call('ZADD', seen, 'NX', seq, seq) == 1 then
-      local trace = ARGV[items + 3 * i + 2]
-      if trace == '' then
-        redis.call('XADD', stream, '*', '$batch', ARGV[items + 3 * i + 1], '$received', received)
-      else
-        redis.call('XADD', stream, '*', '$batch', ARGV[items + 3 * i + 1], '$received', received,
-          '$trace', trace)
-      end
-      local held = redis.call('ZCARD', seen)
-      if held == 1 or held > window then
-        redis.call('ZREMRANGEBYRANK', seen, 0, keep_from)
-        redis.call('EXPIRE', seen, ttl)
-      end
-      stored = 1
+  return out
+end
+
+-- A device's state: its TATs (state[1..nw]), top, low and missing (see above), its ring
+-- while seqs are missing, and whether the record (dirty) or the ring changed.
+local function state_of(record)
+  if not record then
+    return {top = -1, low = -1, missing = 0, dirty = false, ring = false, ring_dirty = false}
+  end
+  local top, low, missing, pos = unpack_record('<ddd', record, 2)
+  local state = {top = top, low = low, missing = missing, dirty = false, ring = false,
+    ring_dirty = false}
+  if byte(record, 1) == nw then
+    for w = 1, nw do state[w], pos = unpack_record('<d', record, pos) end
+  end
+  return state
+end
+
+-- Every device once (states[device]), and its state.
+local devices, states = {}, {}
+for i = first, #ARGV, 2 do
+  local device = ARGV[i]
+  if not states[device] then
+    devices[#devices + 1] = device
+    states[device] = true
+  end
+end
+local records = hmget(current, devices)
+local absent, gapped = {}, {}
+for k = 1, #devices do
+  local record = records[k]
+  if record then
+    local state = state_of(record)
+    states[devices[k]] = state
+    if state.missing > 0 then gapped[#gapped + 1] = devices[k] end
+  else
+    absent[#absent + 1] = devices[k]
+  end
+end
+
+local function load_rings(key, names)
+  local fields = {}
+  for j = 1, #names do fields[j] = names[j] .. '#' end
+  local got = hmget(key, fields)
+  for j = 1, #names do
+    local state, ring = states[names[j]], got[j]
+    if ring and #ring == nbytes then
+      state.ring = ring
     else
-      stored = 0
+      -- Lost, or of another window: nothing below top is known any more.
+      state.low, state.missing = state.top, 0
     end
   end
-  local n = #out
-  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = stored, verdict, w, remaining, reset
+end
+if #gapped > 0 then load_rings(current, gapped) end
+if #absent > 0 then
+  local older = hmget(previous, absent)
+  gapped = {}
+  for j = 1, #absent do
+    local state = state_of(older[j])
+    state.dirty = true
+    states[absent[j]] = state
+    if state.missing > 0 then
+      gapped[#gapped + 1] = absent[j]
+      state.ring_dirty = true
+    end
+  end
+  if #gapped > 0 then load_rings(previous, gapped) end
+end
+
+-- The ring's byte and bit mask for a seq.
+local function slot(seq)
+  local p = seq % window
+  if p < 0 then p = p + window elseif p >= window then p = p - window end
+  return math.floor(p / 8) + 1, lshift(1, p % 8)
+end
+
+local function ring_bytes(ring)
+  local bytes = {}
+  if not ring then
+    for at = 1, nbytes do bytes[at] = 0 end
+    return bytes
+  end
+  for at = 1, nbytes, CHUNK do
+    local part = {byte(ring, at, math.min(at + CHUNK - 1, nbytes))}
+    for j = 1, #part do bytes[at + j - 1] = part[j] end
+  end
+  return bytes
+end
+
+local function ring_string(bytes)
+  local parts = {}
+  for at = 1, nbytes, CHUNK do
+    parts[#parts + 1] = char(unpack(bytes, at, math.min(at + CHUNK - 1, nbytes)))
+  end
+  return table.concat(parts)
+end
+
+-- Whether seq is new to the device (but the next seq of a device missing none: the loop
+-- below decides that, nearly every batch, itself); if so it is marked seen. Seen: [low,
+-- top] but the seqs the ring marks missing; top = -1 before the first. Below low (and
+-- below the window), a seq is unknown: taken as new, and not remembered.
+local function first_time(state, seq)
+  local top = state.top
+  if top < 0 or seq - top >= window then
+    state.top, state.low, state.missing = seq, seq, 0
+    if state.ring then state.ring, state.ring_dirty = false, true end
+    return true
+  end
+  if seq > top then
+    -- The slots of top+1 .. seq now stand for these seqs: the ones skipped are missing.
+    local bytes, miss = ring_bytes(state.ring), state.missing
+    for s = top + 1, seq do
+      local at, mask = slot(s)
+      if band(bytes[at], mask) ~= 0 then miss = miss - 1 end
+      if s < seq then
+        bytes[at] = bor(bytes[at], mask)
+        miss = miss + 1
+      else
+        bytes[at] = band(bytes[at], 255 - mask)
+      end
+    end
+    state.top, state.missing, state.ring_dirty = seq, miss, true
+    state.ring = miss > 0 and ring_string(bytes)
+    return true
+  end
+  if seq <= top - window or seq < state.low then return true end
+  local ring = state.ring
+  if not ring then return false end
+  local at, mask = slot(seq)
+  local b = byte(ring, at)
+  if band(b, mask) == 0 then return false end
+  state.missing, state.ring_dirty = state.missing - 1, true
+  state.ring = sub(ring, 1, at - 1) .. char(b - mask) .. sub(ring, at + 1)
+  return true
+end
+
+-- Each batch in order: the rate limit, then idempotency. Two integers per batch: stored
+-- + 1, verdict, window and remaining packed in one (see WriteResult), then reset. (The
+-- reply starts as a copy of the batches' arguments: a table made at its size at once.)
+local out, all_stored = {unpack(ARGV, first, #ARGV)}, true
+for i = 0, nb - 1 do
+  local state = states[ARGV[first + 2 * i]]
+  local verdict, deciding, remaining, reset = 0, 0, 0, 0
+  if nw > 0 then
+    verdict, deciding, remaining, reset =
+      gcra_step(state, nw, periods, intervals, shadow, now, nexts)
+    if verdict == 1 then state.dirty = true end
+  end
+  local stored = 0
+  if verdict ~= 2 then
+    local seq, top = tonumber(ARGV[first + 2 * i + 1]), state.top
+    if seq == top + 1 and state.missing == 0 and top >= 0 then
+      state.top, state.dirty, stored = seq, true, 2
+    elseif first_time(state, seq) then
+      state.dirty, stored = true, 2
+    else
+      stored = 1
+    end
+  end
+  if stored ~= 2 then all_stored = false end
+  out[2 * i + 1] = stored + 4 * verdict + 16 * deciding + 1024 * remaining
+  out[2 * i + 2] = reset
+end
+
+-- Not every batch stored: the entry just added (the stream's last: this runs in the same
+-- transaction) is replaced by one of the stored batches, in their order, or removed.
+if not all_stored then
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  local fields = {}
+  local pairs_in = last[2]
+  for j = 1, #pairs_in, 2 do fields[pairs_in[j]] = pairs_in[j + 1] end
+  local blob = fields['$batches'] or ''
+  local batches, at = {}, 1
+  while at <= #blob do
+    local colon = string.find(blob, ':', at, true)
+    local stop = colon + tonumber(sub(blob, at, colon - 1))
+    batches[#batches + 1] = sub(blob, colon + 1, stop)
+    at = stop + 2
+  end
+  if fields['$received'] ~= received or #batches ~= nb then
+    return redis.error_reply('ERR the readings stream does not end with this write')
+  end
+  redis.call('XDEL', stream, last[1])
+  local kept, traces = {}, {}
+  local function add()
+    if #kept == 0 then return end
+    redis.call('XADD', stream, '*', '$received', received, '$batches', table.concat(kept),
+      unpack(traces))
+    kept, traces = {}, {}
+  end
+  for i = 0, nb - 1 do
+    if out[2 * i + 1] % 4 == 2 then
+      local batch = batches[i + 1]
+      kept[#kept + 1] = #batch .. ':' .. batch .. ','
+      local trace = fields['$trace' .. i]
+      if trace then
+        traces[#traces + 1] = '$trace' .. (#kept - 1)
+        traces[#traces + 1] = trace
+      end
+      if #kept == CHUNK then add() end
+    end
+  end
+  add()
+end
+
+-- The states changed, into the current generation (a ring only while seqs are missing).
+local changed = {}
+local header = '<Bddd' .. string.rep('d', nw)
+local values = {nw}
+for k = 1, #devices do
+  local device = devices[k]
+  local state = states[device]
+  if state.dirty or state.ring_dirty then
+    values[2], values[3], values[4] = state.top, state.low, state.missing
+    for w = 1, nw do values[4 + w] = state[w] or 0 end
+    changed[#changed + 1] = device
+    changed[#changed + 1] = struct.pack(header, unpack(values))
+    if state.ring_dirty and state.ring then
+      changed[#changed + 1] = device .. '#'
+      changed[#changed + 1] = state.ring
+    end
+  end
+end
+-- A hash gets its expiry with its first fields (new fields only come with new devices).
+local added = 0
+for from = 1, #changed, 2 * CHUNK do
+  added = added + redis.call('HSET', current,
+    unpack(changed, from, math.min(from + 2 * CHUNK - 1, #changed)))
+end
+if added > 0 then
+  redis.call('PEXPIREAT', current, string.format('%d', (gen + 2) * generation))
 end
 return out
 """).substitute(
-        batch=BATCH_FIELD.decode(), received=RECEIVED_FIELD.decode(), trace=TRACE_FIELD.decode()
+        batches=BATCHES_FIELD.decode(), received=RECEIVED_FIELD.decode(), trace=TRACE_FIELD.decode()
     )
 )
 
@@ -157,8 +402,14 @@ class _Pending:
 
 
 # Redis names scripts by their SHA-1; nothing here relies on it as a secure hash.
-_WRITE_BATCH_SHA = hashlib.sha1(_WRITE_BATCH_LUA.encode()).hexdigest().encode()  # noqa: S324
-_LOAD_SCRIPT = encode_command([b"SCRIPT", b"LOAD", _WRITE_BATCH_LUA.encode()])
+_DECIDE_SHA = hashlib.sha1(_DECIDE_LUA.encode()).hexdigest().encode()  # noqa: S324
+_LOAD_SCRIPT = encode_command([b"SCRIPT", b"LOAD", _DECIDE_LUA.encode()])
+# What the write connection sends first whenever it connects (``RespConnection``'s
+# ``setup``): the script is then there before any write, as a write must never meet
+# NOSCRIPT (its XADD would stand undecided; see ``ReadingsWriter._execute``).
+WRITE_CONNECTION_SETUP: Final = (_LOAD_SCRIPT,)
+_MULTI = encode_command([b"MULTI"])
+_EXEC = encode_command([b"EXEC"])
 
 
 class ReadingsWriter:
@@ -174,6 +425,8 @@ class ReadingsWriter:
         idempotency_window: int,
         idempotency_ttl: int,
         policy: Policy | None = None,
+        ack_replicas: int = 0,
+        ack_timeout: float = 0.5,
     ) -> None:
         self._redis = redis
         # Looked up once: on Python 3.11 every get_running_loop() is a getpid() syscall.
@@ -183,22 +436,35 @@ class ReadingsWriter:
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._timeout = timeout
-        self._stream_key = keys.readings.encode()
-        self._seen_prefix = keys.seen_prefix.encode()
-        keep = idempotency_window - max(1, idempotency_window // 8)
-        self._fixed_args = (
-            b"%d" % idempotency_window,
-            b"%d" % max(keep, 1),
-            b"%d" % idempotency_ttl,
-        )
+        # The ring of seqs in whole bytes; a generation at least a record's lifetime, and as
+        # long as any policy window, so that no TAT still ahead is forgotten.
+        window_bits = -(-idempotency_window // 8) * 8
+        generation_ms = idempotency_ttl * 1000
+        if policy is not None:
+            generation_ms = max(generation_ms, *(math.ceil(w.period_ms) for w in policy.windows))
         self._policy = policy
         policy_args = policy.args if policy is not None else (b"0", b"0")
-        self._cells: dict[str, tuple[int, bytes]] = {}
-        # Encoded once: the stream key, and the arguments around the time received.
-        self._stream_part = encode_bulk_strings([self._stream_key])
-        self._fixed_part = encode_bulk_strings(self._fixed_args)
+        # Encoded once: the keys, the arguments around the time received, the field names.
+        stream = keys.readings.encode()
+        self._stream = stream
+        self._xadd_part = encode_bulk_strings([stream, b"*", RECEIVED_FIELD])
+        self._batches_field = encode_bulk_strings([BATCHES_FIELD])
+        state_prefix = keys.ingest_state_prefix.encode()
+        self._decide_part = encode_bulk_strings(
+            [_DECIDE_SHA, b"2", stream, state_prefix, b"%d" % window_bits, b"%d" % generation_ms]
+        )
         self._policy_part = encode_bulk_strings(policy_args)
-        self._fixed_count = len(self._fixed_args) + 1 + len(policy_args)
+        self._decide_count = 8 + len(policy_args)
+        self._trace_fields = [encode_bulk_strings([trace_field(i)]) for i in range(max_batch)]
+        self._devices: dict[str, bytes] = {}
+        # Replicated acks: WAIT for that many replicas after each write, at most that long.
+        self.ack_replicas = ack_replicas
+        wait_ms = max(1, round(ack_timeout * 1000))
+        self._wait = (
+            encode_command([b"WAIT", b"%d" % ack_replicas, b"%d" % wait_ms])
+            if ack_replicas
+            else b""
+        )
         self._pending: list[_Pending] = []
         # Idle flushers wait on one future, made with the loop at hand (cheaper than an
         # asyncio.Event, which looks the loop up on every wait).
@@ -213,6 +479,11 @@ class ReadingsWriter:
         self.duplicates = 0
         self.refused = 0
         self.failed = 0
+        # Batches stored but answered 503: fewer replicas than ``ack_replicas`` had them in time.
+        self.unreplicated = 0
+        # Writes whose script was not loaded on the server (flushed meanwhile): their entry
+        # was removed and the write sent again.
+        self.reloads = 0
         self.batches = 0
         self.last_success = 0.0
         self.last_failure = 0.0
@@ -293,70 +564,78 @@ class ReadingsWriter:
         """Wait until everything submitted so far has been answered."""
         await self._idle.wait()
 
-    def _device_keys(self, device_id: str) -> tuple[int, bytes]:
-        """A device's keys (its seen-set, then a GCRA cell per window), RESP-encoded once:
-        devices are few and write again and again. (count, encoded)."""
-        cells = self._cells.get(device_id)
-        if cells is None:
-            if len(self._cells) >= 100_000:
-                self._cells.clear()
-            keys = [self._seen_prefix + device_id.encode()]
-            if self._policy is not None:
-                name = self._policy.name
-                keys += [
-                    self._keys.ingest_rate_limit(name, w.name, device_id).encode()
-                    for w in self._policy.windows
-                ]
-            cells = self._cells[device_id] = (len(keys), encode_bulk_strings(keys))
-        return cells
+    def _device(self, device_id: str) -> bytes:
+        """A device's id as a RESP bulk string, encoded once: devices write again and again."""
+        encoded = self._devices.get(device_id)
+        if encoded is None:
+            if len(self._devices) >= 100_000:
+                self._devices.clear()
+            raw = device_id.encode()
+            encoded = self._devices[device_id] = b"$%d\r\n%s\r\n" % (len(raw), raw)
+        return encoded
+
+    def transaction(self, batches: Iterable[tuple[str, int, bytes]]) -> bytes:
+        """The write's transaction for these (device, seq, payload) batches, as the writer
+        sends it (bench/writecost.py measures its parts)."""
+        waiter: asyncio.Future[WriteResult] = self._loop.create_future()
+        return self._command([_Pending(d, s, p, waiter, b"") for d, s, p in batches])
 
     def _command(self, batch: list[_Pending]) -> bytes:
-        """``EVALSHA`` of the write script for ``batch``, as RESP: the parts that do not
-        change are encoded once, a batch adds one formatted chunk per item."""
-        parts = [b"", self._stream_part]
-        nkeys = 1
-        for item in batch:
-            count, encoded = self._device_keys(item.device_id)
-            nkeys += count
-            parts.append(encoded)
+        """The write's transaction for ``batch``, as RESP (``MULTI``, ``XADD``, ``EVALSHA``,
+        ``EXEC``, and ``WAIT`` for replicated acks): the parts that do not change are
+        encoded once, a batch adds a few formatted chunks."""
         received = b"%d" % (time.time_ns() // 1_000_000)
-        parts += (
-            self._fixed_part,
-            b"$%d\r\n%s\r\n" % (len(received), received),
-            self._policy_part,
-        )
-        for item in batch:
-            seq = b"%d" % item.seq
+        received_part = b"$%d\r\n%s\r\n" % (len(received), received)
+        trace_fields = self._trace_fields
+        device = self._device
+        # The batches as netstrings, in one bulk string; traces after it.
+        frames = [b"", self._batches_field, b""]
+        size = 0
+        traces: list[bytes] = []
+        decide = [b"", self._decide_part, received_part, self._policy_part]
+        for i, item in enumerate(batch):
             payload = item.payload
+            head = b"%d:" % len(payload)
+            size += len(head) + len(payload) + 1
+            frames += (head, payload, b",")
             trace = item.trace
-            parts.append(
-                b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                % (len(seq), seq, len(payload), payload, len(trace), trace)
-            )
-        nkeys_arg = b"%d" % nkeys
-        parts[0] = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            3 + nkeys + self._fixed_count + 3 * len(batch),
-            len(_WRITE_BATCH_SHA),
-            _WRITE_BATCH_SHA,
-            len(nkeys_arg),
-            nkeys_arg,
-        )
-        return b"".join(parts)
+            if trace:
+                traces += (trace_fields[i], b"$%d\r\n%s\r\n" % (len(trace), trace))
+            seq = b"%d" % item.seq
+            decide += (device(item.device_id), b"$%d\r\n%s\r\n" % (len(seq), seq))
+        frames[0] = b"*%d\r\n$4\r\nXADD\r\n%s%s" % (7 + len(traces), self._xadd_part, received_part)
+        frames[2] = b"$%d\r\n" % size
+        frames.append(b"\r\n")
+        decide[0] = b"*%d\r\n$7\r\nEVALSHA\r\n" % (self._decide_count + 2 * len(batch))
+        return b"".join([_MULTI, *frames, *traces, *decide, _EXEC, self._wait])
 
-    async def _execute(self, command: bytes) -> list[int]:
-        try:
-            result: list[int] = await self._redis.execute(command)
-        except ResponseError as e:
-            if not str(e).startswith("NOSCRIPT"):
-                raise
-            # First use on this server (or after a restart / SCRIPT FLUSH): load and retry.
+    async def _execute(self, command: bytes) -> tuple[list[int], int]:
+        """The script's reply for the write ``command``, and the replicas that acknowledged
+        it (0 unless acks are replicated)."""
+        for attempt in (1, 2):
+            if self._wait:
+                executed, replicas = await self._redis.execute(command, skip=3, more=1)
+            else:
+                executed, replicas = await self._redis.execute(command, skip=3), 0
+            if executed is None:
+                raise ResponseError("the write's transaction was aborted")
+            entry_id, decided = executed
+            if isinstance(entry_id, hiredis.ReplyError):
+                raise ResponseError(str(entry_id))
+            if not isinstance(decided, hiredis.ReplyError):
+                return decided, replicas
+            # The entry stands undecided: it goes before anything else can happen.
+            await self._redis.execute(encode_command([b"XDEL", self._stream, entry_id]))
+            if attempt == 2 or not str(decided).startswith("NOSCRIPT"):
+                raise ResponseError(str(decided))
+            # The script was flushed from the server since this connection loaded it.
+            self.reloads += 1
             await self._redis.execute(_LOAD_SCRIPT)
-            result = await self._redis.execute(command)
-        return result
+        raise AssertionError("unreachable")
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:
-            results = await self._execute(self._command(batch))
+            results, replicas = await self._execute(self._command(batch))
         except (RedisError, OSError, TimeoutError) as e:
             self.failed += len(batch)
             self.last_failure = time.time()
@@ -367,18 +646,35 @@ class ReadingsWriter:
             return
         self.batches += 1
         self.last_success = time.time()
+        unreplicated = None
+        if replicas < self.ack_replicas:
+            unreplicated = StoreUnavailableError(
+                f"the write reached {replicas} of {self.ack_replicas} replicas in time"
+            )
         for i, item in enumerate(batch):
-            k = 5 * i
+            packed = results[2 * i]
             result = WriteResult(
-                results[k], results[k + 1], results[k + 2], results[k + 3], results[k + 4]
+                (packed & 3) - 1,
+                (packed >> 2) & 3,
+                (packed >> 4) & 63,
+                packed >> 10,
+                results[2 * i + 1],
             )
             stored = result.stored
-            if stored == STORED:
-                self.stored += 1
-            elif stored == DUPLICATE:
-                self.duplicates += 1
-            else:
+            if stored == NOT_ATTEMPTED:
                 self.refused += 1
+            elif unreplicated is not None:
+                # Stored on the primary, or stored before (a duplicate), but not known to be
+                # on enough replicas: no ack. A retry is a duplicate, acknowledged once a
+                # later write is replicated (WAIT covers everything written before it).
+                self.unreplicated += 1
+                if not item.future.done():
+                    item.future.set_exception(unreplicated)
+                continue
+            elif stored == STORED:
+                self.stored += 1
+            else:
+                self.duplicates += 1
             if not item.future.done():
                 item.future.set_result(result)
 

@@ -1,7 +1,7 @@
 """Redis key names. Every key carries the configured prefix.
 
 Keys that one Lua script touches share a hash tag, so the layout works on Redis Cluster:
-the readings stream and the idempotency sets sit under ``{ingest}``; a pod's telemetry
+the readings stream and the devices' write state sit under ``{ingest}``; a pod's telemetry
 stream and heartbeat (and the sidecar's state for that pod) sit under ``{<pod>}``.
 """
 
@@ -19,15 +19,11 @@ class Keys:
         return f"{self.prefix}{{ingest}}:readings"
 
     @property
-    def seen_prefix(self) -> str:
-        return f"{self.prefix}{{ingest}}:seen:"
-
-    def seen(self, device_id: str) -> str:
-        return f"{self.seen_prefix}{device_id}"
-
-    def ingest_rate_limit(self, policy: str, window: str, device_id: str) -> str:
-        """A device's GCRA cell: beside the readings stream, as the write script touches both."""
-        return f"{self.prefix}{{ingest}}:rl:{policy}:{window}:{device_id}"
+    def ingest_state_prefix(self) -> str:
+        """The devices' write state (idempotency window and GCRA cells), one hash per
+        generation: this prefix and the generation's number (``service/store.py``). Beside
+        the readings stream, as the write script touches both."""
+        return f"{self.prefix}{{ingest}}:state:"
 
     def rate_limit(self, policy: str, window: str, key: str) -> str:
         """A client's GCRA cell for routes outside the write path (its own hash slot)."""

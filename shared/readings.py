@@ -5,10 +5,12 @@ entry per write, carrying every batch that write stored (``encode_write`` writes
 fields in the same order); everything else decodes with ``decode_entries``. An entry holds:
 
 - ``r`` (``RECEIVED_FIELD``): when the service received the write, epoch milliseconds, decimal;
-- ``d0``, ``d1``, ... (``BATCH_FIELD`` and the batch's index in the entry, from 0): each batch
-  exactly as the device sent it (``shared/wire.py``);
-- ``t0``, ... (``TRACE_FIELD`` and the index), only for a batch of a sampled request: the
-  traceparent of the span that wrote it, so the consumer continues the trace.
+- ``b`` (``BATCHES_FIELD``): the batches, each exactly as the device sent it
+  (``shared/wire.py``), in order, as netstrings: ``<length>:<bytes>,`` one after the other
+  (one field rather than one per batch: Redis adds an entry of one long field for less);
+- ``t0``, ``t1``, ... (``TRACE_FIELD`` and the batch's index in the entry, from 0), only for a
+  batch of a sampled request: the traceparent of the span that wrote it, so the consumer
+  continues the trace.
 
 An entry of one batch in the first format, ``d``, ``r`` and ``t`` without an index, is what
 ``encode_entry`` writes: the service wrote it so before entries carried several batches, a
@@ -26,6 +28,7 @@ from collections.abc import Mapping, Sequence
 import msgspec
 
 __all__ = (
+    "BATCHES_FIELD",
     "BATCH_FIELD",
     "DEAD_LETTER_KINDS",
     "PERSIST_GROUP",
@@ -34,7 +37,6 @@ __all__ = (
     "DeadLetter",
     "EntryError",
     "ReadingsEntry",
-    "batch_field",
     "decode_dead_letter",
     "decode_entries",
     "decode_entry",
@@ -48,6 +50,7 @@ __all__ = (
 PERSIST_GROUP = "persist"
 
 BATCH_FIELD = b"d"
+BATCHES_FIELD = b"b"
 RECEIVED_FIELD = b"r"
 TRACE_FIELD = b"t"
 
@@ -71,12 +74,7 @@ _MISSING = (
     f" or '{RECEIVED_FIELD.decode()}' (received at) field"
 )
 _NOT_MS = f"'{RECEIVED_FIELD.decode()}' is not epoch milliseconds: "
-_FIRST_BATCH = BATCH_FIELD + b"0"
-
-
-def batch_field(index: int) -> bytes:
-    """The field of the ``index``-th batch (from 0) of an entry that carries several."""
-    return b"%s%d" % (BATCH_FIELD, index)
+_NOT_NETSTRINGS = f"'{BATCHES_FIELD.decode()}' is not netstrings"
 
 
 def trace_field(index: int) -> bytes:
@@ -134,12 +132,31 @@ def encode_write(
 ) -> dict[bytes, bytes]:
     """The fields of the entry the service's write script adds for a write that stored
     ``batches`` (each the batch and its traceparent, an empty one being none), in its order."""
-    fields = {RECEIVED_FIELD: b"%d" % received_ms}
-    for i, (batch, traceparent) in enumerate(batches):
-        fields[batch_field(i)] = batch
+    fields = {
+        RECEIVED_FIELD: b"%d" % received_ms,
+        BATCHES_FIELD: b"".join(b"%d:%s," % (len(batch), batch) for batch, _ in batches),
+    }
+    for i, (_, traceparent) in enumerate(batches):
         if traceparent:
             fields[trace_field(i)] = traceparent
     return fields
+
+
+def _netstrings(blob: bytes) -> list[bytes]:
+    items = []
+    at, end = 0, len(blob)
+    while at < end:
+        colon = blob.find(b":", at, at + 21)
+        if colon <= at or not blob[at:colon].isdigit():
+            raise EntryError(f"{_NOT_NETSTRINGS}: no length at byte {at}")
+        stop = colon + 1 + int(blob[at:colon])
+        if blob[stop : stop + 1] != b",":
+            raise EntryError(f"{_NOT_NETSTRINGS}: no ',' after the item at byte {at}")
+        items.append(blob[colon + 1 : stop])
+        at = stop + 1
+    if not items:
+        raise EntryError(f"{_NOT_NETSTRINGS}: no batch")
+    return items
 
 
 def _received(fields: Mapping[bytes, bytes]) -> bytes:
@@ -155,16 +172,14 @@ def decode_entries(fields: Mapping[bytes, bytes]) -> list[ReadingsEntry]:
     """Every batch of an ``XREAD``/``XRANGE`` reply's entry, in order, in either format;
     ``EntryError`` if it is not an entry. Fields it does not know are ignored, so a newer
     writer may add some."""
-    batch = fields.get(BATCH_FIELD)
-    if batch is not None or _FIRST_BATCH not in fields:
+    batches = fields.get(BATCHES_FIELD)
+    if batches is None or BATCH_FIELD in fields:
         return [decode_entry(fields)]
     received = _received(fields)
-    entries = []
-    i = 0
-    while (batch := fields.get(batch_field(i))) is not None:
-        entries.append(ReadingsEntry(batch, received, fields.get(trace_field(i))))
-        i += 1
-    return entries
+    return [
+        ReadingsEntry(batch, received, fields.get(trace_field(i)))
+        for i, batch in enumerate(_netstrings(batches))
+    ]
 
 
 def decode_entry(fields: Mapping[bytes, bytes]) -> ReadingsEntry:

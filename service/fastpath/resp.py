@@ -34,7 +34,9 @@ def encode_command(args: Sequence[bytes]) -> bytes:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # In the order the replies will come; None for a reply nobody needs (``send``'s
+        # ``skip``).
+        self._waiters: collections.deque[asyncio.Future[Any] | None] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self._loop = asyncio.get_running_loop()
@@ -49,7 +51,7 @@ class _Protocol(asyncio.Protocol):
             if not self._waiters:
                 continue  # a reply nobody waits for any more (its caller timed out)
             waiter = self._waiters.popleft()
-            if waiter.done():
+            if waiter is None or waiter.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 waiter.set_exception(ResponseError(str(reply)))
@@ -67,14 +69,25 @@ class _Protocol(asyncio.Protocol):
         self.lost = self.lost or error
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
+            if waiter is not None and not waiter.done():
                 waiter.set_exception(type(error)(*error.args))
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, skip: int = 0) -> asyncio.Future[Any]:
+        """Write ``command`` (one or more commands); the future holds the reply that comes
+        after ``skip`` others, which are dropped."""
         assert self.transport is not None
         waiter: asyncio.Future[Any] = self._loop.create_future()
+        if skip:
+            self._waiters.extend([None] * skip)
         self._waiters.append(waiter)
         self.transport.write(command)
+        return waiter
+
+    def send_more(self) -> asyncio.Future[Any]:
+        """A future for the reply after the last one asked for: a command written together
+        with the one before (``send`` writes them all)."""
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters.append(waiter)
         return waiter
 
 
@@ -85,7 +98,7 @@ class RespConnection:
     the answer to a later command.
     """
 
-    def __init__(self, url: str, *, connect_timeout: float) -> None:
+    def __init__(self, url: str, *, connect_timeout: float, setup: Sequence[bytes] = ()) -> None:
         parts = urlsplit(url)
         self._unix_path = parts.path if parts.scheme == "unix" else None
         self._host = parts.hostname or "127.0.0.1"
@@ -96,6 +109,8 @@ class RespConnection:
         db = parts.path.lstrip("/") if parts.scheme != "unix" else ""
         self._db = int(db) if db.isdigit() else 0
         self._connect_timeout = connect_timeout
+        # Sent on every new connection before anything else (a script to load, say).
+        self._setup = tuple(setup)
         self._protocol: _Protocol | None = None
         # Pipelined callers must share one connection, so only one of them may open it.
         self._connecting = asyncio.Lock()
@@ -119,10 +134,14 @@ class RespConnection:
                 await protocol.send(encode_command(auth))
             if self._db:
                 await protocol.send(encode_command([b"SELECT", b"%d" % self._db]))
+            for command in self._setup:
+                await protocol.send(command)
         return protocol
 
-    async def execute(self, command: bytes) -> Any:
-        """Send one encoded command and return its reply; Redis errors raise ResponseError."""
+    async def execute(self, command: bytes, *, skip: int = 0, more: int = 0) -> Any:
+        """Send encoded commands and return the reply after the first ``skip``; Redis errors
+        raise ResponseError. With ``more``, the reply and the ``more`` after it, as a list
+        (an error among them raises, once all have come)."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             async with self._connecting:
@@ -135,7 +154,15 @@ class RespConnection:
                     except OSError as e:
                         raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
         try:
-            return await protocol.send(command)
+            if not more:
+                return await protocol.send(command, skip)
+            waiters = [protocol.send(command, skip)]
+            waiters += [protocol.send_more() for _ in range(more)]
+            replies = await asyncio.gather(*waiters, return_exceptions=True)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+            return replies
         except BaseException as e:
             if not isinstance(e, ResponseError):
                 self.close()
