@@ -38,7 +38,9 @@ from .edge import UNMATCHED, instrumented, not_found
 from .fastpath.keepalive import close_going_away, keep_alive
 from .fastpath.resp import RespConnection
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
+from .probes import REPLICATION_CHECK
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
+from .replication import REPLICATED, Replication, replication_check
 from .state import IngestState
 from .store import WRITE_CONNECTION_SETUP, BacklogMonitor, ReadingsWriter
 from .tokens import TokenCache, TokenRefresher
@@ -88,6 +90,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     pod = settings.pod
     tokens = TokenCache()
     api_policy, ingest_policy = _policies(settings)
+    replicated = settings.ack_mode == REPLICATED
+    replication = Replication(settings.ack_mode, settings.ack_replicas if replicated else 0)
     state = IngestState(
         tokens=tokens,
         writer=ReadingsWriter(
@@ -100,6 +104,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             idempotency_window=settings.idempotency_window,
             idempotency_ttl=settings.idempotency_ttl,
             policy=ingest_policy,
+            ack_replicas=replication.required,
+            ack_timeout=settings.ack_timeout,
         ),
         backlog=BacklogMonitor(
             app[REDIS_AUX],
@@ -133,7 +139,10 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         tracing=app[TRACING],
     )
     app[INGEST] = state
-    checker = dependency_checker(app)
+    checker = dependency_checker(
+        app,
+        {REPLICATION_CHECK: replication_check(app[REDIS_AUX], state.writer, replication)},
+    )
     process = app[PROBES]
     process.ready = probes.readiness_checks(state, checker)
     process.draining = lambda: state.draining
@@ -169,6 +178,12 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             writes_duplicate=writer.duplicates,
             writes_failed=writer.failed,
             write_batches=writer.batches,
+            writes_unreplicated=writer.unreplicated,
+            ack_mode=replication.mode,
+            ack_replicas=replication.required,
+            redis_role=replication.role,
+            redis_replicas_online=replication.replicas_online,
+            redis_replication_lag_seconds=replication.lag_seconds,
             redis_ok=checker.results["redis"].up,
             backlog=state.backlog.backlog,
             backlog_exceeded=state.backlog.exceeded,

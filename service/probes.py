@@ -1,6 +1,7 @@
 """What the service's readiness and startup probes check (``shared/runtime/probes.py``
-answers them): Redis takes the writes, the device tokens are loaded; readiness also fails
-while the service drains (``ingestion``)."""
+answers them): Redis takes the writes, it is a primary with the replicas acks wait for
+(``service/replication.py``), the device tokens are loaded; readiness also fails while the
+service drains (``ingestion``)."""
 
 from collections.abc import Callable
 
@@ -8,11 +9,12 @@ from shared.health import CheckResult, HealthChecker, now_result
 
 from .state import IngestState
 
-__all__ = ("SERVICE_ID", "SERVING_CHECK", "readiness_checks")
+__all__ = ("REPLICATION_CHECK", "SERVICE_ID", "SERVING_CHECK", "readiness_checks")
 
 # The serviceId of the health reports.
 SERVICE_ID = "pulsecal-api"
 SERVING_CHECK = "ingestion"
+REPLICATION_CHECK = "redis-replication"
 
 
 def readiness_checks(
@@ -28,6 +30,7 @@ def readiness_checks(
             "redis": redis
             if redis_ok == redis.up
             else now_result(False, "the last write to Redis failed"),
+            REPLICATION_CHECK: checker.results[REPLICATION_CHECK],
             "device_tokens": now_result(
                 state.tokens.loaded,
                 None if state.tokens.loaded else "not loaded yet",

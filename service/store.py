@@ -457,8 +457,11 @@ class ReadingsWriter:
         self._decide_count = 8 + len(policy_args)
         self._trace_fields = [encode_bulk_strings([trace_field(i)]) for i in range(max_batch)]
         self._devices: dict[str, bytes] = {}
-        # Replicated acks: WAIT for that many replicas after each write, at most that long.
+        # Replicated acks: WAIT for that many replicas after each write, at most that long;
+        # while the health checker sees fewer online (``replicas_online``), refuse at once.
         self.ack_replicas = ack_replicas
+        self._replicas_online: int | None = None
+        self._replicas_short = False
         wait_ms = max(1, round(ack_timeout * 1000))
         self._wait = (
             encode_command([b"WAIT", b"%d" % ack_replicas, b"%d" % wait_ms])
@@ -489,6 +492,16 @@ class ReadingsWriter:
         self.last_failure = 0.0
 
     @property
+    def replicas_online(self) -> int | None:
+        """Replicas the last look at Redis found online (None: not looked yet)."""
+        return self._replicas_online
+
+    @replicas_online.setter
+    def replicas_online(self, count: int | None) -> None:
+        self._replicas_online = count
+        self._replicas_short = count is not None and count < self.ack_replicas
+
+    @property
     def pending(self) -> int:
         return len(self._pending) + self._in_flight
 
@@ -511,6 +524,8 @@ class ReadingsWriter:
         """Queue a batch whose outcome goes to ``waiter`` (called from the flusher's task)."""
         if len(self._pending) >= self._max_pending:
             raise StoreUnavailableError("write queue full")
+        if self._replicas_short:
+            raise StoreUnavailableError("fewer replicas online than acks wait for")
         self._pending.append(_Pending(device_id, seq, payload, waiter, trace))
         self._idle.clear()
         wakeup = self._wakeup

@@ -1,6 +1,7 @@
 """The dependency checks behind the service's and the worker's health probes, and the
 figures their heartbeats report of their clients (the clients: ``shared/runtime/clients.py``)."""
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,12 +68,14 @@ def pool_stats(pool: AsyncConnectionPool) -> dict[str, int]:
     }
 
 
-def dependency_checker(app: web.Application) -> HealthChecker:
-    """The background checker of ``health_checks``, under ``CHECKER``: what the probes and
-    the heartbeat of the service and the worker read."""
+def dependency_checker(
+    app: web.Application, extra: Mapping[str, Check] | None = None
+) -> HealthChecker:
+    """The background checker of ``health_checks`` and a program's ``extra`` checks, under
+    ``CHECKER``: what the probes and the heartbeat of the service and the worker read."""
     settings = app[SETTINGS]
     checker = HealthChecker(
-        health_checks(app),
+        {**health_checks(app), **(extra or {})},
         timeout=settings.health_check_timeout_ms / 1000,
         interval=settings.health_check_interval,
         static_details=static_details(settings),

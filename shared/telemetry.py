@@ -241,6 +241,16 @@ class ServiceHeartbeat(HeartbeatBase, tag=SERVICE_PROGRAM):
     writes_duplicate: int = 0
     writes_failed: int = 0
     write_batches: int = 0
+    # Batches stored on the primary but answered 503: too few replicas had them in time.
+    writes_unreplicated: int = 0
+    # What an ack means (ACK_MODE) and the replicas it waits for (0 with "primary"); the
+    # Redis written to as last seen: "primary", "replica" or "unknown", its replicas online
+    # and their largest lag.
+    ack_mode: str = "primary"
+    ack_replicas: int = 0
+    redis_role: str = "unknown"
+    redis_replicas_online: int = 0
+    redis_replication_lag_seconds: int = 0
     # The readings backlog (largest lag + pending of any group).
     backlog: int = 0
     backlog_exceeded: bool = False

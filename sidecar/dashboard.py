@@ -21,6 +21,7 @@ from aiohttp import web
 from shared.access import COOKIE, cookie_value, is_operator, operator_token, token_matches
 from shared.appkeys import CHECKER
 from shared.health import CheckResult
+from shared.telemetry import ServiceHeartbeat
 from shared.version import build_version
 
 from .aggregate import WINDOW_SECONDS, Aggregator, WindowPoint
@@ -255,6 +256,7 @@ def live_context(app: web.Application) -> dict[str, Any]:
             "readings backlog": f"{heartbeat.backlog:,} batches"
             + (" (over the limit: 503s)" if heartbeat.backlog_exceeded else ""),
             "pending writes": f"{heartbeat.pending_writes:,}",
+            "acks": _acks(heartbeat),
             "event loop lag": f"{heartbeat.loop_lag_ms:.1f} ms",
             "RSS": f"{heartbeat.rss_bytes / 1048576:,.0f} MB",
         }
@@ -262,6 +264,17 @@ def live_context(app: web.Application) -> dict[str, Any]:
         else {},
         "refresh_seconds": REFRESH_SECONDS,
     }
+
+
+def _acks(heartbeat: ServiceHeartbeat) -> str:
+    """What an ack means, and what Redis's replication allows now."""
+    replicas = (
+        f"{heartbeat.redis_replicas_online} replica(s) online,"
+        f" lag {heartbeat.redis_replication_lag_seconds} s"
+    )
+    if heartbeat.ack_replicas:
+        return f"replicated to {heartbeat.ack_replicas} ({replicas})"
+    return f"the primary's ({heartbeat.redis_role}; {replicas})"
 
 
 def _sign_in_page(request: web.Request, *, wrong: bool = False) -> web.Response:

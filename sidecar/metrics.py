@@ -414,6 +414,26 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
             int(svc.backlog_exceeded),
         ),
         ("device_tokens", "Device tokens in the service's cache.", svc.tokens_loaded),
+        (
+            "ack_replicas",
+            "Replicas an ack waits for (ACK_MODE=replicated; 0: the primary's ack).",
+            svc.ack_replicas,
+        ),
+        (
+            "redis_primary",
+            "1 while the Redis the service writes to is a primary.",
+            int(svc.redis_role == "primary"),
+        ),
+        (
+            "redis_replicas_online",
+            "Replicas online behind the Redis the service writes to.",
+            svc.redis_replicas_online,
+        ),
+        (
+            "redis_replication_lag_seconds",
+            "Largest lag of those replicas (whole seconds, as Redis counts).",
+            svc.redis_replication_lag_seconds,
+        ),
         ("db_pool_connections", "Connections open in its Postgres pool.", pool.get("size", 0)),
         ("db_pool_waiting", "Requests waiting for a Postgres connection.", pool.get("waiting", 0)),
     ]
@@ -426,6 +446,7 @@ def _service(heartbeat: Heartbeat | None, age_s: float | None) -> Iterator[Famil
         ('result="ok"', svc.writes_ok),
         ('result="duplicate"', svc.writes_duplicate),
         ('result="failed"', svc.writes_failed),
+        ('result="unreplicated"', svc.writes_unreplicated),
     )
     yield _family(
         "pulsecal_service_write_batches",

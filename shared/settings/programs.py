@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 from .common import TelemetrySection
+from .specific import IngestSection
 
 __all__ = (
     "ProgramSettings",
@@ -53,6 +54,7 @@ def load_settings(environ: Mapping[str, str], program: type[P]) -> P:
             raise SettingsError(f"{name}={shown!r}: {e}") from e
     settings = program(**values)
     _check_heartbeat(settings)
+    _check_ack_timeout(settings)
     return settings
 
 
@@ -64,6 +66,16 @@ def _check_heartbeat(settings: ProgramSettings) -> None:
         raise SettingsError(
             f"HEARTBEAT_TTL={settings.heartbeat_ttl}: expected more than "
             f"HEARTBEAT_INTERVAL ({settings.heartbeat_interval})"
+        )
+
+
+def _check_ack_timeout(settings: ProgramSettings) -> None:
+    # A write waiting for its replicas longer than a write may take would be cut off by the
+    # write timeout first: every write would fail on a slow replica instead of being refused.
+    if isinstance(settings, IngestSection) and settings.ack_timeout >= settings.write_timeout:
+        raise SettingsError(
+            f"ACK_TIMEOUT={settings.ack_timeout}: expected less than "
+            f"WRITE_TIMEOUT ({settings.write_timeout})"
         )
 
 

@@ -167,6 +167,23 @@ class IngestSection(Section):
         IntRange(1, 30 * 86_400),
         "seconds a device's remembered seqs outlive its last batch",
     )
+    ack_mode: str = variable(
+        "ACK_MODE",
+        "primary",
+        Choice(("primary", "replicated")),
+        "what an ack promises: the Redis primary has the batch (primary), or ACK_REPLICAS"
+        " replicas have it too (replicated; else 503)",
+    )
+    ack_replicas: int = variable(
+        "ACK_REPLICAS", 1, IntRange(1, 16), "replicas an ack waits for with ACK_MODE=replicated"
+    )
+    ack_timeout: float = variable(
+        "ACK_TIMEOUT",
+        0.5,
+        FloatRange(0.001, 30),
+        "seconds a write waits for its replicas (ACK_MODE=replicated) before its batches are"
+        " answered 503; less than WRITE_TIMEOUT",
+    )
     retry_after: int = variable(
         "RETRY_AFTER", 1, IntRange(1, 3600), "seconds a 503 tells the client to wait"
     )

@@ -55,6 +55,15 @@ async def test_healthy_service_passes_every_probe(operated_client: Client) -> No
         "memory_heap",
         "memory_rss",
         "disk",
+        "redis-replication",
+    }
+    assert body["details"]["redis-replication"] == {
+        "status": "up",
+        "ackMode": "primary",
+        "role": "primary",
+        "replicasOnline": 0,
+        "replicasRequired": 0,
+        "lagSeconds": 0,
     }
     assert body["error"] == {}
 
