@@ -175,11 +175,15 @@ async def previous_row(payload: bytes, seconds: float, batch: int) -> float:
         sha = await conn.execute(encode_command([b"SCRIPT", b"LOAD", PREVIOUS_WRITE]))
         fixed = [b"128", b"112", b"3600", b"1700000000000", *POLICY.args]
 
+        # The previous write's own keys (a layout no longer in use), beside the stream.
+        stream = Keys("bench:").readings.encode()
+        tag = stream.removesuffix(b"readings")
+
         async def step(n: int) -> None:
-            keys, args = [b"bench:{ingest}:readings"], []
+            keys, args = [stream], []
             for device, seq in batches(n, batch):
-                keys += [b"bench:{ingest}:seen:" + device.encode()]
-                keys += [b"bench:{ingest}:rl:ingest:minute:" + device.encode()]
+                keys += [tag + b"seen:" + device.encode()]
+                keys += [tag + b"rl:ingest:minute:" + device.encode()]
                 args += [b"%d" % seq, payload, b""]
             await conn.execute(
                 encode_command([b"EVALSHA", sha, b"%d" % len(keys), *keys, *fixed, *args])
