@@ -92,26 +92,28 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     api_policy, ingest_policy = _policies(settings)
     replicated = settings.ack_mode == REPLICATED
     replication = Replication(settings.ack_mode, settings.ack_replicas if replicated else 0)
+    writer = ReadingsWriter(
+        app[REDIS_DATA],
+        keys,
+        max_batch=settings.write_max_batch,
+        max_pending=settings.write_max_pending,
+        max_in_flight=settings.write_max_in_flight,
+        timeout=settings.write_timeout,
+        idempotency_window=settings.idempotency_window,
+        idempotency_ttl=settings.idempotency_ttl,
+        policy=ingest_policy,
+        ack_replicas=replication.required,
+        ack_timeout=settings.ack_timeout,
+    )
     state = IngestState(
         tokens=tokens,
-        writer=ReadingsWriter(
-            app[REDIS_DATA],
-            keys,
-            max_batch=settings.write_max_batch,
-            max_pending=settings.write_max_pending,
-            max_in_flight=settings.write_max_in_flight,
-            timeout=settings.write_timeout,
-            idempotency_window=settings.idempotency_window,
-            idempotency_ttl=settings.idempotency_ttl,
-            policy=ingest_policy,
-            ack_replicas=replication.required,
-            ack_timeout=settings.ack_timeout,
-        ),
+        writer=writer,
         backlog=BacklogMonitor(
             app[REDIS_AUX],
             keys,
             limit=settings.readings_max_backlog,
             interval=settings.backlog_check_interval,
+            batches_per_entry=lambda: writer.batches_per_entry,
         ),
         telemetry=Telemetry(
             app[REDIS_AUX],

@@ -13,7 +13,7 @@ import hashlib
 import math
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -488,6 +488,10 @@ class ReadingsWriter:
         # was removed and the write sent again.
         self.reloads = 0
         self.batches = 0
+        # Stream entries added (writes that stored at least one batch): with ``stored``, the
+        # mean number of batches an entry carries.
+        self.entries = 0
+        self._entry_batches = 0
         self.last_success = 0.0
         self.last_failure = 0.0
 
@@ -500,6 +504,11 @@ class ReadingsWriter:
     def replicas_online(self, count: int | None) -> None:
         self._replicas_online = count
         self._replicas_short = count is not None and count < self.ack_replicas
+
+    @property
+    def batches_per_entry(self) -> float:
+        """The mean number of batches in the entries this writer added (1 before any)."""
+        return self._entry_batches / self.entries if self.entries else 1.0
 
     @property
     def pending(self) -> int:
@@ -661,6 +670,7 @@ class ReadingsWriter:
             return
         self.batches += 1
         self.last_success = time.time()
+        added = 0  # batches the write's entry carries
         unreplicated = None
         if replicas < self.ack_replicas:
             unreplicated = StoreUnavailableError(
@@ -676,6 +686,8 @@ class ReadingsWriter:
                 results[2 * i + 1],
             )
             stored = result.stored
+            if stored == STORED:
+                added += 1
             if stored == NOT_ATTEMPTED:
                 self.refused += 1
             elif unreplicated is not None:
@@ -692,6 +704,9 @@ class ReadingsWriter:
                 self.duplicates += 1
             if not item.future.done():
                 item.future.set_result(result)
+        if added:
+            self.entries += 1
+            self._entry_batches += added
 
 
 class BacklogMonitor:
@@ -699,18 +714,34 @@ class BacklogMonitor:
 
     With a consumer group, the backlog is the largest ``lag + pending`` of any group (entries
     not yet delivered plus delivered but unacknowledged); without one, the stream's length.
-    The guard is as exact as the polling interval: it may overshoot by one interval's traffic.
+    An entry carries a write's batches, so the entries are counted as batches by the mean
+    number of batches in this process's entries (``batches_per_entry``): the limit stays one
+    of batches. The guard is as exact as the polling interval and that mean: it may overshoot
+    by one interval's traffic.
     """
 
-    def __init__(self, redis: Redis, keys: Keys, *, limit: int, interval: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        limit: int,
+        interval: float,
+        batches_per_entry: Callable[[], float] = lambda: 1.0,
+    ) -> None:
         self._redis = redis
         self._stream = keys.readings
         self._limit = limit
         self._interval = interval
+        self._batches_per_entry = batches_per_entry
         self.backlog = 0
         self.exceeded = False
 
     async def measure(self) -> int:
+        """The backlog in batches (entries counted by ``batches_per_entry``)."""
+        return round(await self.entries() * self._batches_per_entry())
+
+    async def entries(self) -> int:
         length = int(await self._redis.xlen(self._stream))
         if length == 0:
             return 0

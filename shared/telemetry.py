@@ -262,7 +262,8 @@ class ServiceHeartbeat(HeartbeatBase, tag=SERVICE_PROGRAM):
 class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     """queue_depth: analysis jobs not yet picked up by any worker (the same figure in every
     worker pod); queue_jobs_active: this process's jobs in progress; readings_lag: readings
-    not yet persisted by the persist group (undelivered + unacknowledged); dead_letters:
+    stream entries (each a write's batches) not yet persisted by the persist group
+    (undelivered + unacknowledged); dead_letters:
     entries in the dead-letter stream; rows_persisted / samples_persisted: this process's
     totals since it started (boot_id); ai_circuit: ``closed``, ``open`` or ``half-open``."""
 

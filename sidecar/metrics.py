@@ -473,7 +473,8 @@ def _worker_gauges(hb: WorkerHeartbeat) -> Iterator[Family]:
     for name, help_text, value in (
         (
             "readings_lag",
-            "Readings batches not yet persisted (undelivered + unacked).",
+            "Readings stream entries not yet persisted (undelivered + unacked); an entry"
+            " carries the batches of one write of the service.",
             hb.readings_lag,
         ),
         ("dead_letters", "Entries in the dead-letter stream.", hb.dead_letters),
