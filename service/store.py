@@ -3,9 +3,10 @@
 One flusher task owns the Redis connection. A request appends its batch to the pending list
 and awaits a future; if fewer than ``max_in_flight`` writes are in flight the batch goes at
 once, otherwise it joins the next write, which leaves as soon as one in flight returns. So
-concurrent requests share one round trip (one EVALSHA) without any idle wait, the loop is
-not left idle while a write travels, and a request is answered only after Redis has
-accepted its batch.
+concurrent requests share one round trip (one transaction, below) without any idle wait,
+the loop is not left idle while a write travels, and a request is answered only after
+Redis has accepted its batch (and, with replicated acks, ``ack_replicas`` replicas have:
+``service/replication.py``).
 """
 
 import asyncio
@@ -350,7 +351,7 @@ return out
     )
 )
 
-# What a batch's five integers in the script's reply say (``WriteResult.stored``).
+# What a batch's result says it became (``WriteResult.stored``).
 STORED: Final = 1
 DUPLICATE: Final = 0
 NOT_ATTEMPTED: Final = -1  # the rate limit refused the batch: no idempotency check, no write
@@ -360,7 +361,7 @@ NO_POLICY: Final = 0
 
 
 class WriteResult(msgspec.Struct, frozen=True, gc=False):
-    """What Redis answered for one batch: the script's five integers, in its order.
+    """What Redis answered for one batch (the script packs it in two integers).
 
     A struct rather than a NamedTuple: built from the flat reply as cheaply as a plain tuple
     (a tuple subclass is built twice over), and its fields read faster than an index.
