@@ -64,6 +64,7 @@ LOAD_CORE = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SEQ_RUN_STRIDE = 10**12  # wrk and load.js keep each run's seqs below base + 10^12
 SERVICE_KEY_PREFIX = "bench:"
+SERVICE_NAMES = ("service", "service_replicated")
 CONVENTIONAL_STREAM = "conventional:readings"
 HUGE_BACKLOG = "1000000000000"
 
@@ -458,11 +459,19 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
 
 
-def start_redis(procs: Processes, workdir: Path) -> RedisServer:
+def start_redis(
+    procs: Processes, workdir: Path, *, replica_of: RedisServer | None = None
+) -> RedisServer:
+    """A throwaway redis-server on core 1, no persistence; ``replica_of``: a replica of it.
+
+    ``--repl-diskless-sync-delay 0`` is what lets a replica sync at once: a primary waits
+    that long (5 s by default) for more replicas before it streams the dataset.
+    """
     if shutil.which("redis-server") is None:
         raise HarnessError("redis-server is not on PATH")
+    name = "redis" if replica_of is None else "redis-replica"
     port = free_port()
-    data = workdir / "redis"
+    data = workdir / (name if replica_of is None else f"{name}-{port}")  # one per start
     data.mkdir()
     argv = [
         "redis-server",
@@ -473,8 +482,11 @@ def start_redis(procs: Processes, workdir: Path) -> RedisServer:
         "--daemonize", "no",
         "--dir", str(data),
         "--maxclients", "20000",
+        "--repl-diskless-sync-delay", "0",
     ]  # fmt: skip
-    proc = procs.start("redis", pinned(LOAD_CORE, argv))
+    if replica_of is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of.port)]
+    proc = procs.start(name, pinned(LOAD_CORE, argv))
     server = RedisServer(proc, port)
     deadline = time.monotonic() + 10
     while True:
@@ -484,8 +496,28 @@ def start_redis(procs: Processes, workdir: Path) -> RedisServer:
         except redis.RedisError:
             pass
         if not proc.alive() or time.monotonic() > deadline:
-            raise HarnessError(f"redis-server did not start:\n{proc.log_tail()}")
+            raise HarnessError(f"{name} did not start:\n{proc.log_tail()}")
         time.sleep(0.05)
+
+
+def wait_in_sync(replica: RedisServer, timeout: float = 30.0) -> float:
+    """Wait until the replica has the primary's dataset and follows its stream; seconds."""
+    started = time.monotonic()
+    info: dict[str, Any] = {}
+    while time.monotonic() - started < timeout:
+        if not replica.proc.alive():
+            raise HarnessError(f"the Redis replica exited:\n{replica.proc.log_tail()}")
+        try:
+            info = replica.client().info("replication")
+        except redis.RedisError as e:
+            info = {"error": str(e)}
+        if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise HarnessError(
+        f"the Redis replica was not in sync after {timeout:.0f}s ({info}):\n"
+        f"{replica.proc.log_tail()}"
+    )
 
 
 @dataclass
@@ -620,6 +652,12 @@ class ServerSpec:
     name: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    # The service with replicated acks: a Redis replica runs beside the primary meanwhile.
+    replicated: bool = False
+
+    @property
+    def is_service(self) -> bool:
+        return self.name in SERVICE_NAMES
 
 
 @dataclass
@@ -636,6 +674,7 @@ class Bench:
         self.workdir = workdir
         self.procs = Processes(workdir)
         self.redis: RedisServer | None = None
+        self.replica: RedisServer | None = None  # only while a replicated server runs
         self.devices_file = workdir / "devices.txt"
         self.seq_base = 0
         self.tag = ""  # " (round i/n)" while rounds repeat
@@ -726,8 +765,67 @@ class Bench:
         return info
 
     def flush_redis(self) -> None:
+        """Empty the harness's Redis, and its replica when one runs.
+
+        A replica refuses writes: the primary's FLUSHALL reaches it through the replication
+        stream, and ``WAIT`` returns once it has applied it.
+        """
         assert self.redis is not None
-        self.redis.client().flushall()
+        primary = self.redis.client()
+        primary.flushall()
+        if self.replica is None:
+            return
+        confirmed = primary.wait(1, 10_000)
+        left = self.replica.client().dbsize()
+        if confirmed < 1 or left:
+            raise HarnessError(
+                f"the Redis replica did not follow FLUSHALL ({confirmed} replicas confirmed, "
+                f"{left} keys left on it):\n{self.replica.proc.log_tail()}"
+            )
+
+    @contextlib.contextmanager
+    def redis_for(self, spec: ServerSpec, label: str) -> Iterator[None]:
+        """Flushed Redis for one round; for a replicated server, a replica in sync with it.
+
+        The replica lives for that round only, so that every other server runs against a
+        primary without replicas, as before.
+        """
+        self.flush_redis()
+        if not spec.replicated:
+            yield
+            return
+        assert self.redis is not None
+        replica = start_redis(self.procs, self.workdir, replica_of=self.redis)
+        try:
+            wait_in_sync(replica)
+            self.replica = replica
+            self.flush_redis()
+            yield
+            if not replica.proc.alive():
+                self.problems.append(
+                    f"{label}: the Redis replica died during the run:\n{replica.proc.log_tail()}"
+                )
+        finally:
+            self.replica = None
+            self.procs.stop(replica.proc)
+
+    def cpu_groups(self, server_pid: int) -> dict[str, Callable[[], list[int]]]:
+        """The processes a load run measures, besides the load generator."""
+        assert self.redis is not None
+        redis_pid = self.redis.proc.pid
+        groups: dict[str, Callable[[], list[int]]] = {
+            "server": lambda: [server_pid],
+            "redis": lambda: [redis_pid],
+        }
+        if self.replica is not None:
+            replica_pid = self.replica.proc.pid
+            groups["redis_replica"] = lambda: [replica_pid]
+        return groups
+
+    def wait_replicas(self, spec: ServerSpec, server: RunningServer) -> None:
+        """Replicated acks: readiness (its redis-replication check) must pass first."""
+        if spec.replicated:
+            wait_ready(server.proc, server.port, "/health/readiness", timeout=30.0)
 
     # ---- HTTP load
 
@@ -753,10 +851,8 @@ class Bench:
                 f"http://127.0.0.1:{port}/ingestion/ppg",
             ],
         )
-        assert self.redis is not None
-        redis_pid = self.redis.proc.pid
         proc = self.procs.start("wrk", argv, env=env, stdout_pipe=True)
-        window = CpuWindow({"server": lambda: [server_pid], "redis": lambda: [redis_pid]})
+        window = CpuWindow(self.cpu_groups(server_pid))
         window.start()
         try:
             assert proc.popen.stdout is not None
@@ -785,6 +881,8 @@ class Bench:
             "requests": parsed["requests"],
             "seconds": round(seconds, 3),
             "rps": round(parsed["requests"] / seconds, 1),
+            # 2xx answers only: what was acknowledged (equal to rps in a run without errors).
+            "acked_rps": round((parsed["requests"] - errors["status"]) / seconds, 1),
             **{f"{k}_ms": (v / 1000 if v is not None else None) for k, v in lat.items()},
             "non_2xx": errors["status"],
             "socket_errors": {k: errors[k] for k in ("connect", "read", "write", "timeout")},
@@ -818,11 +916,16 @@ class Bench:
         return kept
 
     def http_round(self, spec: ServerSpec) -> dict[str, Any]:
-        self.flush_redis()
+        label = f"HTTP {spec.name}{self.tag}"
+        with self.redis_for(spec, label):
+            return self._http_round(spec)
+
+    def _http_round(self, spec: ServerSpec) -> dict[str, Any]:
         # Each round's JSON log starts empty, so its line count is this round's.
         (self.workdir / "logs-conventional" / "requests.log").unlink(missing_ok=True)
         server = self.start_server(spec, f"HTTP {spec.name}{self.tag}")
         try:
+            self.wait_replicas(spec, server)
             warm = self.wrk(server.port, self.args.warmup, server.proc.pid)
             result = self.wrk(server.port, self.args.duration, server.proc.pid)
             result["warmup"] = {k: warm[k] for k in ("requests", "rps", "non_2xx", "socket_errors")}
@@ -858,8 +961,9 @@ class Bench:
         ok_responses = (warm["requests"] - warm["non_2xx"]) + (run["requests"] - run["non_2xx"])
         checks: dict[str, Any] = {"2xx_responses_seen_by_wrk": ok_responses}
         client = self.redis.client()
-        if spec.name == "service":
+        if spec.is_service:
             checks["stream_entries"] = client.xlen(Keys(SERVICE_KEY_PREFIX).readings)
+            self.replica_checks(f"HTTP {spec.name}{self.tag}", checks)
         elif spec.name == "conventional":
             checks["stream_entries"] = client.xlen(CONVENTIONAL_STREAM)
             time.sleep(5.5)  # BatchSpanProcessor exports every 5 s
@@ -881,6 +985,20 @@ class Bench:
                 f"stream holds only {checks['stream_entries']} entries"
             )
         return checks
+
+    def replica_checks(self, label: str, checks: dict[str, Any]) -> None:
+        """With a replica: once it has caught up, it holds the primary's stream entry for entry."""
+        if self.replica is None:
+            return
+        assert self.redis is not None
+        self.redis.client().wait(1, 5_000)
+        entries = self.replica.client().xlen(Keys(SERVICE_KEY_PREFIX).readings)
+        checks["replica_stream_entries"] = entries
+        if entries != checks["stream_entries"]:
+            self.problems.append(
+                f"{label}: the replica holds {entries} stream entries, the primary "
+                f"{checks['stream_entries']}"
+            )
 
     # ---- WebSocket load
 
@@ -917,13 +1035,10 @@ class Bench:
             ],
         )
         proc = self.procs.start("ws-load", argv, stdout_pipe=True)
-        assert self.redis is not None
-        redis_pid = self.redis.proc.pid
         window = CpuWindow(
             {
-                "server": lambda: [server_pid],
                 "loadgen": lambda: [proc.pid, *descendants(proc.pid)],
-                "redis": lambda: [redis_pid],
+                **self.cpu_groups(server_pid),
             }
         )
         parsed: dict[str, Any] | None = None
@@ -964,16 +1079,20 @@ class Bench:
         }
 
     def ws_round(self, spec: ServerSpec) -> dict[str, Any]:
-        self.flush_redis()
+        with self.redis_for(spec, f"WS {spec.name}{self.tag}"):
+            return self._ws_round(spec)
+
+    def _ws_round(self, spec: ServerSpec) -> dict[str, Any]:
         server = self.start_server(spec, f"WS {spec.name}{self.tag}")
         try:
+            self.wait_replicas(spec, server)
             result = self.ws_load(server.port, server.proc.pid)
             result["ready_s"] = server.ready_s
-            if spec.name == "service":
+            if spec.is_service:
                 assert self.redis is not None
-                result["checks"] = {
-                    "stream_entries": self.redis.client().xlen(Keys(SERVICE_KEY_PREFIX).readings)
-                }
+                stream = Keys(SERVICE_KEY_PREFIX).readings
+                result["checks"] = {"stream_entries": self.redis.client().xlen(stream)}
+                self.replica_checks(f"WS {spec.name}{self.tag}", result["checks"])
             result.update(self.stop_server(server, f"WS {spec.name}{self.tag}"))
         finally:
             self.procs.stop(server.proc)
@@ -1292,6 +1411,8 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in checks.items()))
     lines += ["", "## WebSocket — /ingestion/ws (load.js, 1 batch in flight per socket)", ""]
     lines += load_table(data, "ws")
+    if data.get("replicated"):
+        lines += ["", *render_replicated(data["replicated"])]
     if data["idle"]:
         lines += ["", "## Idle WebSocket connections (memory)", ""]
         lines += [
@@ -1320,6 +1441,34 @@ def render(data: dict[str, Any]) -> str:
     else:
         lines.append("None: no non-2xx responses, socket errors, WebSocket errors or crashes.")
     return "\n".join(lines) + "\n"
+
+
+def render_replicated(rep: Mapping[str, Any]) -> list[str]:
+    """The replicated-ack section: ratios, and the server CPU a replicated ack adds."""
+    http, ws = rep["http"], rep["ws"]
+    lines = [
+        "## Replicated acks — service_replicated",
+        "",
+        "`service_replicated` is the service with `ACK_MODE=replicated ACK_REPLICAS=1` "
+        "(`ACK_TIMEOUT` at its default): every write is followed by `WAIT 1 <timeout>` and "
+        "acknowledged only once a replica has it. The replica is a second throwaway "
+        f"redis-server on core {LOAD_CORE}, started and synced for these runs only; readiness "
+        "(its `redis-replication` check) passed before each was measured. Its rows are in "
+        "the HTTP and WebSocket tables above; a 503 or error reply for a write the replica "
+        "did not confirm counts as an error there.",
+        "",
+        "| ratio (medians) | value |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {name} | {fmt(value, 3)} |" for name, value in rep["ratios"].items()]
+    lines += [
+        "",
+        f"Server CPU per request: {fmt(http['server_us_per_req'], 1)} us, "
+        f"{fmt(http['extra_server_us_per_req_over_service'], 1)} us more than in primary "
+        f"mode; per message: {fmt(ws['server_us_per_msg'], 1)} us, "
+        f"{fmt(ws['extra_server_us_per_msg_over_service'], 1)} us more.",
+    ]
+    return lines
 
 
 def bullets(items: Sequence[str]) -> list[str]:
@@ -1351,7 +1500,7 @@ def headroom(data: dict[str, Any]) -> str:
                 reading: list[str] = []
                 if server is not None and server < 90:
                     reading.append("server core not saturated")
-                own = (load or 0.0) + (procs.get("redis") or 0.0)
+                own = sum(procs.get(g) or 0.0 for g in ("loadgen", "redis", "redis_replica"))
                 if own > 90:
                     reading.append(
                         "load generator + Redis fill core 1: the generator may be the bottleneck"
@@ -1419,6 +1568,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="http,ws,idle", help="comma list of http, ws, idle")
     p.add_argument(
         "--no-service", action="store_true", help="peers only (before the service exists)"
+    )
+    p.add_argument(
+        "--no-replicated",
+        action="store_true",
+        help="skip service_replicated (the service with ACK_MODE=replicated ACK_REPLICAS=1\n"
+        "against the harness's Redis and a replica of it)",
     )
     p.add_argument(
         "--lean-ws-peer",
@@ -1550,8 +1705,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     *(tuple(v.split("=", 1)) for v in args.service_env),
                 ),
             )
-            http_specs = [bare_http, *([service] if with_service else []), conventional]
-            ws_specs = [bare_ws, *([service] if with_service else [])]
+            # The same service acking once one replica has each write (WAIT 1 after it,
+            # ACK_TIMEOUT at its default); redis_for() starts the replica for its rounds.
+            replicated = ServerSpec(
+                "service_replicated",
+                service.argv,
+                (*service.env, ("ACK_MODE", "replicated"), ("ACK_REPLICAS", "1")),
+                replicated=True,
+            )
+            services = [service] if with_service else []
+            if with_service and not args.no_replicated:
+                services.append(replicated)
+            http_specs = [bare_http, *services, conventional]
+            ws_specs = [bare_ws, *services]
             if args.lean_ws_peer:
                 ws_specs.append(ServerSpec("bare_ws_lean", (py, str(PEERS / "bare_ws_lean.py"))))
 
@@ -1571,7 +1737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         data["ws"][spec.name].append(bench.measure("WS", spec))
             bench.tag = ""
             if "idle" in parts:
-                for spec in ws_specs:
+                for spec in [s for s in ws_specs if not s.replicated]:
                     print(f"bench: idle WS {spec.name}", file=sys.stderr, flush=True)
                     data["idle"][spec.name] = bench.idle(spec)
         except HarnessError as e:
@@ -1607,12 +1773,71 @@ def keep_logs(workdir: Path, dest: Path, cap: int = 20 << 20) -> None:
             (dest / log.name).write_bytes(f.read())
 
 
+def replicated_summary(
+    http_med: Mapping[str, Mapping[str, Any]], ws_med: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """service_replicated against the service in primary mode and the bare baseline (medians)."""
+
+    def get(table: Mapping[str, Mapping[str, Any]], name: str, key: str) -> float | None:
+        value = table.get(name, {}).get(key)
+        return float(value) if value is not None else None
+
+    def extra(a: float | None, b: float | None) -> float | None:
+        return round(a - b, 1) if a is not None and b is not None else None
+
+    rep = "service_replicated"
+    http_us = get(http_med, rep, "server_us_per_req")
+    ws_us = get(ws_med, rep, "server_us_per_msg")
+    return {
+        "ratios": {
+            "http_acked_rps_replicated_over_service": ratio(
+                get(http_med, rep, "acked_rps"), get(http_med, "service", "acked_rps")
+            ),
+            "http_acked_rps_replicated_over_bare": ratio(
+                get(http_med, rep, "acked_rps"), get(http_med, "bare_http", "acked_rps")
+            ),
+            "http_cpu_per_req_service_over_replicated": ratio(
+                get(http_med, "service", "server_us_per_req"), http_us
+            ),
+            "http_cpu_per_req_bare_over_replicated": ratio(
+                get(http_med, "bare_http", "server_us_per_req"), http_us
+            ),
+            "ws_rate_replicated_over_service": ratio(
+                get(ws_med, rep, "rate"), get(ws_med, "service", "rate")
+            ),
+            "ws_rate_replicated_over_bare": ratio(
+                get(ws_med, rep, "rate"), get(ws_med, "bare_ws", "rate")
+            ),
+            "ws_cpu_per_msg_service_over_replicated": ratio(
+                get(ws_med, "service", "server_us_per_msg"), ws_us
+            ),
+            "ws_cpu_per_msg_bare_over_replicated": ratio(
+                get(ws_med, "bare_ws", "server_us_per_msg"), ws_us
+            ),
+        },
+        "http": {
+            "acked_rps": get(http_med, rep, "acked_rps"),
+            "server_us_per_req": http_us,
+            "extra_server_us_per_req_over_service": extra(
+                http_us, get(http_med, "service", "server_us_per_req")
+            ),
+        },
+        "ws": {
+            "rate": get(ws_med, rep, "rate"),
+            "server_us_per_msg": ws_us,
+            "extra_server_us_per_msg_over_service": extra(
+                ws_us, get(ws_med, "service", "server_us_per_msg")
+            ),
+        },
+    }
+
+
 def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
     data.setdefault("database", "not prepared")
     data.setdefault("http", {})
     data.setdefault("ws", {})
     data.setdefault("idle", {})
-    http_keys = ("rps", "p50_ms", "p99_ms", "p999_ms", "server_us_per_req")
+    http_keys = ("rps", "p50_ms", "p99_ms", "p999_ms", "server_us_per_req", "acked_rps")
     http_med = {n: summarize_rounds(r, http_keys) for n, r in data["http"].items() if r}
     ws_med = {
         n: summarize_rounds(r, ("rate", "p50_ms", "p99_ms", "p999_ms", "server_us_per_msg"))
@@ -1659,6 +1884,8 @@ def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
             get(ws_med, "service", "server_us_per_msg"),
         ),
     }
+    if "service_replicated" in http_med or "service_replicated" in ws_med:
+        data["replicated"] = replicated_summary(http_med, ws_med)
     data["http_checks"] = {
         n: r[-1]["checks"] for n, r in data["http"].items() if r and r[-1].get("checks")
     }
