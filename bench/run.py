@@ -312,9 +312,14 @@ def _busy_pct(
 
 @dataclass
 class CpuWindow:
-    """CPU used by groups of processes and by each core over a window of wall time."""
+    """CPU used by groups of processes and by each core over a window of wall time.
+
+    ``background`` groups are measured as well but, unlike ``groups``, not told apart from
+    other work on the machine in ``other_cpu_pct``.
+    """
 
     groups: dict[str, Callable[[], list[int]]]
+    background: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
     t0: float = 0.0
     ticks0: dict[str, dict[int, int]] = field(default_factory=dict)
     cores0: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -324,7 +329,8 @@ class CpuWindow:
 
     def _ticks(self) -> dict[str, dict[int, int]]:
         return {
-            name: {pid: proc_ticks(pid) for pid in pids()} for name, pids in self.groups.items()
+            name: {pid: proc_ticks(pid) for pid in pids()}
+            for name, pids in (self.groups | self.background).items()
         }
 
     def start(self) -> None:
@@ -346,6 +352,7 @@ class CpuWindow:
             before = self.ticks0.get(name, {})
             used_s[name] = sum(t - before.get(pid, 0) for pid, t in now.items()) / CLK_TCK
         used_s.update(extra_cpu_s or {})
+        background_s = {name: used_s.pop(name) for name in self.background}
         percent = {
             name: round(100.0 * s / wall, 1) if wall > 0 else 0.0 for name, s in used_s.items()
         }
@@ -364,6 +371,8 @@ class CpuWindow:
                 for core in cores
             },
             "other_cpu_pct": round(max(other, 0.0), 1),
+            "process_cpu_s": {name: round(s, 3) for name, s in used_s.items()},
+            "background_cpu_s": {name: round(s, 3) for name, s in background_s.items()},
         }
         return self.result
 
@@ -688,6 +697,7 @@ class Bench:
         self.procs = Processes(workdir)
         self.redis: RedisServer | None = None
         self.replica: RedisServer | None = None  # only while a replicated server runs
+        self.sink: Proc | None = None  # the trace sink, on core 1 as well
         self.devices_file = workdir / "devices.txt"
         self.seq_base = 0
         self.tag = ""  # " (round i/n)" while rounds repeat
@@ -835,6 +845,13 @@ class Bench:
             groups["redis_replica"] = lambda: [replica_pid]
         return groups
 
+    def cpu_background(self) -> dict[str, Callable[[], list[int]]]:
+        """Core 1's other process, measured for its split but left in ``other_cpu_pct``."""
+        if self.sink is None:
+            return {}
+        sink_pid = self.sink.pid
+        return {"otlp_sink": lambda: [sink_pid]}
+
     def wait_replicas(self, spec: ServerSpec, server: RunningServer) -> None:
         """Replicated acks: readiness (its redis-replication check) must pass first."""
         if spec.replicated:
@@ -865,7 +882,7 @@ class Bench:
             ],
         )
         proc = self.procs.start("wrk", argv, env=env, stdout_pipe=True)
-        window = CpuWindow(self.cpu_groups(server_pid))
+        window = CpuWindow(self.cpu_groups(server_pid), self.cpu_background())
         window.start()
         try:
             assert proc.popen.stdout is not None
@@ -901,6 +918,7 @@ class Bench:
             "socket_errors": {k: errors[k] for k in ("connect", "read", "write", "timeout")},
             "cpu": cpu,
             "server_us_per_req": server_us_per_item(cpu, parsed["requests"]),
+            "core1": core1_split(cpu, parsed["requests"]),
             "wrk_output": out,
         }
 
@@ -1056,7 +1074,8 @@ class Bench:
             {
                 "loadgen": lambda: [proc.pid, *descendants(proc.pid)],
                 **self.cpu_groups(server_pid),
-            }
+            },
+            self.cpu_background(),
         )
         parsed: dict[str, Any] | None = None
         cpu: dict[str, Any] = {}
@@ -1093,6 +1112,7 @@ class Bench:
             "error_samples": parsed["error_samples"],
             "cpu": cpu,
             "server_us_per_msg": server_us_per_item(cpu, parsed["acked"]),
+            "core1": core1_split(cpu, parsed["acked"]),
         }
 
     def ws_round(self, spec: ServerSpec) -> dict[str, Any]:
@@ -1217,6 +1237,61 @@ def server_us_per_item(cpu: Mapping[str, Any], items: int) -> float | None:
     if pct is None or not wall or not items:
         return None
     return round(float(pct) / 100 * float(wall) / items * 1e6, 1)
+
+
+# What runs on core 1 beside the server's core: the load generator, the harness's Redis, its
+# replica (replicated runs only) and the trace sink the service exports to.
+CORE1_GROUPS = ("loadgen", "redis", "redis_replica", "otlp_sink")
+
+
+def core1_split(cpu: Mapping[str, Any], items: int) -> dict[str, Any]:
+    """How core 1's time divided over the window: per process group its CPU seconds, its
+    share of the core, and its CPU per request or message; the rest of the busy time
+    (interrupts and softirqs, where loopback networking runs, and other processes)."""
+    wall = cpu.get("wall_s")
+    if not wall:
+        return {}
+    seconds = {**cpu.get("process_cpu_s", {}), **cpu.get("background_cpu_s", {})}
+    groups = {
+        name: {
+            "cpu_s": round(seconds[name], 3),
+            "pct_of_core": round(100.0 * seconds[name] / wall, 1),
+            "us_per_item": round(seconds[name] / items * 1e6, 1) if items else None,
+        }
+        for name in CORE1_GROUPS
+        if name in seconds
+    }
+    busy = cpu.get("core_busy_pct", {}).get(LOAD_CORE)
+    out: dict[str, Any] = {"wall_s": wall, "groups": groups, "core_busy_pct": busy}
+    if busy is not None:
+        used = sum(g["pct_of_core"] for g in groups.values())
+        out["rest_pct"] = round(max(busy - used, 0.0), 1)
+        out["idle_pct"] = round(100.0 - busy, 1)
+    return out
+
+
+def median_core1(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per figure of ``core1_split``, the median over the rounds that have it."""
+    splits = [r["core1"] for r in rounds if r.get("core1")]
+
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return round(statistics.median(present), 3) if present else None
+
+    names = [n for n in CORE1_GROUPS if any(n in s["groups"] for s in splits)]
+    return {
+        "groups": {
+            name: {
+                key: med([s["groups"][name].get(key) for s in splits if name in s["groups"]])
+                for key in ("cpu_s", "pct_of_core", "us_per_item")
+            }
+            for name in names
+        },
+        **{
+            key: med([s.get(key) for s in splits])
+            for key in ("wall_s", "core_busy_pct", "rest_pct", "idle_pct")
+        },
+    }
 
 
 def summarize_rounds(rounds: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
@@ -1371,6 +1446,45 @@ def load_table(data: dict[str, Any], kind: str) -> list[str]:
     return lines
 
 
+def core1_table(data: dict[str, Any], kind: str) -> list[str]:
+    """How core 1 divided between the load generator, Redis (and its replica) per run."""
+    http = kind == "http"
+    item = "request" if http else "message"
+    lines = [
+        f"Core {LOAD_CORE} over the measured window: CPU seconds and share of the core per "
+        "process group; rest = the core's other busy time (interrupts and softirqs, where "
+        "loopback networking runs, and processes the harness did not start).",
+        "",
+        f"| server | {'wrk' if http else 'node'} | Redis | Redis replica | trace sink | rest % "
+        f"| idle % | Redis (+ replica) CPU us per {item} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def row(label: str, split: Mapping[str, Any], bold: bool = False) -> str:
+        groups = split.get("groups", {})
+
+        def cell(name: str) -> str:
+            g = groups.get(name)
+            if g is None:
+                return "-"
+            return f"{fmt(g['cpu_s'])} s, {fmt(g['pct_of_core'], 0)} %"
+
+        name = f"**{label}**" if bold else label
+        return (
+            f"| {name} | {cell('loadgen')} | {cell('redis')} | {cell('redis_replica')} "
+            f"| {cell('otlp_sink')} | {fmt(split.get('rest_pct'), 0)} "
+            f"| {fmt(split.get('idle_pct'), 0)} | {fmt(redis_us_per_item(split), 1)} |"
+        )
+
+    for name, rounds in data[kind].items():
+        for i, r in enumerate(rounds):
+            lines.append(row(run_label(name, i, rounds), r.get("core1") or {}))
+        if len(rounds) > 1:
+            median = data["core1_split"][kind].get(name, {})
+            lines.append(row(f"{name} median", median, bold=True))
+    return lines
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     s = m["settings"]
@@ -1422,12 +1536,16 @@ def render(data: dict[str, Any]) -> str:
         lines.append("Clean run: no errors, no other load on the machine.")
     lines += ["", "## HTTP — POST /ingestion/ppg (wrk)", ""]
     lines += load_table(data, "http")
+    if data["http"]:
+        lines += ["", *core1_table(data, "http")]
     if data["http_checks"]:
         lines += ["", "What the servers did (warm-up + measured run, last round):", ""]
         for name, checks in data["http_checks"].items():
             lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in checks.items()))
     lines += ["", "## WebSocket — /ingestion/ws (load.js, 1 batch in flight per socket)", ""]
     lines += load_table(data, "ws")
+    if data["ws"]:
+        lines += ["", *core1_table(data, "ws")]
     if data.get("replicated"):
         lines += ["", *render_replicated(data["replicated"])]
     if data["idle"]:
@@ -1478,12 +1596,23 @@ def render_replicated(rep: Mapping[str, Any]) -> list[str]:
         "| --- | ---: |",
     ]
     lines += [f"| {name} | {fmt(value, 3)} |" for name, value in rep["ratios"].items()]
+
+    def signed(value: float | None) -> str:
+        return "-" if value is None else f"{value:+,.1f}"
+
     lines += [
         "",
-        f"Server CPU per request: {fmt(http['server_us_per_req'], 1)} us, "
-        f"{fmt(http['extra_server_us_per_req_over_service'], 1)} us more than in primary "
-        f"mode; per message: {fmt(ws['server_us_per_msg'], 1)} us, "
-        f"{fmt(ws['extra_server_us_per_msg_over_service'], 1)} us more.",
+        "| CPU, medians | per HTTP request | per WS message |",
+        "| --- | ---: | ---: |",
+        f"| server, service_replicated (us) | {fmt(http['server_us_per_req'], 1)} "
+        f"| {fmt(ws['server_us_per_msg'], 1)} |",
+        f"| server, against primary mode (us) "
+        f"| {signed(http['extra_server_us_per_req_over_service'])} "
+        f"| {signed(ws['extra_server_us_per_msg_over_service'])} |",
+        f"| Redis primary + replica, service_replicated (us) "
+        f"| {fmt(http['redis_us_per_req'], 1)} | {fmt(ws['redis_us_per_msg'], 1)} |",
+        f"| Redis, service in primary mode (us) | {fmt(http['service_redis_us_per_req'], 1)} "
+        f"| {fmt(ws['service_redis_us_per_msg'], 1)} |",
     ]
     return lines
 
@@ -1672,7 +1801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.redis = start_redis(bench.procs, workdir)
             # Tracing is on in the service, at its default sampling, exporting to this sink.
             sink_port = free_port()
-            bench.procs.start(
+            bench.sink = bench.procs.start(
                 "otlp-sink",
                 pinned(LOAD_CORE, [py, str(PEERS / "otlp_sink.py"), str(sink_port)]),
             )
@@ -1790,8 +1919,19 @@ def keep_logs(workdir: Path, dest: Path, cap: int = 20 << 20) -> None:
             (dest / log.name).write_bytes(f.read())
 
 
+def redis_us_per_item(split: Mapping[str, Any]) -> float | None:
+    """Redis CPU per request or message, the replica's included, from a core-1 split."""
+    groups = split.get("groups", {})
+    values = [groups[n].get("us_per_item") for n in ("redis", "redis_replica") if n in groups]
+    if not values or None in values:
+        return None
+    return round(float(sum(v for v in values if v is not None)), 1)
+
+
 def replicated_summary(
-    http_med: Mapping[str, Mapping[str, Any]], ws_med: Mapping[str, Mapping[str, Any]]
+    http_med: Mapping[str, Mapping[str, Any]],
+    ws_med: Mapping[str, Mapping[str, Any]],
+    core1: Mapping[str, Mapping[str, Mapping[str, Any]]],
 ) -> dict[str, Any]:
     """service_replicated against the service in primary mode and the bare baseline (medians)."""
 
@@ -1805,6 +1945,11 @@ def replicated_summary(
     rep = "service_replicated"
     http_us = get(http_med, rep, "server_us_per_req")
     ws_us = get(ws_med, rep, "server_us_per_msg")
+    redis_us = {
+        (kind, name): redis_us_per_item(core1.get(kind, {}).get(name, {}))
+        for kind in ("http", "ws")
+        for name in ("service", rep)
+    }
     return {
         "ratios": {
             "http_acked_rps_replicated_over_service": ratio(
@@ -1838,6 +1983,9 @@ def replicated_summary(
             "extra_server_us_per_req_over_service": extra(
                 http_us, get(http_med, "service", "server_us_per_req")
             ),
+            # Primary + replica, against the primary alone for the service in primary mode.
+            "redis_us_per_req": redis_us["http", rep],
+            "service_redis_us_per_req": redis_us["http", "service"],
         },
         "ws": {
             "rate": get(ws_med, rep, "rate"),
@@ -1845,6 +1993,8 @@ def replicated_summary(
             "extra_server_us_per_msg_over_service": extra(
                 ws_us, get(ws_med, "service", "server_us_per_msg")
             ),
+            "redis_us_per_msg": redis_us["ws", rep],
+            "service_redis_us_per_msg": redis_us["ws", "service"],
         },
     }
 
@@ -1867,6 +2017,9 @@ def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
         return float(value) if value is not None else None
 
     data["medians"] = {"http": http_med, "ws": ws_med}
+    data["core1_split"] = {
+        kind: {n: median_core1(r) for n, r in data[kind].items() if r} for kind in ("http", "ws")
+    }
     data["ratios"] = {
         "http_rps_service_over_bare": ratio(
             get(http_med, "service", "rps"), get(http_med, "bare_http", "rps")
@@ -1902,7 +2055,7 @@ def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
         ),
     }
     if "service_replicated" in http_med or "service_replicated" in ws_med:
-        data["replicated"] = replicated_summary(http_med, ws_med)
+        data["replicated"] = replicated_summary(http_med, ws_med, data["core1_split"])
     data["http_checks"] = {
         n: r[-1]["checks"] for n, r in data["http"].items() if r and r[-1].get("checks")
     }
