@@ -11,9 +11,28 @@ The harness starts its own throwaway Redis (pinned to core 1 as well, so core 0 
 nothing but the server) and a throwaway database in the local Postgres (or its own cluster
 when none answers), registers devices with ``pulsecal-admin``, then measures:
 
-- HTTP: bare_http, pulsecal-service and the conventional peer under wrk;
-- WebSocket: bare_ws and pulsecal-service under bench/ws/load.js;
+- HTTP: bare_http, pulsecal-service, service_replicated and the conventional peer under wrk;
+- WebSocket: bare_ws, pulsecal-service and service_replicated under bench/ws/load.js;
 - memory: RSS of bare_ws and of a fresh pulsecal-service before and after N idle sockets.
+
+``service_replicated`` is pulsecal-service with ``ACK_MODE=replicated ACK_REPLICAS=1``
+(``ACK_TIMEOUT`` at its default): each write is followed by ``WAIT 1 <timeout>`` and a batch is
+acknowledged only once a replica has it. For its rounds only, the harness starts a second
+throwaway redis-server as a replica of its Redis (same flags, no persistence, pinned to core 1
+as well), waits until it is in sync (``master_link_status:up``, no sync in progress), flushes
+both (the primary's FLUSHALL reaches the replica; ``WAIT`` confirms it), and measures only once
+the service's readiness, whose ``redis-replication`` check wants the replica online, answers
+200; the replica stops after the round, so every other server runs against a primary without
+replicas. A 503 (a write the replica did not confirm in time) or a WebSocket error reply counts
+as an error of the run, as for every server. The report gives its acked req/s and msg/s over
+the service's in primary mode and over bare, and its server and Redis CPU per request and per
+message. ``--no-replicated`` skips it.
+
+Core 1's split: for every HTTP and WebSocket run, the CPU seconds and share of core 1 over the
+measured window of the load generator, Redis, the replica (replicated runs) and the trace
+sink, each's CPU per request or message, and the rest of the core's busy time (interrupts and
+softirqs, where loopback networking runs, and processes the harness did not start); per run
+under ``core1`` in the JSON, medians under ``core1_split``.
 
 The report goes to stdout and bench/results/latest.md, raw data to bench/results/latest.json.
 Exit status: 0 for a clean run (a busy machine only adds warnings), 1 when a run had errors
