@@ -11,9 +11,28 @@ The harness starts its own throwaway Redis (pinned to core 1 as well, so core 0 
 nothing but the server) and a throwaway database in the local Postgres (or its own cluster
 when none answers), registers devices with ``pulsecal-admin``, then measures:
 
-- HTTP: bare_http, pulsecal-service and the conventional peer under wrk;
-- WebSocket: bare_ws and pulsecal-service under bench/ws/load.js;
+- HTTP: bare_http, pulsecal-service, service_replicated and the conventional peer under wrk;
+- WebSocket: bare_ws, pulsecal-service and service_replicated under bench/ws/load.js;
 - memory: RSS of bare_ws and of a fresh pulsecal-service before and after N idle sockets.
+
+``service_replicated`` is pulsecal-service with ``ACK_MODE=replicated ACK_REPLICAS=1``
+(``ACK_TIMEOUT`` at its default): each write is followed by ``WAIT 1 <timeout>`` and a batch is
+acknowledged only once a replica has it. For its rounds only, the harness starts a second
+throwaway redis-server as a replica of its Redis (same flags, no persistence, pinned to core 1
+as well), waits until it is in sync (``master_link_status:up``, no sync in progress), flushes
+both (the primary's FLUSHALL reaches the replica; ``WAIT`` confirms it), and measures only once
+the service's readiness, whose ``redis-replication`` check wants the replica online, answers
+200; the replica stops after the round, so every other server runs against a primary without
+replicas. A 503 (a write the replica did not confirm in time) or a WebSocket error reply counts
+as an error of the run, as for every server. The report gives its acked req/s and msg/s over
+the service's in primary mode and over bare, and its server and Redis CPU per request and per
+message. ``--no-replicated`` skips it.
+
+Core 1's split: for every HTTP and WebSocket run, the CPU seconds and share of core 1 over the
+measured window of the load generator, Redis, the replica (replicated runs) and the trace
+sink, each's CPU per request or message, and the rest of the core's busy time (interrupts and
+softirqs, where loopback networking runs, and processes the harness did not start); per run
+under ``core1`` in the JSON, medians under ``core1_split``.
 
 The report goes to stdout and bench/results/latest.md, raw data to bench/results/latest.json.
 Exit status: 0 for a clean run (a busy machine only adds warnings), 1 when a run had errors
@@ -46,7 +65,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import aiohttp
 import psycopg
@@ -54,6 +73,7 @@ import redis
 from psycopg.conninfo import conninfo_to_dict
 
 from shared.keys import Keys
+from shared.readings import decode_entries
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -64,6 +84,7 @@ LOAD_CORE = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SEQ_RUN_STRIDE = 10**12  # wrk and load.js keep each run's seqs below base + 10^12
 SERVICE_KEY_PREFIX = "bench:"
+SERVICE_NAMES = ("service", "service_replicated")
 CONVENTIONAL_STREAM = "conventional:readings"
 HUGE_BACKLOG = "1000000000000"
 
@@ -310,9 +331,14 @@ def _busy_pct(
 
 @dataclass
 class CpuWindow:
-    """CPU used by groups of processes and by each core over a window of wall time."""
+    """CPU used by groups of processes and by each core over a window of wall time.
+
+    ``background`` groups are measured as well but, unlike ``groups``, not told apart from
+    other work on the machine in ``other_cpu_pct``.
+    """
 
     groups: dict[str, Callable[[], list[int]]]
+    background: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
     t0: float = 0.0
     ticks0: dict[str, dict[int, int]] = field(default_factory=dict)
     cores0: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -322,7 +348,8 @@ class CpuWindow:
 
     def _ticks(self) -> dict[str, dict[int, int]]:
         return {
-            name: {pid: proc_ticks(pid) for pid in pids()} for name, pids in self.groups.items()
+            name: {pid: proc_ticks(pid) for pid in pids()}
+            for name, pids in (self.groups | self.background).items()
         }
 
     def start(self) -> None:
@@ -344,6 +371,7 @@ class CpuWindow:
             before = self.ticks0.get(name, {})
             used_s[name] = sum(t - before.get(pid, 0) for pid, t in now.items()) / CLK_TCK
         used_s.update(extra_cpu_s or {})
+        background_s = {name: used_s.pop(name) for name in self.background}
         percent = {
             name: round(100.0 * s / wall, 1) if wall > 0 else 0.0 for name, s in used_s.items()
         }
@@ -362,6 +390,8 @@ class CpuWindow:
                 for core in cores
             },
             "other_cpu_pct": round(max(other, 0.0), 1),
+            "process_cpu_s": {name: round(s, 3) for name, s in used_s.items()},
+            "background_cpu_s": {name: round(s, 3) for name, s in background_s.items()},
         }
         return self.result
 
@@ -458,11 +488,19 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
 
 
-def start_redis(procs: Processes, workdir: Path) -> RedisServer:
+def start_redis(
+    procs: Processes, workdir: Path, *, replica_of: RedisServer | None = None
+) -> RedisServer:
+    """A throwaway redis-server on core 1, no persistence; ``replica_of``: a replica of it.
+
+    ``--repl-diskless-sync-delay 0`` is what lets a replica sync at once: a primary waits
+    that long (5 s by default) for more replicas before it streams the dataset.
+    """
     if shutil.which("redis-server") is None:
         raise HarnessError("redis-server is not on PATH")
+    name = "redis" if replica_of is None else "redis-replica"
     port = free_port()
-    data = workdir / "redis"
+    data = workdir / (name if replica_of is None else f"{name}-{port}")  # one per start
     data.mkdir()
     argv = [
         "redis-server",
@@ -473,8 +511,11 @@ def start_redis(procs: Processes, workdir: Path) -> RedisServer:
         "--daemonize", "no",
         "--dir", str(data),
         "--maxclients", "20000",
+        "--repl-diskless-sync-delay", "0",
     ]  # fmt: skip
-    proc = procs.start("redis", pinned(LOAD_CORE, argv))
+    if replica_of is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of.port)]
+    proc = procs.start(name, pinned(LOAD_CORE, argv))
     server = RedisServer(proc, port)
     deadline = time.monotonic() + 10
     while True:
@@ -484,8 +525,28 @@ def start_redis(procs: Processes, workdir: Path) -> RedisServer:
         except redis.RedisError:
             pass
         if not proc.alive() or time.monotonic() > deadline:
-            raise HarnessError(f"redis-server did not start:\n{proc.log_tail()}")
+            raise HarnessError(f"{name} did not start:\n{proc.log_tail()}")
         time.sleep(0.05)
+
+
+def wait_in_sync(replica: RedisServer, timeout: float = 30.0) -> float:
+    """Wait until the replica has the primary's dataset and follows its stream; seconds."""
+    started = time.monotonic()
+    info: dict[str, Any] = {}
+    while time.monotonic() - started < timeout:
+        if not replica.proc.alive():
+            raise HarnessError(f"the Redis replica exited:\n{replica.proc.log_tail()}")
+        try:
+            info = replica.client().info("replication")
+        except redis.RedisError as e:
+            info = {"error": str(e)}
+        if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise HarnessError(
+        f"the Redis replica was not in sync after {timeout:.0f}s ({info}):\n"
+        f"{replica.proc.log_tail()}"
+    )
 
 
 @dataclass
@@ -612,6 +673,18 @@ def register_devices(
     return devices
 
 
+def stream_batches(client: redis.Redis, stream: str, page: int = 1000) -> int:
+    """The batches a readings stream holds: an entry carries every batch of one write."""
+    count, start = 0, "-"
+    while True:
+        reply = client.xrange(stream, start, "+", count=page)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], reply or [])
+        count += sum(len(decode_entries(fields)) for _id, fields in entries)
+        if len(entries) < page:
+            return count
+        start = "(" + entries[-1][0].decode()
+
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -620,6 +693,12 @@ class ServerSpec:
     name: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    # The service with replicated acks: a Redis replica runs beside the primary meanwhile.
+    replicated: bool = False
+
+    @property
+    def is_service(self) -> bool:
+        return self.name in SERVICE_NAMES
 
 
 @dataclass
@@ -636,6 +715,8 @@ class Bench:
         self.workdir = workdir
         self.procs = Processes(workdir)
         self.redis: RedisServer | None = None
+        self.replica: RedisServer | None = None  # only while a replicated server runs
+        self.sink: Proc | None = None  # the trace sink, on core 1 as well
         self.devices_file = workdir / "devices.txt"
         self.seq_base = 0
         self.tag = ""  # " (round i/n)" while rounds repeat
@@ -726,8 +807,74 @@ class Bench:
         return info
 
     def flush_redis(self) -> None:
+        """Empty the harness's Redis, and its replica when one runs.
+
+        A replica refuses writes: the primary's FLUSHALL reaches it through the replication
+        stream, and ``WAIT`` returns once it has applied it.
+        """
         assert self.redis is not None
-        self.redis.client().flushall()
+        primary = self.redis.client()
+        primary.flushall()
+        if self.replica is None:
+            return
+        confirmed = primary.wait(1, 10_000)
+        left = self.replica.client().dbsize()
+        if confirmed < 1 or left:
+            raise HarnessError(
+                f"the Redis replica did not follow FLUSHALL ({confirmed} replicas confirmed, "
+                f"{left} keys left on it):\n{self.replica.proc.log_tail()}"
+            )
+
+    @contextlib.contextmanager
+    def redis_for(self, spec: ServerSpec, label: str) -> Iterator[None]:
+        """Flushed Redis for one round; for a replicated server, a replica in sync with it.
+
+        The replica lives for that round only, so that every other server runs against a
+        primary without replicas, as before.
+        """
+        self.flush_redis()
+        if not spec.replicated:
+            yield
+            return
+        assert self.redis is not None
+        replica = start_redis(self.procs, self.workdir, replica_of=self.redis)
+        try:
+            wait_in_sync(replica)
+            self.replica = replica
+            self.flush_redis()
+            yield
+            if not replica.proc.alive():
+                self.problems.append(
+                    f"{label}: the Redis replica died during the run:\n{replica.proc.log_tail()}"
+                )
+        finally:
+            self.replica = None
+            self.procs.stop(replica.proc)
+
+    def cpu_groups(self, server_pid: int) -> dict[str, Callable[[], list[int]]]:
+        """The processes a load run measures, besides the load generator."""
+        assert self.redis is not None
+        redis_pid = self.redis.proc.pid
+        groups: dict[str, Callable[[], list[int]]] = {
+            "server": lambda: [server_pid],
+            "redis": lambda: [redis_pid],
+        }
+        if self.replica is not None:
+            replica_pid = self.replica.proc.pid
+            groups["redis_replica"] = lambda: [replica_pid]
+        return groups
+
+    def cpu_background(self) -> dict[str, Callable[[], list[int]]]:
+        """Core 1's other process, measured for its split but left in ``other_cpu_pct``."""
+        if self.sink is None:
+            return {}
+        sink_pid = self.sink.pid
+        return {"otlp_sink": lambda: [sink_pid]}
+
+    def wait_replicas(self, spec: ServerSpec, server: RunningServer) -> None:
+        """Replicated acks: readiness (its redis-replication check) must pass first."""
+        if spec.replicated:
+            wait_ready(server.proc, server.port, "/health/readiness", timeout=30.0)
 
     # ---- HTTP load
 
@@ -753,10 +900,8 @@ class Bench:
                 f"http://127.0.0.1:{port}/ingestion/ppg",
             ],
         )
-        assert self.redis is not None
-        redis_pid = self.redis.proc.pid
         proc = self.procs.start("wrk", argv, env=env, stdout_pipe=True)
-        window = CpuWindow({"server": lambda: [server_pid], "redis": lambda: [redis_pid]})
+        window = CpuWindow(self.cpu_groups(server_pid), self.cpu_background())
         window.start()
         try:
             assert proc.popen.stdout is not None
@@ -785,11 +930,14 @@ class Bench:
             "requests": parsed["requests"],
             "seconds": round(seconds, 3),
             "rps": round(parsed["requests"] / seconds, 1),
+            # 2xx answers only: what was acknowledged (equal to rps in a run without errors).
+            "acked_rps": round((parsed["requests"] - errors["status"]) / seconds, 1),
             **{f"{k}_ms": (v / 1000 if v is not None else None) for k, v in lat.items()},
             "non_2xx": errors["status"],
             "socket_errors": {k: errors[k] for k in ("connect", "read", "write", "timeout")},
             "cpu": cpu,
             "server_us_per_req": server_us_per_item(cpu, parsed["requests"]),
+            "core1": core1_split(cpu, parsed["requests"]),
             "wrk_output": out,
         }
 
@@ -818,11 +966,16 @@ class Bench:
         return kept
 
     def http_round(self, spec: ServerSpec) -> dict[str, Any]:
-        self.flush_redis()
+        label = f"HTTP {spec.name}{self.tag}"
+        with self.redis_for(spec, label):
+            return self._http_round(spec)
+
+    def _http_round(self, spec: ServerSpec) -> dict[str, Any]:
         # Each round's JSON log starts empty, so its line count is this round's.
         (self.workdir / "logs-conventional" / "requests.log").unlink(missing_ok=True)
         server = self.start_server(spec, f"HTTP {spec.name}{self.tag}")
         try:
+            self.wait_replicas(spec, server)
             warm = self.wrk(server.port, self.args.warmup, server.proc.pid)
             result = self.wrk(server.port, self.args.duration, server.proc.pid)
             result["warmup"] = {k: warm[k] for k in ("requests", "rps", "non_2xx", "socket_errors")}
@@ -858,8 +1011,11 @@ class Bench:
         ok_responses = (warm["requests"] - warm["non_2xx"]) + (run["requests"] - run["non_2xx"])
         checks: dict[str, Any] = {"2xx_responses_seen_by_wrk": ok_responses}
         client = self.redis.client()
-        if spec.name == "service":
-            checks["stream_entries"] = client.xlen(Keys(SERVICE_KEY_PREFIX).readings)
+        if spec.is_service:
+            stream = Keys(SERVICE_KEY_PREFIX).readings
+            checks["stream_entries"] = client.xlen(stream)
+            checks["stream_batches"] = stream_batches(client, stream)
+            self.replica_checks(f"HTTP {spec.name}{self.tag}", checks)
         elif spec.name == "conventional":
             checks["stream_entries"] = client.xlen(CONVENTIONAL_STREAM)
             time.sleep(5.5)  # BatchSpanProcessor exports every 5 s
@@ -875,12 +1031,28 @@ class Bench:
             if log_file.exists():
                 with log_file.open("rb") as f:
                     checks["json_log_lines"] = sum(1 for _ in f)
-        if "stream_entries" in checks and checks["stream_entries"] < ok_responses:
+        # The service's entries carry the batches of one write each, the peer's one batch.
+        stored = checks.get("stream_batches", checks.get("stream_entries"))
+        if stored is not None and stored < ok_responses:
             self.problems.append(
                 f"HTTP {spec.name}{self.tag}: answered 2xx {ok_responses} times but the "
-                f"stream holds only {checks['stream_entries']} entries"
+                f"stream holds only {stored} batches"
             )
         return checks
+
+    def replica_checks(self, label: str, checks: dict[str, Any]) -> None:
+        """With a replica: once it has caught up, it holds the primary's stream entry for entry."""
+        if self.replica is None:
+            return
+        assert self.redis is not None
+        self.redis.client().wait(1, 5_000)
+        entries = self.replica.client().xlen(Keys(SERVICE_KEY_PREFIX).readings)
+        checks["replica_stream_entries"] = entries
+        if entries != checks["stream_entries"]:
+            self.problems.append(
+                f"{label}: the replica holds {entries} stream entries, the primary "
+                f"{checks['stream_entries']}"
+            )
 
     # ---- WebSocket load
 
@@ -917,14 +1089,12 @@ class Bench:
             ],
         )
         proc = self.procs.start("ws-load", argv, stdout_pipe=True)
-        assert self.redis is not None
-        redis_pid = self.redis.proc.pid
         window = CpuWindow(
             {
-                "server": lambda: [server_pid],
                 "loadgen": lambda: [proc.pid, *descendants(proc.pid)],
-                "redis": lambda: [redis_pid],
-            }
+                **self.cpu_groups(server_pid),
+            },
+            self.cpu_background(),
         )
         parsed: dict[str, Any] | None = None
         cpu: dict[str, Any] = {}
@@ -961,19 +1131,24 @@ class Bench:
             "error_samples": parsed["error_samples"],
             "cpu": cpu,
             "server_us_per_msg": server_us_per_item(cpu, parsed["acked"]),
+            "core1": core1_split(cpu, parsed["acked"]),
         }
 
     def ws_round(self, spec: ServerSpec) -> dict[str, Any]:
-        self.flush_redis()
+        with self.redis_for(spec, f"WS {spec.name}{self.tag}"):
+            return self._ws_round(spec)
+
+    def _ws_round(self, spec: ServerSpec) -> dict[str, Any]:
         server = self.start_server(spec, f"WS {spec.name}{self.tag}")
         try:
+            self.wait_replicas(spec, server)
             result = self.ws_load(server.port, server.proc.pid)
             result["ready_s"] = server.ready_s
-            if spec.name == "service":
+            if spec.is_service:
                 assert self.redis is not None
-                result["checks"] = {
-                    "stream_entries": self.redis.client().xlen(Keys(SERVICE_KEY_PREFIX).readings)
-                }
+                stream = Keys(SERVICE_KEY_PREFIX).readings
+                result["checks"] = {"stream_entries": self.redis.client().xlen(stream)}
+                self.replica_checks(f"WS {spec.name}{self.tag}", result["checks"])
             result.update(self.stop_server(server, f"WS {spec.name}{self.tag}"))
         finally:
             self.procs.stop(server.proc)
@@ -1081,6 +1256,61 @@ def server_us_per_item(cpu: Mapping[str, Any], items: int) -> float | None:
     if pct is None or not wall or not items:
         return None
     return round(float(pct) / 100 * float(wall) / items * 1e6, 1)
+
+
+# What runs on core 1 beside the server's core: the load generator, the harness's Redis, its
+# replica (replicated runs only) and the trace sink the service exports to.
+CORE1_GROUPS = ("loadgen", "redis", "redis_replica", "otlp_sink")
+
+
+def core1_split(cpu: Mapping[str, Any], items: int) -> dict[str, Any]:
+    """How core 1's time divided over the window: per process group its CPU seconds, its
+    share of the core, and its CPU per request or message; the rest of the busy time
+    (interrupts and softirqs, where loopback networking runs, and other processes)."""
+    wall = cpu.get("wall_s")
+    if not wall:
+        return {}
+    seconds = {**cpu.get("process_cpu_s", {}), **cpu.get("background_cpu_s", {})}
+    groups = {
+        name: {
+            "cpu_s": round(seconds[name], 3),
+            "pct_of_core": round(100.0 * seconds[name] / wall, 1),
+            "us_per_item": round(seconds[name] / items * 1e6, 1) if items else None,
+        }
+        for name in CORE1_GROUPS
+        if name in seconds
+    }
+    busy = cpu.get("core_busy_pct", {}).get(LOAD_CORE)
+    out: dict[str, Any] = {"wall_s": wall, "groups": groups, "core_busy_pct": busy}
+    if busy is not None:
+        used = sum(g["pct_of_core"] for g in groups.values())
+        out["rest_pct"] = round(max(busy - used, 0.0), 1)
+        out["idle_pct"] = round(100.0 - busy, 1)
+    return out
+
+
+def median_core1(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per figure of ``core1_split``, the median over the rounds that have it."""
+    splits = [r["core1"] for r in rounds if r.get("core1")]
+
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return round(statistics.median(present), 3) if present else None
+
+    names = [n for n in CORE1_GROUPS if any(n in s["groups"] for s in splits)]
+    return {
+        "groups": {
+            name: {
+                key: med([s["groups"][name].get(key) for s in splits if name in s["groups"]])
+                for key in ("cpu_s", "pct_of_core", "us_per_item")
+            }
+            for name in names
+        },
+        **{
+            key: med([s.get(key) for s in splits])
+            for key in ("wall_s", "core_busy_pct", "rest_pct", "idle_pct")
+        },
+    }
 
 
 def summarize_rounds(rounds: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
@@ -1235,6 +1465,45 @@ def load_table(data: dict[str, Any], kind: str) -> list[str]:
     return lines
 
 
+def core1_table(data: dict[str, Any], kind: str) -> list[str]:
+    """How core 1 divided between the load generator, Redis (and its replica) per run."""
+    http = kind == "http"
+    item = "request" if http else "message"
+    lines = [
+        f"Core {LOAD_CORE} over the measured window: CPU seconds and share of the core per "
+        "process group; rest = the core's other busy time (interrupts and softirqs, where "
+        "loopback networking runs, and processes the harness did not start).",
+        "",
+        f"| server | {'wrk' if http else 'node'} | Redis | Redis replica | trace sink | rest % "
+        f"| idle % | Redis (+ replica) CPU us per {item} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def row(label: str, split: Mapping[str, Any], bold: bool = False) -> str:
+        groups = split.get("groups", {})
+
+        def cell(name: str) -> str:
+            g = groups.get(name)
+            if g is None:
+                return "-"
+            return f"{fmt(g['cpu_s'])} s, {fmt(g['pct_of_core'], 0)} %"
+
+        name = f"**{label}**" if bold else label
+        return (
+            f"| {name} | {cell('loadgen')} | {cell('redis')} | {cell('redis_replica')} "
+            f"| {cell('otlp_sink')} | {fmt(split.get('rest_pct'), 0)} "
+            f"| {fmt(split.get('idle_pct'), 0)} | {fmt(redis_us_per_item(split), 1)} |"
+        )
+
+    for name, rounds in data[kind].items():
+        for i, r in enumerate(rounds):
+            lines.append(row(run_label(name, i, rounds), r.get("core1") or {}))
+        if len(rounds) > 1:
+            median = data["core1_split"][kind].get(name, {})
+            lines.append(row(f"{name} median", median, bold=True))
+    return lines
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     s = m["settings"]
@@ -1286,12 +1555,18 @@ def render(data: dict[str, Any]) -> str:
         lines.append("Clean run: no errors, no other load on the machine.")
     lines += ["", "## HTTP — POST /ingestion/ppg (wrk)", ""]
     lines += load_table(data, "http")
+    if data["http"]:
+        lines += ["", *core1_table(data, "http")]
     if data["http_checks"]:
         lines += ["", "What the servers did (warm-up + measured run, last round):", ""]
         for name, checks in data["http_checks"].items():
             lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in checks.items()))
     lines += ["", "## WebSocket — /ingestion/ws (load.js, 1 batch in flight per socket)", ""]
     lines += load_table(data, "ws")
+    if data["ws"]:
+        lines += ["", *core1_table(data, "ws")]
+    if data.get("replicated"):
+        lines += ["", *render_replicated(data["replicated"])]
     if data["idle"]:
         lines += ["", "## Idle WebSocket connections (memory)", ""]
         lines += [
@@ -1320,6 +1595,45 @@ def render(data: dict[str, Any]) -> str:
     else:
         lines.append("None: no non-2xx responses, socket errors, WebSocket errors or crashes.")
     return "\n".join(lines) + "\n"
+
+
+def render_replicated(rep: Mapping[str, Any]) -> list[str]:
+    """The replicated-ack section: ratios, and the server CPU a replicated ack adds."""
+    http, ws = rep["http"], rep["ws"]
+    lines = [
+        "## Replicated acks — service_replicated",
+        "",
+        "`service_replicated` is the service with `ACK_MODE=replicated ACK_REPLICAS=1` "
+        "(`ACK_TIMEOUT` at its default): every write is followed by `WAIT 1 <timeout>` and "
+        "acknowledged only once a replica has it. The replica is a second throwaway "
+        f"redis-server on core {LOAD_CORE}, started and synced for these runs only; readiness "
+        "(its `redis-replication` check) passed before each was measured. Its rows are in "
+        "the HTTP and WebSocket tables above; a 503 or error reply for a write the replica "
+        "did not confirm counts as an error there.",
+        "",
+        "| ratio (medians) | value |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {name} | {fmt(value, 3)} |" for name, value in rep["ratios"].items()]
+
+    def signed(value: float | None) -> str:
+        return "-" if value is None else f"{value:+,.1f}"
+
+    lines += [
+        "",
+        "| CPU, medians | per HTTP request | per WS message |",
+        "| --- | ---: | ---: |",
+        f"| server, service_replicated (us) | {fmt(http['server_us_per_req'], 1)} "
+        f"| {fmt(ws['server_us_per_msg'], 1)} |",
+        f"| server, against primary mode (us) "
+        f"| {signed(http['extra_server_us_per_req_over_service'])} "
+        f"| {signed(ws['extra_server_us_per_msg_over_service'])} |",
+        f"| Redis primary + replica, service_replicated (us) "
+        f"| {fmt(http['redis_us_per_req'], 1)} | {fmt(ws['redis_us_per_msg'], 1)} |",
+        f"| Redis, service in primary mode (us) | {fmt(http['service_redis_us_per_req'], 1)} "
+        f"| {fmt(ws['service_redis_us_per_msg'], 1)} |",
+    ]
+    return lines
 
 
 def bullets(items: Sequence[str]) -> list[str]:
@@ -1351,7 +1665,7 @@ def headroom(data: dict[str, Any]) -> str:
                 reading: list[str] = []
                 if server is not None and server < 90:
                     reading.append("server core not saturated")
-                own = (load or 0.0) + (procs.get("redis") or 0.0)
+                own = sum(procs.get(g) or 0.0 for g in ("loadgen", "redis", "redis_replica"))
                 if own > 90:
                     reading.append(
                         "load generator + Redis fill core 1: the generator may be the bottleneck"
@@ -1419,6 +1733,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="http,ws,idle", help="comma list of http, ws, idle")
     p.add_argument(
         "--no-service", action="store_true", help="peers only (before the service exists)"
+    )
+    p.add_argument(
+        "--no-replicated",
+        action="store_true",
+        help="skip service_replicated (the service with ACK_MODE=replicated ACK_REPLICAS=1\n"
+        "against the harness's Redis and a replica of it)",
     )
     p.add_argument(
         "--lean-ws-peer",
@@ -1500,7 +1820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.redis = start_redis(bench.procs, workdir)
             # Tracing is on in the service, at its default sampling, exporting to this sink.
             sink_port = free_port()
-            bench.procs.start(
+            bench.sink = bench.procs.start(
                 "otlp-sink",
                 pinned(LOAD_CORE, [py, str(PEERS / "otlp_sink.py"), str(sink_port)]),
             )
@@ -1550,8 +1870,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     *(tuple(v.split("=", 1)) for v in args.service_env),
                 ),
             )
-            http_specs = [bare_http, *([service] if with_service else []), conventional]
-            ws_specs = [bare_ws, *([service] if with_service else [])]
+            # The same service acking once one replica has each write (WAIT 1 after it,
+            # ACK_TIMEOUT at its default); redis_for() starts the replica for its rounds.
+            replicated = ServerSpec(
+                "service_replicated",
+                service.argv,
+                (*service.env, ("ACK_MODE", "replicated"), ("ACK_REPLICAS", "1")),
+                replicated=True,
+            )
+            services = [service] if with_service else []
+            if with_service and not args.no_replicated:
+                services.append(replicated)
+            http_specs = [bare_http, *services, conventional]
+            ws_specs = [bare_ws, *services]
             if args.lean_ws_peer:
                 ws_specs.append(ServerSpec("bare_ws_lean", (py, str(PEERS / "bare_ws_lean.py"))))
 
@@ -1571,7 +1902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         data["ws"][spec.name].append(bench.measure("WS", spec))
             bench.tag = ""
             if "idle" in parts:
-                for spec in ws_specs:
+                for spec in [s for s in ws_specs if not s.replicated]:
                     print(f"bench: idle WS {spec.name}", file=sys.stderr, flush=True)
                     data["idle"][spec.name] = bench.idle(spec)
         except HarnessError as e:
@@ -1607,12 +1938,92 @@ def keep_logs(workdir: Path, dest: Path, cap: int = 20 << 20) -> None:
             (dest / log.name).write_bytes(f.read())
 
 
+def redis_us_per_item(split: Mapping[str, Any]) -> float | None:
+    """Redis CPU per request or message, the replica's included, from a core-1 split."""
+    groups = split.get("groups", {})
+    values = [groups[n].get("us_per_item") for n in ("redis", "redis_replica") if n in groups]
+    if not values or None in values:
+        return None
+    return round(float(sum(v for v in values if v is not None)), 1)
+
+
+def replicated_summary(
+    http_med: Mapping[str, Mapping[str, Any]],
+    ws_med: Mapping[str, Mapping[str, Any]],
+    core1: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> dict[str, Any]:
+    """service_replicated against the service in primary mode and the bare baseline (medians)."""
+
+    def get(table: Mapping[str, Mapping[str, Any]], name: str, key: str) -> float | None:
+        value = table.get(name, {}).get(key)
+        return float(value) if value is not None else None
+
+    def extra(a: float | None, b: float | None) -> float | None:
+        return round(a - b, 1) if a is not None and b is not None else None
+
+    rep = "service_replicated"
+    http_us = get(http_med, rep, "server_us_per_req")
+    ws_us = get(ws_med, rep, "server_us_per_msg")
+    redis_us = {
+        (kind, name): redis_us_per_item(core1.get(kind, {}).get(name, {}))
+        for kind in ("http", "ws")
+        for name in ("service", rep)
+    }
+    return {
+        "ratios": {
+            "http_acked_rps_replicated_over_service": ratio(
+                get(http_med, rep, "acked_rps"), get(http_med, "service", "acked_rps")
+            ),
+            "http_acked_rps_replicated_over_bare": ratio(
+                get(http_med, rep, "acked_rps"), get(http_med, "bare_http", "acked_rps")
+            ),
+            "http_cpu_per_req_service_over_replicated": ratio(
+                get(http_med, "service", "server_us_per_req"), http_us
+            ),
+            "http_cpu_per_req_bare_over_replicated": ratio(
+                get(http_med, "bare_http", "server_us_per_req"), http_us
+            ),
+            "ws_rate_replicated_over_service": ratio(
+                get(ws_med, rep, "rate"), get(ws_med, "service", "rate")
+            ),
+            "ws_rate_replicated_over_bare": ratio(
+                get(ws_med, rep, "rate"), get(ws_med, "bare_ws", "rate")
+            ),
+            "ws_cpu_per_msg_service_over_replicated": ratio(
+                get(ws_med, "service", "server_us_per_msg"), ws_us
+            ),
+            "ws_cpu_per_msg_bare_over_replicated": ratio(
+                get(ws_med, "bare_ws", "server_us_per_msg"), ws_us
+            ),
+        },
+        "http": {
+            "acked_rps": get(http_med, rep, "acked_rps"),
+            "server_us_per_req": http_us,
+            "extra_server_us_per_req_over_service": extra(
+                http_us, get(http_med, "service", "server_us_per_req")
+            ),
+            # Primary + replica, against the primary alone for the service in primary mode.
+            "redis_us_per_req": redis_us["http", rep],
+            "service_redis_us_per_req": redis_us["http", "service"],
+        },
+        "ws": {
+            "rate": get(ws_med, rep, "rate"),
+            "server_us_per_msg": ws_us,
+            "extra_server_us_per_msg_over_service": extra(
+                ws_us, get(ws_med, "service", "server_us_per_msg")
+            ),
+            "redis_us_per_msg": redis_us["ws", rep],
+            "service_redis_us_per_msg": redis_us["ws", "service"],
+        },
+    }
+
+
 def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
     data.setdefault("database", "not prepared")
     data.setdefault("http", {})
     data.setdefault("ws", {})
     data.setdefault("idle", {})
-    http_keys = ("rps", "p50_ms", "p99_ms", "p999_ms", "server_us_per_req")
+    http_keys = ("rps", "p50_ms", "p99_ms", "p999_ms", "server_us_per_req", "acked_rps")
     http_med = {n: summarize_rounds(r, http_keys) for n, r in data["http"].items() if r}
     ws_med = {
         n: summarize_rounds(r, ("rate", "p50_ms", "p99_ms", "p999_ms", "server_us_per_msg"))
@@ -1625,6 +2036,9 @@ def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
         return float(value) if value is not None else None
 
     data["medians"] = {"http": http_med, "ws": ws_med}
+    data["core1_split"] = {
+        kind: {n: median_core1(r) for n, r in data[kind].items() if r} for kind in ("http", "ws")
+    }
     data["ratios"] = {
         "http_rps_service_over_bare": ratio(
             get(http_med, "service", "rps"), get(http_med, "bare_http", "rps")
@@ -1659,6 +2073,8 @@ def finish(args: argparse.Namespace, bench: Bench, data: dict[str, Any]) -> int:
             get(ws_med, "service", "server_us_per_msg"),
         ),
     }
+    if "service_replicated" in http_med or "service_replicated" in ws_med:
+        data["replicated"] = replicated_summary(http_med, ws_med, data["core1_split"])
     data["http_checks"] = {
         n: r[-1]["checks"] for n, r in data["http"].items() if r and r[-1].get("checks")
     }
