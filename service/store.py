@@ -458,9 +458,14 @@ class ReadingsWriter:
         self._decide_count = 8 + len(policy_args)
         self._trace_fields = [encode_bulk_strings([trace_field(i)]) for i in range(max_batch)]
         self._devices: dict[str, bytes] = {}
-        # Replicated acks: WAIT for that many replicas after each write, at most that long;
-        # while the health checker sees fewer online (``replicas_online``), refuse at once.
+        # Replicated acks: after a write, WAIT for that many replicas, at most that long (one
+        # WAIT answers for every write sent before it: see ``_replicated``); while the
+        # health checker sees fewer online (``replicas_online``), refuse at once.
         self.ack_replicas = ack_replicas
+        self._sent = 0  # writes sent on the connection so far
+        # The WAIT in flight: the connection it went on, the writes it covers, its reply.
+        self._waiting: tuple[int, int, asyncio.Future[int]] | None = None
+        self.waits = 0
         self._replicas_online: int | None = None
         self._replicas_short = False
         wait_ms = max(1, round(ack_timeout * 1000))
@@ -632,23 +637,23 @@ class ReadingsWriter:
         frames[2] = b"$%d\r\n" % size
         frames.append(b"\r\n")
         decide[0] = b"*%d\r\n$7\r\nEVALSHA\r\n" % (self._decide_count + 2 * len(batch))
-        return b"".join([_MULTI, *frames, *traces, *decide, _EXEC, self._wait])
+        return b"".join([_MULTI, *frames, *traces, *decide, _EXEC])
 
-    async def _execute(self, command: bytes) -> tuple[list[int], int]:
-        """The script's reply for the write ``command``, and the replicas that acknowledged
-        it (0 unless acks are replicated)."""
+    async def _execute(self, command: bytes) -> tuple[list[int], int, int]:
+        """The script's reply for the write ``command``, the connection it went on and the
+        number it was sent as (``_replicated`` waits for both)."""
         for attempt in (1, 2):
-            if self._wait:
-                executed, replicas = await self._redis.execute(command, skip=3, more=1)
-            else:
-                executed, replicas = await self._redis.execute(command, skip=3), 0
+            self._sent += 1
+            sent = self._sent
+            executed = await self._redis.execute(command, skip=3)
+            generation = self._redis.generation
             if executed is None:
                 raise ResponseError("the write's transaction was aborted")
             entry_id, decided = executed
             if isinstance(entry_id, hiredis.ReplyError):
                 raise ResponseError(str(entry_id))
             if not isinstance(decided, hiredis.ReplyError):
-                return decided, replicas
+                return decided, generation, sent
             # The entry stands undecided: it goes before anything else can happen.
             await self._redis.execute(encode_command([b"XDEL", self._stream, entry_id]))
             if attempt == 2 or not str(decided).startswith("NOSCRIPT"):
@@ -658,9 +663,27 @@ class ReadingsWriter:
             await self._redis.execute(_LOAD_SCRIPT)
         raise AssertionError("unreachable")
 
+    async def _replicated(self, generation: int, sent: int) -> int:
+        """How many replicas have every write up to the ``sent``-th: a ``WAIT`` sent after it
+        on the same connection answers for all of them (Redis counts a client's writes by
+        replication offset; on another connection it would answer for none). So a WAIT in
+        flight that was sent after this write is shared; otherwise a new one goes, and the
+        writes that return while it blocks the connection share the next one."""
+        waiting = self._waiting
+        if waiting is None or waiting[0] != generation or waiting[1] < sent:
+            self.waits += 1
+            reply = asyncio.ensure_future(self._redis.execute(self._wait, generation=generation))
+            # Retrieved here whatever happens to the writes waiting on it.
+            reply.add_done_callback(lambda f: f.cancelled() or f.exception())
+            waiting = self._waiting = (generation, self._sent, reply)
+        # Shielded: a write's task cancelled (shutdown) must not cancel the others' WAIT.
+        replicas: int = await asyncio.shield(waiting[2])
+        return replicas
+
     async def _write(self, batch: list[_Pending]) -> None:
         try:
-            results, replicas = await self._execute(self._command(batch))
+            results, generation, sent = await self._execute(self._command(batch))
+            replicas = await self._replicated(generation, sent) if self.ack_replicas else 0
         except (RedisError, OSError, TimeoutError) as e:
             self.failed += len(batch)
             self.last_failure = time.time()

@@ -112,6 +112,9 @@ class RespConnection:
         # Sent on every new connection before anything else (a script to load, say).
         self._setup = tuple(setup)
         self._protocol: _Protocol | None = None
+        # Counts the connections made: a command that must go on the connection an earlier
+        # one went on (WAIT after a write) names it (``execute``'s ``generation``).
+        self.generation = 0
         # Pipelined callers must share one connection, so only one of them may open it.
         self._connecting = asyncio.Lock()
 
@@ -138,17 +141,25 @@ class RespConnection:
                 await protocol.send(command)
         return protocol
 
-    async def execute(self, command: bytes, *, skip: int = 0, more: int = 0) -> Any:
+    async def execute(
+        self, command: bytes, *, skip: int = 0, more: int = 0, generation: int | None = None
+    ) -> Any:
         """Send encoded commands and return the reply after the first ``skip``; Redis errors
         raise ResponseError. With ``more``, the reply and the ``more`` after it, as a list
-        (an error among them raises, once all have come)."""
+        (an error among them raises, once all have come). With ``generation``, only on that
+        connection: if it is gone, a ConnectionError instead of a new one."""
         protocol = self._protocol
+        if generation is not None and (
+            generation != self.generation or protocol is None or protocol.lost is not None
+        ):
+            raise RedisConnectionError("the connection the command belongs to is gone")
         if protocol is None or protocol.lost is not None:
             async with self._connecting:
                 protocol = self._protocol
                 if protocol is None or protocol.lost is not None:
                     try:
                         protocol = self._protocol = await self._connect()
+                        self.generation += 1
                     except TimeoutError:
                         raise RedisConnectionError("timed out connecting to Redis") from None
                     except OSError as e:
