@@ -1,7 +1,10 @@
 """The write path's own Redis connection: database selection, errors, reconnection."""
 
 import asyncio
+import hashlib
+import time
 import uuid
+from itertools import chain
 from typing import Any
 
 import pytest
@@ -15,10 +18,12 @@ from service.store import (
     DUPLICATE,
     NOT_ATTEMPTED,
     STORED,
+    WRITE_CONNECTION_SETUP,
     ReadingsWriter,
     StoreUnavailableError,
 )
 from shared.keys import Keys
+from shared.readings import encode_write
 from shared.tasks import cancel_and_wait
 from tests.support.env import REDIS_URL
 
@@ -95,22 +100,23 @@ async def test_a_dropped_connection_is_replaced_on_the_next_command() -> None:
 
 
 class RecordingConnection(RespConnection):
-    """The real connection, keeping each command it sends."""
+    """The real connection (the write's, loading the script), keeping each command it sends."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, connect_timeout=1)
+        super().__init__(url, connect_timeout=1, setup=WRITE_CONNECTION_SETUP)
         self.sent: list[bytes] = []
 
-    async def execute(self, command: bytes) -> Any:
+    async def execute(self, command: bytes, *, skip: int = 0, more: int = 0) -> Any:
         self.sent.append(command)
-        return await super().execute(command)
+        return await super().execute(command, skip=skip, more=more)
 
 
 @pytest.mark.parametrize("windows", [(), (Window("default", 1000, 60), Window("burst", 50, 1))])
-async def test_the_write_command_is_the_evalsha_of_its_arguments(
+async def test_the_write_is_the_transaction_of_its_arguments(
     windows: tuple[Window, ...], redis: Redis, key_prefix: str
 ) -> None:
-    """The writer encodes its EVALSHA from cached parts: it must equal the plain encoding."""
+    """The writer encodes its transaction from cached parts: it must equal the plain encoding
+    of MULTI, the XADD of the entry, the EVALSHA deciding its batches, EXEC."""
     keys = Keys(f"{key_prefix}pre%fix:")
     policy = Policy("ingest", windows) if windows else None
     connection = RecordingConnection(REDIS_URL)
@@ -120,6 +126,7 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
         ("dev-b", 12345678901234, b"{}", b"00-" + b"1" * 32 + b"-" + b"2" * 16),
         ("dev-a", 8, b"[]", b""),
     ]
+    before = time.time_ns() // 1_000_000
     # Queued before the flusher runs, so the three leave in one write.
     futures = [writer.submit(*item) for item in batch]
     runner = asyncio.create_task(writer.run())
@@ -128,34 +135,41 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
     finally:
         await cancel_and_wait([runner])
         connection.close()
+    after = time.time_ns() // 1_000_000
 
-    command = connection.sent[0]
-    device_keys: list[bytes] = []
-    for device_id, *_ in batch:
-        device_keys.append(f"{keys.seen_prefix}{device_id}".encode())
-        device_keys += [
-            keys.ingest_rate_limit("ingest", w.name, device_id).encode() for w in windows
-        ]
-    sha = command.split(b"\r\n")[4]
-    received = command.split(b"\r\n")[2 * (3 + 1 + len(device_keys) + 3) + 2]
-    assert received.isdigit()
+    [command] = connection.sent
+    # MULTI (3 lines), then XADD's header, name, key, ID and field: the time received.
+    received = command.split(b"\r\n")[13]
+    assert before <= int(received) <= after
+    # The script the connection loads whenever it connects (SCRIPT LOAD <script>).
+    *load, script = WRITE_CONNECTION_SETUP[0].removesuffix(b"\r\n").split(b"\r\n", 6)
+    assert load[2::2] == [b"SCRIPT", b"LOAD"]
+    sha = hashlib.sha1(script).hexdigest().encode()  # noqa: S324
+    entry = encode_write(int(received), [(payload, trace) for *_, payload, trace in batch])
     expected = [
-        b"EVALSHA",
-        sha,
-        b"%d" % (1 + len(device_keys)),
-        keys.readings.encode(),
-        *device_keys,
-        b"128",
-        b"112",
-        b"3600",
-        received,
-        *(policy.args if policy is not None else (b"0", b"0")),
+        encode_command([b"MULTI"]),
+        encode_command([b"XADD", keys.readings.encode(), b"*", *chain(*entry.items())]),
+        encode_command(
+            [
+                b"EVALSHA",
+                sha,
+                b"2",
+                keys.readings.encode(),
+                keys.ingest_state_prefix.encode(),
+                b"128",  # the window, in bits
+                b"3600000",  # a generation: the TTL, longer than any window of the policy
+                received,
+                *(policy.args if policy is not None else (b"0", b"0")),
+                *chain(*((device.encode(), b"%d" % seq) for device, seq, *_ in batch)),
+            ]
+        ),
+        encode_command([b"EXEC"]),
     ]
-    for _, seq, payload, trace in batch:
-        expected += [b"%d" % seq, payload, trace]
-    assert command == encode_command(expected)
+    assert command == b"".join(expected)
     assert await redis.script_exists(sha.decode()) == [True]  # the script that wrote them
     assert [r.stored for r in results] == [STORED] * 3
+    [(_, fields)] = await redis.xrange(keys.readings)
+    assert fields == entry
 
 
 async def test_a_write_result_names_what_redis_decided(redis: Redis, keys: Keys) -> None:
