@@ -233,3 +233,98 @@ async def test_a_write_unanswered_for_the_timeout_fails_and_the_next_reconnects(
     assert 0.2 <= elapsed < 0.2 * 1.25 + 0.1
     assert len(connections) == 2  # the first one dropped, the third write on a new one
     assert writer.failed == 3
+
+
+async def swallowing_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter], list[int]]:
+    """A server that takes every command and never answers (a frozen Redis): the server,
+    its connections' ends, and (one item each) those the client has closed."""
+    connections: list[asyncio.StreamWriter] = []
+    ended: list[int] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(1 << 16):
+            pass
+        ended.append(1)
+
+    return await asyncio.start_server(swallow, "127.0.0.1", 0), connections, ended
+
+
+async def close_server(server: asyncio.Server, connections: list[asyncio.StreamWriter]) -> None:
+    server.close()
+    for connection in connections:
+        connection.close()
+    await asyncio.sleep(0.05)  # the client ends see the close, and close
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="service/fastpath/resp.py: the write connection's setup (the script, loaded on "
+    "every connect) waits for its reply within connect_timeout, and the writes waiting on "
+    "_connecting each connect in turn after the one before failed; the writer's watchdog "
+    "cannot abort a connect: against a frozen Redis, writes in flight fail after up to "
+    "WRITE_MAX_IN_FLIGHT x WRITE_TIMEOUT, not 1.25 x WRITE_TIMEOUT",
+)
+async def test_a_write_to_a_frozen_server_fails_within_its_timeout_while_it_reconnects() -> None:
+    server, connections, _ = await swallowing_server()
+    port = server.sockets[0].getsockname()[1]
+    timeout = 0.2
+    # Set up as the service sets its write connection up (service/app.py).
+    connection = RespConnection(
+        f"redis://127.0.0.1:{port}/0", connect_timeout=timeout, setup=WRITE_CONNECTION_SETUP
+    )
+    writer = ReadingsWriter(
+        connection,
+        Keys(f"test-{uuid.uuid4().hex}:"),
+        max_batch=1,
+        max_pending=10,
+        max_in_flight=4,
+        timeout=timeout,
+        idempotency_window=128,
+        idempotency_ttl=3600,
+    )
+    runner = asyncio.create_task(writer.run())
+    loop = asyncio.get_running_loop()
+
+    async def failed_after(seq: int) -> float:
+        started = loop.time()
+        with pytest.raises(StoreUnavailableError):
+            await asyncio.wait_for(writer.submit("dev-a", seq, b"{}"), timeout=5)
+        return loop.time() - started
+
+    try:
+        elapsed = await asyncio.gather(*(failed_after(seq) for seq in range(4)))
+    finally:
+        await cancel_and_wait([runner])
+        connection.close()
+        await close_server(server, connections)
+
+    assert writer.failed == 4
+    assert max(elapsed) < timeout * 1.25 + 0.1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="service/fastpath/resp.py: _connect leaves the connection it opened open when "
+    "AUTH, SELECT or a setup command fails or times out: each failed connect leaks a socket "
+    "(against a frozen Redis the writer reconnects for every write)",
+)
+async def test_a_connection_whose_setup_times_out_is_closed() -> None:
+    server, connections, ended = await swallowing_server()
+    port = server.sockets[0].getsockname()[1]
+    connection = RespConnection(
+        f"redis://127.0.0.1:{port}/0", connect_timeout=0.1, setup=(command("PING"),)
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisConnectionError, match="timed out connecting"):
+                await connection.execute(command("PING"))
+        connection.close()
+        await asyncio.sleep(0.05)
+
+        assert len(connections) == 3
+        assert len(ended) == 3  # each closed by the client that gave up on it
+    finally:
+        await close_server(server, connections)
