@@ -5,7 +5,7 @@ import hashlib
 import time
 import uuid
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -168,7 +168,7 @@ async def test_the_write_is_the_transaction_of_its_arguments(
     assert command == b"".join(expected)
     assert await redis.script_exists(sha.decode()) == [True]  # the script that wrote them
     assert [r.stored for r in results] == [STORED] * 3
-    [(_, fields)] = await redis.xrange(keys.readings)
+    [(_, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.readings))
     assert fields == entry
 
 

@@ -154,7 +154,9 @@ async def state_hashes(redis: Redis, keys: Keys) -> dict[int, dict[bytes, bytes]
     """Every state hash of the test's keys, by generation number."""
     found = [key async for key in redis.scan_iter(match=f"{keys.ingest_state_prefix}*")]
     return {
-        int(key.decode().removeprefix(keys.ingest_state_prefix)): await redis.hgetall(key)
+        int(key.decode().removeprefix(keys.ingest_state_prefix)): cast(
+            dict[bytes, bytes], await redis.hgetall(key)
+        )
         for key in found
     }
 
