@@ -520,10 +520,12 @@ def local_decisions(
     policy: Policy, devices: Sequence[str], monkeypatch: pytest.MonkeyPatch
 ) -> list[Decision]:
     """``service.ratelimit``'s own GCRA (the per-process one) for these requests, all at one
-    instant, as one script run decides them."""
-    monkeypatch.setattr("service.ratelimit.time.monotonic", lambda: 1_000_000.0)
+    instant, as one script run decides them (the clock it reads stopped only meanwhile: the
+    event loop reads it too)."""
     limiter = LocalLimiter()
-    return [limiter.check(policy, device) for device in devices]
+    with monkeypatch.context() as patched:
+        patched.setattr("service.ratelimit.time.monotonic", lambda: 1_000_000.0)
+        return [limiter.check(policy, device) for device in devices]
 
 
 @pytest.mark.parametrize("shadow", [False, True], ids=["enforced", "shadow"])
