@@ -27,6 +27,7 @@ from shared.keys import Keys
 from shared.wire import decode_batch
 from tests.support.env import REDIS_URL, Device
 from tests.support.procs import ServiceProcess
+from tests.support.readings import batches_of
 
 MAX_BODY_BYTES = 64 * 1024
 DEADLINE = 10.0  # seconds for an answer or a close: a hang guard, not a speed requirement
@@ -634,5 +635,5 @@ def test_every_stored_batch_is_a_valid_batch_of_the_device(service: Service) -> 
         client.close()
 
     assert entries
-    for _, fields in entries:
-        assert decode_batch(fields[b"d"]).device_id == service.device.device_id
+    for stored in batches_of(entries):
+        assert decode_batch(stored.batch).device_id == service.device.device_id

@@ -21,14 +21,10 @@ from shared.devices import revoke_device
 from shared.keys import Keys
 from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device, DeviceFactory
+from tests.support.readings import stored_batches
 
 Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ppg"
-
-
-async def stored_batches(redis: Redis, keys: Keys) -> list[dict[str, object]]:
-    entries = await redis.xrange(keys.readings)
-    return [msgspec.json.decode(fields[b"d"]) for _, fields in entries]
 
 
 async def test_valid_batch_is_accepted_and_stored(
@@ -240,18 +236,32 @@ async def test_idempotency_covers_the_last_window_of_seqs_per_device(
     redis: Redis,
     keys: Keys,
 ) -> None:
-    client = await aiohttp_client(create_app(replace(settings, idempotency_window=3)))
-    for seq in range(1, 6):
+    ttl = 120
+    client = await aiohttp_client(
+        create_app(replace(settings, idempotency_window=8, idempotency_ttl=ttl))
+    )
+    for seq in range(1, 11):
         await client.post(URL, json=device.batch(seq), headers=device.headers)
 
-    recent = await client.post(URL, json=device.batch(4), headers=device.headers)
-    forgotten = await client.post(URL, json=device.batch(1), headers=device.headers)
+    last = await client.post(URL, json=device.batch(10), headers=device.headers)
+    oldest_in_window = await client.post(URL, json=device.batch(3), headers=device.headers)
+    forgotten = await client.post(URL, json=device.batch(2), headers=device.headers)
 
-    assert (await recent.json())["duplicate"] is True
+    # The window is the 8 seqs up to the highest stored (3..10); 2 is older: stored again.
+    assert (await last.json())["duplicate"] is True
+    assert (await oldest_in_window.json())["duplicate"] is True
     assert (await forgotten.json())["duplicate"] is False
-    # The set is trimmed below the window whenever it outgrows it, and it expires.
-    assert await redis.zcard(keys.seen(device.device_id)) <= 3
-    assert 0 < await redis.ttl(keys.seen(device.device_id)) <= settings.idempotency_ttl
+    assert [b["seq"] for b in await stored_batches(redis, keys)] == [*range(1, 11), 2]
+    # The device's state is one record in a hash per generation (as long as the TTL, or the
+    # longest ingest rate-limit window: shorter here), which expires at the end of the next.
+    assert settings.rate_limit_ingest_ttl <= ttl
+    assert settings.rate_limit_ingest_burst_ttl <= ttl
+    generation_ms = ttl * 1000
+    hashes = [key async for key in redis.scan_iter(match=f"{keys.ingest_state_prefix}*")]
+    assert hashes
+    assert any([await redis.hexists(key, device.device_id) for key in hashes])
+    for key in hashes:
+        assert generation_ms < await redis.pttl(key) <= 2 * generation_ms
 
 
 # The 202 is written from bytes (service/fastpath/acks.py), not by aiohttp's Response: these pin its

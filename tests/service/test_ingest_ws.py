@@ -5,7 +5,6 @@ import base64
 from dataclasses import replace
 from unittest import mock
 
-import msgspec
 import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import TestClient, make_mocked_request
@@ -19,6 +18,7 @@ from service.ingest import ws as ws_route
 from shared.keys import Keys
 from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device
+from tests.support.readings import stored_batches
 
 Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ws"
@@ -32,8 +32,7 @@ async def test_each_batch_is_acked_and_stored(
             await ws.send_json(device.batch(seq))
             assert await ws.receive_json() == {"ack": seq}
 
-    entries = await redis.xrange(keys.readings)
-    assert [msgspec.json.decode(f[b"d"])["seq"] for _, f in entries] == [1, 2, 3]
+    assert [b["seq"] for b in await stored_batches(redis, keys)] == [1, 2, 3]
 
 
 async def test_retried_batch_is_acked_as_duplicate(
@@ -183,7 +182,7 @@ async def test_messages_sent_without_waiting_are_answered_in_order(
     assert replies[: len(seqs)] == [{"ack": seq} for seq in seqs]
     assert replies[-2]["error"]["status"] == 400
     assert replies[-1] == {"ack": 200, "duplicate": True}
-    assert await redis.xlen(keys.readings) == len(seqs)
+    assert [b["seq"] for b in await stored_batches(redis, keys)] == seqs
     assert client.app[INGEST].batches_in_flight == 0
 
 

@@ -1,8 +1,11 @@
 """The write path's own Redis connection: database selection, errors, reconnection."""
 
 import asyncio
+import hashlib
+import time
 import uuid
-from typing import Any
+from itertools import chain
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -15,10 +18,12 @@ from service.store import (
     DUPLICATE,
     NOT_ATTEMPTED,
     STORED,
+    WRITE_CONNECTION_SETUP,
     ReadingsWriter,
     StoreUnavailableError,
 )
 from shared.keys import Keys
+from shared.readings import encode_write
 from shared.tasks import cancel_and_wait
 from tests.support.env import REDIS_URL
 
@@ -95,22 +100,23 @@ async def test_a_dropped_connection_is_replaced_on_the_next_command() -> None:
 
 
 class RecordingConnection(RespConnection):
-    """The real connection, keeping each command it sends."""
+    """The real connection (the write's, loading the script), keeping each command it sends."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, connect_timeout=1)
+        super().__init__(url, connect_timeout=1, setup=WRITE_CONNECTION_SETUP)
         self.sent: list[bytes] = []
 
-    async def execute(self, command: bytes) -> Any:
+    async def execute(self, command: bytes, *, skip: int = 0, more: int = 0) -> Any:
         self.sent.append(command)
-        return await super().execute(command)
+        return await super().execute(command, skip=skip, more=more)
 
 
 @pytest.mark.parametrize("windows", [(), (Window("default", 1000, 60), Window("burst", 50, 1))])
-async def test_the_write_command_is_the_evalsha_of_its_arguments(
+async def test_the_write_is_the_transaction_of_its_arguments(
     windows: tuple[Window, ...], redis: Redis, key_prefix: str
 ) -> None:
-    """The writer encodes its EVALSHA from cached parts: it must equal the plain encoding."""
+    """The writer encodes its transaction from cached parts: it must equal the plain encoding
+    of MULTI, the XADD of the entry, the EVALSHA deciding its batches, EXEC."""
     keys = Keys(f"{key_prefix}pre%fix:")
     policy = Policy("ingest", windows) if windows else None
     connection = RecordingConnection(REDIS_URL)
@@ -120,6 +126,7 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
         ("dev-b", 12345678901234, b"{}", b"00-" + b"1" * 32 + b"-" + b"2" * 16),
         ("dev-a", 8, b"[]", b""),
     ]
+    before = time.time_ns() // 1_000_000
     # Queued before the flusher runs, so the three leave in one write.
     futures = [writer.submit(*item) for item in batch]
     runner = asyncio.create_task(writer.run())
@@ -128,34 +135,41 @@ async def test_the_write_command_is_the_evalsha_of_its_arguments(
     finally:
         await cancel_and_wait([runner])
         connection.close()
+    after = time.time_ns() // 1_000_000
 
-    command = connection.sent[0]
-    device_keys: list[bytes] = []
-    for device_id, *_ in batch:
-        device_keys.append(f"{keys.seen_prefix}{device_id}".encode())
-        device_keys += [
-            keys.ingest_rate_limit("ingest", w.name, device_id).encode() for w in windows
-        ]
-    sha = command.split(b"\r\n")[4]
-    received = command.split(b"\r\n")[2 * (3 + 1 + len(device_keys) + 3) + 2]
-    assert received.isdigit()
+    [command] = connection.sent
+    # MULTI (3 lines), then XADD's header, name, key, ID and field: the time received.
+    received = command.split(b"\r\n")[13]
+    assert before <= int(received) <= after
+    # The script the connection loads whenever it connects (SCRIPT LOAD <script>).
+    *load, script = WRITE_CONNECTION_SETUP[0].removesuffix(b"\r\n").split(b"\r\n", 6)
+    assert load[2::2] == [b"SCRIPT", b"LOAD"]
+    sha = hashlib.sha1(script).hexdigest().encode()  # noqa: S324
+    entry = encode_write(int(received), [(payload, trace) for *_, payload, trace in batch])
     expected = [
-        b"EVALSHA",
-        sha,
-        b"%d" % (1 + len(device_keys)),
-        keys.readings.encode(),
-        *device_keys,
-        b"128",
-        b"112",
-        b"3600",
-        received,
-        *(policy.args if policy is not None else (b"0", b"0")),
+        encode_command([b"MULTI"]),
+        encode_command([b"XADD", keys.readings.encode(), b"*", *chain(*entry.items())]),
+        encode_command(
+            [
+                b"EVALSHA",
+                sha,
+                b"2",
+                keys.readings.encode(),
+                keys.ingest_state_prefix.encode(),
+                b"128",  # the window, in bits
+                b"3600000",  # a generation: the TTL, longer than any window of the policy
+                received,
+                *(policy.args if policy is not None else (b"0", b"0")),
+                *chain(*((device.encode(), b"%d" % seq) for device, seq, *_ in batch)),
+            ]
+        ),
+        encode_command([b"EXEC"]),
     ]
-    for _, seq, payload, trace in batch:
-        expected += [b"%d" % seq, payload, trace]
-    assert command == encode_command(expected)
+    assert command == b"".join(expected)
     assert await redis.script_exists(sha.decode()) == [True]  # the script that wrote them
     assert [r.stored for r in results] == [STORED] * 3
+    [(_, fields)] = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.readings))
+    assert fields == entry
 
 
 async def test_a_write_result_names_what_redis_decided(redis: Redis, keys: Keys) -> None:
@@ -219,3 +233,98 @@ async def test_a_write_unanswered_for_the_timeout_fails_and_the_next_reconnects(
     assert 0.2 <= elapsed < 0.2 * 1.25 + 0.1
     assert len(connections) == 2  # the first one dropped, the third write on a new one
     assert writer.failed == 3
+
+
+async def swallowing_server() -> tuple[asyncio.Server, list[asyncio.StreamWriter], list[int]]:
+    """A server that takes every command and never answers (a frozen Redis): the server,
+    its connections' ends, and (one item each) those the client has closed."""
+    connections: list[asyncio.StreamWriter] = []
+    ended: list[int] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(1 << 16):
+            pass
+        ended.append(1)
+
+    return await asyncio.start_server(swallow, "127.0.0.1", 0), connections, ended
+
+
+async def close_server(server: asyncio.Server, connections: list[asyncio.StreamWriter]) -> None:
+    server.close()
+    for connection in connections:
+        connection.close()
+    await asyncio.sleep(0.05)  # the client ends see the close, and close
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="service/fastpath/resp.py: the write connection's setup (the script, loaded on "
+    "every connect) waits for its reply within connect_timeout, and the writes waiting on "
+    "_connecting each connect in turn after the one before failed; the writer's watchdog "
+    "cannot abort a connect: against a frozen Redis, writes in flight fail after up to "
+    "WRITE_MAX_IN_FLIGHT x WRITE_TIMEOUT, not 1.25 x WRITE_TIMEOUT",
+)
+async def test_a_write_to_a_frozen_server_fails_within_its_timeout_while_it_reconnects() -> None:
+    server, connections, _ = await swallowing_server()
+    port = server.sockets[0].getsockname()[1]
+    timeout = 0.2
+    # Set up as the service sets its write connection up (service/app.py).
+    connection = RespConnection(
+        f"redis://127.0.0.1:{port}/0", connect_timeout=timeout, setup=WRITE_CONNECTION_SETUP
+    )
+    writer = ReadingsWriter(
+        connection,
+        Keys(f"test-{uuid.uuid4().hex}:"),
+        max_batch=1,
+        max_pending=10,
+        max_in_flight=4,
+        timeout=timeout,
+        idempotency_window=128,
+        idempotency_ttl=3600,
+    )
+    runner = asyncio.create_task(writer.run())
+    loop = asyncio.get_running_loop()
+
+    async def failed_after(seq: int) -> float:
+        started = loop.time()
+        with pytest.raises(StoreUnavailableError):
+            await asyncio.wait_for(writer.submit("dev-a", seq, b"{}"), timeout=5)
+        return loop.time() - started
+
+    try:
+        elapsed = await asyncio.gather(*(failed_after(seq) for seq in range(4)))
+    finally:
+        await cancel_and_wait([runner])
+        connection.close()
+        await close_server(server, connections)
+
+    assert writer.failed == 4
+    assert max(elapsed) < timeout * 1.25 + 0.1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="service/fastpath/resp.py: _connect leaves the connection it opened open when "
+    "AUTH, SELECT or a setup command fails or times out: each failed connect leaks a socket "
+    "(against a frozen Redis the writer reconnects for every write)",
+)
+async def test_a_connection_whose_setup_times_out_is_closed() -> None:
+    server, connections, ended = await swallowing_server()
+    port = server.sockets[0].getsockname()[1]
+    connection = RespConnection(
+        f"redis://127.0.0.1:{port}/0", connect_timeout=0.1, setup=(command("PING"),)
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisConnectionError, match="timed out connecting"):
+                await connection.execute(command("PING"))
+        connection.close()
+        await asyncio.sleep(0.05)
+
+        assert len(connections) == 3
+        assert len(ended) == 3  # each closed by the client that gave up on it
+    finally:
+        await close_server(server, connections)

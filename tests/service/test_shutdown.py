@@ -31,6 +31,7 @@ from shared.keys import Keys
 from shared.telemetry import Kind, ServiceHeartbeat, decode_batch, decode_heartbeat
 from tests.support.env import REDIS_URL, Device, DeviceFactory
 from tests.support.procs import RedisProxy, ServiceProcess
+from tests.support.readings import stored_batches
 
 PPG_ROUTE = "/ingestion/ppg"
 EXIT_DEADLINE = 20.0
@@ -117,8 +118,7 @@ async def received_until_closed(ws: ClientWebSocketResponse) -> list[object]:
 
 
 async def stored_batch_counts(redis: Redis, keys: Keys) -> Counter[tuple[str, int]]:
-    entries = cast(StreamEntries, await redis.xrange(keys.readings))
-    batches = (msgspec.json.decode(fields[b"d"]) for _, fields in entries)
+    batches = await stored_batches(redis, keys)
     return Counter((batch["device_id"], batch["seq"]) for batch in batches)
 
 

@@ -16,10 +16,12 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.appkeys import INGEST
 from shared.keys import Keys
+from shared.readings import BATCHES_FIELD, RECEIVED_FIELD, decode_entries
 from shared.settings import ServiceSettings
 from shared.telemetry import Kind
 from shared.tracing import Tracing, parse_traceparent, setup_tracing, traces_endpoint
 from tests.support.env import AiohttpClient, Device
+from tests.support.readings import stream_batches
 from tests.support.telemetry import read_records
 from tests.support.worker import eventually, stored_counts, worker_settings
 from worker.app import create_app as create_worker_app
@@ -155,8 +157,9 @@ async def test_a_sampled_request_is_traced_through_the_write_into_the_stream(
     assert write["parent_span_id"] == server["span_id"]
     assert response.headers["traceresponse"].split("-")[1] == server["trace_id"]
     # The stored entry names the write's span: a consumer continues the trace from it.
-    [(_, fields)] = await redis.xrange(keys.readings)
-    stored = parse_traceparent(fields[b"t"].decode())
+    [entry] = await stream_batches(redis, keys)
+    assert entry.traceparent is not None
+    stored = parse_traceparent(entry.traceparent.decode())
     assert stored == (int(write["trace_id"], 16), int(write["span_id"], 16), True)
     resource = server["resource"]
     assert resource["service.name"] == "pulsecal-api"
@@ -215,7 +218,9 @@ async def test_an_unsampled_request_makes_no_span_and_no_trace_in_the_stream(
     # Only the background work (token refresh, checks) is traced, at its own ratio.
     assert not [s for s in receiver.spans if "ingestion" in s["name"] or "readings" in s["name"]]
     [(_, fields)] = await redis.xrange(keys.readings)
-    assert b"t" not in fields
+    [entry] = decode_entries(fields)
+    assert entry.traceparent is None
+    assert set(fields) == {RECEIVED_FIELD, BATCHES_FIELD}  # no trace field at all
 
 
 async def test_the_sampling_ratio_is_honoured(

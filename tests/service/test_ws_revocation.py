@@ -22,6 +22,7 @@ from shared.devices import TokenChange, add_device, load_token_changes, revoke_d
 from shared.keys import Keys
 from shared.settings import ServiceSettings
 from tests.support.env import AiohttpClient, Device, DeviceFactory
+from tests.support.readings import stored_batches
 
 Client = TestClient[web.Request, web.Application]
 URL = "/ingestion/ws"
@@ -30,8 +31,7 @@ BOUND = 5.0
 
 
 async def _stored_seqs(redis: Redis, keys: Keys) -> list[int]:
-    entries = await redis.xrange(keys.readings)
-    return [msgspec.json.decode(fields[b"d"])["seq"] for _, fields in entries]
+    return [batch["seq"] for batch in await stored_batches(redis, keys)]
 
 
 async def _send_until_closed(

@@ -1,5 +1,6 @@
-"""The readings stream entry and its dead letter: written by the service's Lua script or by
-``encode_entry``, read back by the worker's decoder, with nothing lost or renamed between."""
+"""The readings stream entry and its dead letter: written by the service's write or by
+``encode_write`` (``encode_entry`` for one batch in the first format), read back by the
+worker's decoder, with nothing lost or renamed between."""
 
 import asyncio
 import time
@@ -12,10 +13,11 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from service.fastpath.resp import RespConnection
-from service.store import STORED, ReadingsWriter
+from service.store import STORED, WRITE_CONNECTION_SETUP, ReadingsWriter
 from shared.keys import Keys
 from shared.readings import (
     BATCH_FIELD,
+    BATCHES_FIELD,
     DEAD_LETTER_KINDS,
     RECEIVED_FIELD,
     TRACE_FIELD,
@@ -46,7 +48,7 @@ def now_ms() -> int:
 async def writer(keys: Keys, redis: Redis) -> AsyncIterator[ReadingsWriter]:
     """The service's writer (its real Lua script) on the test's key prefix; ``redis`` is
     set up first so that it cleans the keys up after the writer has stopped."""
-    conn = RespConnection(REDIS_URL, connect_timeout=2)
+    conn = RespConnection(REDIS_URL, connect_timeout=2, setup=WRITE_CONNECTION_SETUP)
     writer = ReadingsWriter(
         conn,
         keys,
@@ -90,7 +92,7 @@ def test_an_empty_traceparent_is_not_written_as_the_script_leaves_it_out() -> No
 
 
 @pytest.mark.parametrize("trace", [b"", TRACEPARENT], ids=["not-sampled", "sampled"])
-async def test_the_write_script_adds_the_entry_that_encode_entry_describes(
+async def test_the_write_adds_the_entry_that_encode_write_describes(
     writer: ReadingsWriter, redis: Redis, keys: Keys, trace: bytes
 ) -> None:
     before = now_ms()
@@ -99,30 +101,54 @@ async def test_the_write_script_adds_the_entry_that_encode_entry_describes(
     assert outcome.stored == STORED
 
     [(_, fields)] = cast(Entries, await redis.xrange(keys.readings))
-    entry = decode_entry(fields)
+    [entry] = decode_entries(fields)
 
     assert entry.batch == BATCH
     assert before <= entry.received_ms <= after
     assert entry.traceparent == (trace or None)
     # The same fields in the same order: what the worker reads is what the encoder writes.
-    expected = encode_entry(BATCH, entry.received_ms, trace)
+    expected = encode_write(entry.received_ms, [(BATCH, trace)])
     assert list(fields.items()) == list(expected.items())
 
 
-async def test_entries_written_by_the_encoder_and_the_script_decode_alike(
+async def test_a_write_of_several_batches_adds_one_entry_that_encode_write_describes(
+    writer: ReadingsWriter, redis: Redis, keys: Keys
+) -> None:
+    sent = [
+        (b'{"seq":1}', TRACEPARENT),
+        (b"", b""),
+        (b"1:a,", b""),  # a netstring inside a batch is only bytes
+        (BATCH, TRACEPARENT.replace(b"-01", b"-00")),
+    ]
+    # Queued before the flusher runs, so they leave in one write.
+    futures = [writer.submit("dev-1", seq, batch, trace) for seq, (batch, trace) in enumerate(sent)]
+    assert [r.stored for r in await asyncio.gather(*futures)] == [STORED] * len(sent)
+
+    [(_, fields)] = cast(Entries, await redis.xrange(keys.readings))
+    received_ms = int(fields[RECEIVED_FIELD])
+
+    assert list(fields.items()) == list(encode_write(received_ms, sent).items())
+    assert [(e.batch, e.traceparent) for e in decode_entries(fields)] == [
+        (batch, trace or None) for batch, trace in sent
+    ]
+
+
+async def test_entries_written_by_the_encoders_and_the_writer_decode_alike(
     writer: ReadingsWriter, redis: Redis, keys: Keys
 ) -> None:
     await writer.submit("dev-1", 1, BATCH, TRACEPARENT)
-    [(_, by_script)] = cast(Entries, await redis.xrange(keys.readings))
-    received_ms = decode_entry(by_script).received_ms
-    by_encoder: dict[Any, Any] = encode_entry(BATCH, received_ms, TRACEPARENT)  # redis-py's type
+    [(_, by_writer)] = cast(Entries, await redis.xrange(keys.readings))
+    received_ms = decode_entries(by_writer)[0].received_ms
+    by_encoder: dict[Any, Any] = encode_write(received_ms, [(BATCH, TRACEPARENT)])
+    one_batch: dict[Any, Any] = encode_entry(BATCH, received_ms, TRACEPARENT)  # redis-py's type
     await redis.xadd(keys.readings, by_encoder)
+    await redis.xadd(keys.readings, one_batch)
 
     entries = cast(Entries, await redis.xrange(keys.readings))
 
-    assert [decode_entry(fields) for _, fields in entries] == [
-        ReadingsEntry(BATCH, b"%d" % received_ms, TRACEPARENT)
-    ] * 2
+    assert [decode_entries(fields) for _, fields in entries] == [
+        [ReadingsEntry(BATCH, b"%d" % received_ms, TRACEPARENT)]
+    ] * 3
 
 
 @pytest.mark.parametrize(
@@ -172,7 +198,7 @@ def test_fields_that_are_no_entry_are_refused_with_the_reason(
 
 
 def test_the_field_names_fit_in_the_scripts_quoted_strings() -> None:
-    for name in (BATCH_FIELD, RECEIVED_FIELD, TRACE_FIELD):
+    for name in (BATCH_FIELD, BATCHES_FIELD, RECEIVED_FIELD, TRACE_FIELD):
         assert name.isascii(), name
         assert name.isalpha(), name
 

@@ -161,6 +161,7 @@ async def test_an_undecodable_batch_is_dead_lettered_alone_with_its_index(
     bodies = [body(device, 0), b"{not json", body(device, 2), body(device, 3)]
     traces = [None, TRACE_A, TRACE_B, None]
     (mixed,) = await add_bodies(redis, keys, bodies, traceparents=traces)
+    mixed_received_ms = await received_ms(redis, keys, mixed)  # the worker trims it once done
     await add_readings(redis, keys, [reading(device, seq) for seq in range(4, 8)])
 
     worker = await start_worker()
@@ -177,7 +178,7 @@ async def test_an_undecodable_batch_is_dead_lettered_alone_with_its_index(
         deliveries=1,
         consumer=dead[0].consumer,
         at_ms=dead[0].at_ms,
-        fields=encode_entry(b"{not json", await received_ms(redis, keys, mixed), TRACE_A),
+        fields=encode_entry(b"{not json", mixed_received_ms, TRACE_A),
         index=1,
     )
     assert decode_entry(dead[0].fields).batch == b"{not json"
@@ -196,6 +197,7 @@ async def test_a_batch_postgres_refuses_is_dead_lettered_at_the_last_try_the_res
     (entry_id,) = await add_bodies(
         redis, keys, bodies, traceparents=[None, None, TRACE_A, None, None]
     )
+    entry_received_ms = await received_ms(redis, keys, entry_id)  # the worker trims it once done
 
     worker = await start_worker(worker_dead_letter_after=3, worker_claim_idle=0.5)
     # Left pending meanwhile, the reason recorded under the batch's own key.
@@ -213,7 +215,7 @@ async def test_a_batch_postgres_refuses_is_dead_lettered_at_the_last_try_the_res
         3,
     )
     assert "out of range" in letter.reason
-    assert letter.fields == encode_entry(refused, await received_ms(redis, keys, entry_id), TRACE_A)
+    assert letter.fields == encode_entry(refused, entry_received_ms, TRACE_A)
     assert counts == {(device, seq): 1 for seq in (0, 1, 3, 4)}
     # Refused at each of its three deliveries; the others stored at the first, then
     # delivered twice more with it.
@@ -230,6 +232,7 @@ async def test_an_entry_delivered_too_often_has_each_batch_dead_lettered_as_reco
     device = "dev-often-" + keys.prefix.split(":")[1]
     (multi,) = await add_bodies(redis, keys, [body(device, seq) for seq in range(3)])
     (old,) = await add_bodies(redis, keys, [body(device, 3)], one_batch_format=True)
+    old_received_ms = await received_ms(redis, keys, old)  # the worker trims it once done
     whole = cast(bytes, await redis.xadd(keys.readings, {b"x": b"y"}))  # no entry at all
     await redis.xgroup_create(keys.readings, PERSIST_GROUP, id="0")
     await redis.xreadgroup(PERSIST_GROUP, GONE, {keys.readings: ">"})
@@ -259,9 +262,7 @@ async def test_an_entry_delivered_too_often_has_each_batch_dead_lettered_as_reco
     )
     by_id = {(d.entry_id, d.index): d for d in dead}
     assert decode_entry(by_id[multi, 1].fields).batch == body(device, 1)
-    assert by_id[old, None].fields == encode_entry(
-        body(device, 3), await received_ms(redis, keys, old)
-    )
+    assert by_id[old, None].fields == encode_entry(body(device, 3), old_received_ms)
     assert by_id[whole, None].fields == {b"x": b"y"}
     assert await stored_counts(settings.database_url, [device]) == {}
     assert await redis.hlen(keys.readings_errors) == 0
