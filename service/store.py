@@ -51,18 +51,21 @@ __all__ = (
 # (Redis hashes whole strings), which made the payloads the largest cost of a write when
 # the script added the entry itself (BENCHMARKS.md).
 #
-# A device's state is one record: its GCRA TATs and its idempotency window, a ring of
-# ``window`` bits over the seqs in (top - window, top], top being the highest seq stored.
-# A seq above top is new; within the ring, its bit says; older than the ring, it is stored
-# again (the worker is idempotent on (device_id, seq) as well). Records live in one hash
-# per generation of ``generation`` ms (KEYS[2] and the generation's number, on Redis's
-# clock): a write reads its devices from the current generation, else the one before, and
-# writes them to the current one, which expires at the end of the next generation. So a
-# record outlives its device's last batch by at least one generation, and a write costs a
-# few commands whatever its number of batches. A record (little-endian): the count of
-# TATs (a byte), the TATs and top (doubles: exact for seqs up to 2^53), then the ring's
-# bytes. TATs of another count (the policy changed) are dropped; a ring of another size (the
-# window changed) starts empty.
+# A device's state is one record: its GCRA TATs and its idempotency window. Seen are the
+# seqs in [low, top] (top: the highest stored; low: the first this record knew) less those
+# missing, which a ring of ``window`` bits over (top - window, top] marks while any are
+# (``missing`` counts them; the ring is the hash field ``<device>#``, there only then). A
+# seq above top is new (the ones it skips become missing); one in the window is new only if
+# missing; one below low or older than the window is unknown and stored again (the worker
+# is idempotent on (device_id, seq) as well). Records live in one hash per generation of
+# ``generation`` ms (KEYS[2] and the generation's number, on Redis's clock): a write reads
+# its devices from the current generation, else the one before, and writes them to the
+# current one, which expires at the end of the next generation. So a record outlives its
+# device's last batch by at least one generation, and a write costs a few commands whatever
+# its number of batches. A record (little-endian): the count of TATs (a byte), the window
+# it was kept with (uint32), top, low and missing, then the TATs (doubles: exact for seqs up
+# to 2^53). TATs of another count (the policy changed) are dropped; under another window
+# nothing below top is known any more.
 #
 # The generation keys are named here, not in KEYS: they share KEYS[2]'s hash tag, so on a
 # cluster they are in its slot. The shebang makes Redis check memory once, before the script
@@ -121,10 +124,11 @@ local function state_of(record)
   if not record then
     return {top = -1, low = -1, missing = 0, dirty = false, ring = false, ring_dirty = false}
   end
-  local top, low, missing, pos = unpack_record('<ddd', record, 2)
+  local n, kept_with, top, low, missing, pos = unpack_record('<BIddd', record)
+  if kept_with ~= window then low, missing = top, 0 end
   local state = {top = top, low = low, missing = missing, dirty = false, ring = false,
     ring_dirty = false}
-  if byte(record, 1) == nw then
+  if n == nw then
     for w = 1, nw do state[w], pos = unpack_record('<d', record, pos) end
   end
   return state
@@ -251,8 +255,10 @@ end
 
 -- Each batch in order: the rate limit, then idempotency. Two integers per batch: stored
 -- + 1, verdict, window and remaining packed in one (see WriteResult), then reset. (The
--- reply starts as a copy of the batches' arguments: a table made at its size at once.)
-local out, all_stored = {unpack(ARGV, first, #ARGV)}, true
+-- reply starts as a copy of the batches' arguments: a table made at its size at once; past
+-- what unpack takes, it grows.)
+local out, all_stored = {}, true
+if nb <= CHUNK then out = {unpack(ARGV, first, #ARGV)} end
 for i = 0, nb - 1 do
   local state = states[ARGV[first + 2 * i]]
   local verdict, deciding, remaining, reset = 0, 0, 0, 0
@@ -320,14 +326,14 @@ end
 
 -- The states changed, into the current generation (a ring only while seqs are missing).
 local changed = {}
-local header = '<Bddd' .. string.rep('d', nw)
-local values = {nw}
+local header = '<BIddd' .. string.rep('d', nw)
+local values = {nw, window}
 for k = 1, #devices do
   local device = devices[k]
   local state = states[device]
   if state.dirty or state.ring_dirty then
-    values[2], values[3], values[4] = state.top, state.low, state.missing
-    for w = 1, nw do values[4 + w] = state[w] or 0 end
+    values[3], values[4], values[5] = state.top, state.low, state.missing
+    for w = 1, nw do values[5 + w] = state[w] or 0 end
     changed[#changed + 1] = device
     changed[#changed + 1] = struct.pack(header, unpack(values))
     if state.ring_dirty and state.ring then

@@ -115,31 +115,59 @@ class RespConnection:
         # Counts the connections made: a command that must go on the connection an earlier
         # one went on (WAIT after a write) names it (``execute``'s ``generation``).
         self.generation = 0
-        # Pipelined callers must share one connection, so only one of them may open it.
-        self._connecting = asyncio.Lock()
+        # Pipelined callers must share one connection, so they share one attempt to open it:
+        # if it fails, it fails them all at once (not one connect timeout after another).
+        self._attempt: asyncio.Future[_Protocol] | None = None
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout):
-            if self._unix_path is not None:
-                _, protocol = await loop.create_unix_connection(_Protocol, self._unix_path)
-            else:
-                _, protocol = await loop.create_connection(
-                    _Protocol,
-                    self._host,
-                    self._port,
-                    ssl=ssl.create_default_context() if self._tls else None,
-                )
-            if self._password is not None:
-                auth = [b"AUTH", self._password.encode()]
-                if self._username is not None:
-                    auth.insert(1, self._username.encode())
-                await protocol.send(encode_command(auth))
-            if self._db:
-                await protocol.send(encode_command([b"SELECT", b"%d" % self._db]))
-            for command in self._setup:
-                await protocol.send(command)
+        protocol: _Protocol | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._unix_path is not None:
+                    _, protocol = await loop.create_unix_connection(_Protocol, self._unix_path)
+                else:
+                    _, protocol = await loop.create_connection(
+                        _Protocol,
+                        self._host,
+                        self._port,
+                        ssl=ssl.create_default_context() if self._tls else None,
+                    )
+                if self._password is not None:
+                    auth = [b"AUTH", self._password.encode()]
+                    if self._username is not None:
+                        auth.insert(1, self._username.encode())
+                    await protocol.send(encode_command(auth))
+                if self._db:
+                    await protocol.send(encode_command([b"SELECT", b"%d" % self._db]))
+                for command in self._setup:
+                    await protocol.send(command)
+        except BaseException:
+            # A connection that could not be set up is not left open.
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abort()
+            raise
         return protocol
+
+    def _attempted(self, attempt: "asyncio.Future[_Protocol]") -> None:
+        # Runs before the callers waiting on the attempt resume.
+        self._attempt = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._protocol = attempt.result()
+            self.generation += 1
+
+    async def _connected(self) -> _Protocol:
+        attempt = self._attempt
+        if attempt is None:
+            attempt = self._attempt = asyncio.ensure_future(self._connect())
+            attempt.add_done_callback(self._attempted)
+        try:
+            # Shielded: one caller cancelled must not cancel the others' attempt.
+            return await asyncio.shield(attempt)
+        except TimeoutError:
+            raise RedisConnectionError("timed out connecting to Redis") from None
+        except OSError as e:
+            raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
 
     async def execute(
         self, command: bytes, *, skip: int = 0, more: int = 0, generation: int | None = None
@@ -154,16 +182,7 @@ class RespConnection:
         ):
             raise RedisConnectionError("the connection the command belongs to is gone")
         if protocol is None or protocol.lost is not None:
-            async with self._connecting:
-                protocol = self._protocol
-                if protocol is None or protocol.lost is not None:
-                    try:
-                        protocol = self._protocol = await self._connect()
-                        self.generation += 1
-                    except TimeoutError:
-                        raise RedisConnectionError("timed out connecting to Redis") from None
-                    except OSError as e:
-                        raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
+            protocol = await self._connected()
         try:
             if not more:
                 return await protocol.send(command, skip)

@@ -72,7 +72,11 @@ def _check_heartbeat(settings: ProgramSettings) -> None:
 def _check_ack_timeout(settings: ProgramSettings) -> None:
     # A write waiting for its replicas longer than a write may take would be cut off by the
     # write timeout first: every write would fail on a slow replica instead of being refused.
-    if isinstance(settings, IngestSection) and settings.ack_timeout >= settings.write_timeout:
+    if (
+        isinstance(settings, IngestSection)
+        and settings.ack_mode == "replicated"
+        and settings.ack_timeout >= settings.write_timeout
+    ):
         raise SettingsError(
             f"ACK_TIMEOUT={settings.ack_timeout}: expected less than "
             f"WRITE_TIMEOUT ({settings.write_timeout})"

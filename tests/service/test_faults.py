@@ -260,15 +260,6 @@ async def test_redis_killed_mid_load_refuses_with_503_keeps_every_ack_and_recove
     assert service.logged_errors() == []
 
 
-# Not strict: whether a batch waits past the bound depends on how many writes queue behind
-# the connect; tests/service/test_resp.py pins the cause down with a strict xfail.
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,
-    reason="service/fastpath/resp.py: against a frozen Redis every reconnect waits for the "
-    "script's SCRIPT LOAD reply for WRITE_TIMEOUT, and the writes in flight connect in turn: "
-    "some 503s come after 2-3 write timeouts, past REFUSAL_BOUND",
-)
 async def test_frozen_redis_gets_503_within_the_write_timeout_and_recovers(
     service: ServiceProcess, redis_server: RedisServer, devices: list[Device]
 ) -> None:

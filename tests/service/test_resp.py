@@ -257,15 +257,6 @@ async def close_server(server: asyncio.Server, connections: list[asyncio.StreamW
     await asyncio.sleep(0.05)  # the client ends see the close, and close
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="service/fastpath/resp.py: the write connection's setup (the script, loaded on "
-    "every connect) waits for its reply within connect_timeout, and the writes waiting on "
-    "_connecting each connect in turn after the one before failed; the writer's watchdog "
-    "cannot abort a connect: against a frozen Redis, writes in flight fail after up to "
-    "WRITE_MAX_IN_FLIGHT x WRITE_TIMEOUT, not 1.25 x WRITE_TIMEOUT",
-)
 async def test_a_write_to_a_frozen_server_fails_within_its_timeout_while_it_reconnects() -> None:
     server, connections, _ = await swallowing_server()
     port = server.sockets[0].getsockname()[1]
@@ -304,13 +295,6 @@ async def test_a_write_to_a_frozen_server_fails_within_its_timeout_while_it_reco
     assert max(elapsed) < timeout * 1.25 + 0.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="service/fastpath/resp.py: _connect leaves the connection it opened open when "
-    "AUTH, SELECT or a setup command fails or times out: each failed connect leaks a socket "
-    "(against a frozen Redis the writer reconnects for every write)",
-)
 async def test_a_connection_whose_setup_times_out_is_closed() -> None:
     server, connections, ended = await swallowing_server()
     port = server.sockets[0].getsockname()[1]

@@ -312,13 +312,6 @@ async def test_a_window_change_forgets_the_ring_but_loses_no_batch(
     assert set(await in_stream(redis, keys)) == sent  # every batch at least once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/store.py: a record with no seq missing keeps no ring, so a writer with a "
-    "larger window takes every seq in [low, top] within its window as seen, including those "
-    "that left the old window while missing: such a batch is acknowledged as a duplicate and "
-    "never stored",
-)
 async def test_a_window_that_grows_does_not_take_a_seq_never_stored_for_a_duplicate(
     open_writer: OpenWriter, redis: Redis, keys: Keys
 ) -> None:
@@ -333,14 +326,6 @@ async def test_a_window_that_grows_does_not_take_a_seq_never_stored_for_a_duplic
     assert ("a", 2) in await in_stream(redis, keys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="service/store.py: the script copies its batches' arguments with one "
-    "unpack(ARGV, first, #ARGV), which Lua refuses past about 8000 values ('too many results "
-    "to unpack'): a write of more than about 4000 batches fails whole, every batch answered "
-    "503, though WRITE_MAX_BATCH accepts up to 10000",
-)
 async def test_a_write_of_as_many_batches_as_write_max_batch_accepts_is_decided(
     open_writer: OpenWriter, redis: Redis, keys: Keys
 ) -> None:
