@@ -425,6 +425,7 @@ def _alerts() -> dict[str, Any]:
                     "headers": _rate_limit_headers(),
                     "content": _json("AlertsPage"),
                 },
+                "400": _error(_UNPARSABLE),
                 "401": _error(_UNAUTHORIZED, "WWW-Authenticate"),
                 "403": _error("a device's token, or the API is off (`ADMIN_TOKEN` unset)"),
                 "422": _error("a parameter is invalid: `details.field` names it"),
@@ -433,6 +434,10 @@ def _alerts() -> dict[str, Any]:
             },
         }
     }
+
+
+# What any route may answer for a request the HTTP parser refuses before routing it.
+_UNPARSABLE = "the request cannot be parsed (a malformed header, say): docs/protocol-limits.md"
 
 
 def _probe(operation_id: str, summary: str) -> dict[str, Any]:
@@ -455,6 +460,7 @@ def _probe(operation_id: str, summary: str) -> dict[str, Any]:
             "security": [{}, {"healthToken": []}],
             "responses": {
                 "200": {"description": "every check up", "content": content},
+                "400": _error(_UNPARSABLE),
                 "503": {"description": "a check down", "content": content},
             },
         }
