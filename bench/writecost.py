@@ -8,7 +8,15 @@ other one):
 Each row drives one fresh Redis with 8 writes in flight of ``--batch`` batches each (the
 service's group commit sends up to WRITE_MAX_BATCH per write under load), from 128 devices
 per write in flight, each sending its next seq, and reads Redis's own CPU time from /proc,
-so the figure is Redis CPU per batch stored, whatever this process costs:
+so the figure is Redis CPU per batch stored, whatever this process costs. CPU time on a
+shared machine varies from run to run by a fifth or more (run it several times and take
+the median); ``--instructions`` counts the instructions Redis executes per batch instead
+(under valgrind's callgrind, after a warm-up, over ``--steps`` writes per write in
+flight): repeatable to a few tenths of a percent, so it shows what a change to one write
+does, but not a comparison between rows: Lua's interpreter runs fewer instructions per
+cycle than Redis's own code (the previous write, hashing its payloads in Lua, runs more
+instructions per batch than this one but far fewer per cycle of the interpreter's). The
+rows:
 
 - ``write``: the service's write (``service/store.py``): ``MULTI``, the ``XADD`` of one entry
   carrying the write's batches, the script deciding each batch's rate limit and idempotency
@@ -27,15 +35,19 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import redis
+import redis.asyncio
 import uvloop
 
 from service.fastpath.resp import RespConnection, encode_command
@@ -56,26 +68,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def instructions(pid: int) -> int:
+    """The instructions a redis-server under callgrind has executed since it was zeroed."""
+    out = subprocess.run(
+        ["callgrind_control", "-e", "Ir", str(pid)], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(int(m.replace(",", "")) for m in re.findall(r"Th \d+\s+([\d,]+)", out))
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def redis_server() -> Iterator[tuple[int, int]]:
+def start(argv: list[str]) -> "subprocess.Popen[bytes]":
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# Set by --instructions: count instructions (callgrind) rather than CPU time.
+COUNT_INSTRUCTIONS = False
+STEPS = 100
+
+
+@contextlib.asynccontextmanager
+async def redis_server() -> AsyncIterator[tuple[int, int]]:
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("writecost: redis-server is not on PATH")
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    if shutil.which("taskset"):
-        argv = ["taskset", "-c", "1", *argv]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    try:
-        yield port, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
+    with tempfile.TemporaryDirectory() as scratch:
+        if COUNT_INSTRUCTIONS:
+            if shutil.which("valgrind") is None:
+                sys.exit("writecost: --instructions needs valgrind")
+            out = f"--callgrind-out-file={scratch}/callgrind.out"
+            argv = ["valgrind", "--tool=callgrind", out, *argv]
+        elif shutil.which("taskset"):
+            argv = ["taskset", "-c", "1", *argv]
+        proc = start(argv)
+        try:
+            client = redis.asyncio.Redis(port=port)
+            try:
+                async with asyncio.timeout(30):
+                    while True:
+                        try:
+                            await client.ping()
+                            break
+                        except (redis.RedisError, OSError):
+                            await asyncio.sleep(0.1)
+            finally:
+                await client.aclose()
+            yield port, proc.pid
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 def batches(n: int, batch: int) -> list[tuple[str, int]]:
@@ -92,18 +138,35 @@ def batches(n: int, batch: int) -> list[tuple[str, int]]:
 async def measure(
     pid: int, step: Callable[[int], Awaitable[None]], seconds: float, batch: int
 ) -> float:
-    """Redis CPU µs per batch with IN_FLIGHT loops each storing ``batch`` batches per step."""
+    """Redis CPU µs (or instructions) per batch with IN_FLIGHT loops each storing ``batch``
+    batches per step."""
     count = 0
     stop = False
+    steps: int | None = None
 
     async def loop(worker: int) -> None:
         nonlocal count
         n = worker * 1_000_000_000
-        while not stop:
+        while not stop and (steps is None or n - worker * 1_000_000_000 < steps):
             await step(n)
             n += 1
             count += batch
 
+    if COUNT_INSTRUCTIONS:
+        steps = STEPS // 2  # the warm-up: every device seen, the state hash in its encoding
+        await asyncio.gather(*(loop(i) for i in range(IN_FLIGHT)))
+        steps = STEPS // 2 + STEPS
+        zero = await asyncio.create_subprocess_exec(
+            "callgrind_control",
+            "-z",
+            str(pid),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await zero.wait()
+        n0 = count
+        await asyncio.gather(*(loop(i) for i in range(IN_FLIGHT)))
+        return instructions(pid) / (count - n0)
     tasks = [asyncio.create_task(loop(i)) for i in range(IN_FLIGHT)]
     await asyncio.sleep(1.0)
     cpu0, n0 = cpu_seconds(pid), count
@@ -129,8 +192,7 @@ def writer(conn: RespConnection, batch: int, *, policy: bool) -> ReadingsWriter:
 
 
 async def write_row(payload: bytes, seconds: float, batch: int, *, policy: bool) -> float:
-    with redis_server() as (port, pid):
-        await asyncio.sleep(0.3)
+    async with redis_server() as (port, pid):
         conn = RespConnection(
             f"redis://127.0.0.1:{port}/0", connect_timeout=2, setup=WRITE_CONNECTION_SETUP
         )
@@ -150,8 +212,7 @@ async def write_row(payload: bytes, seconds: float, batch: int, *, policy: bool)
 
 async def xadd_row(payload: bytes, seconds: float, batch: int) -> float:
     """The write's own XADD, cut out of the transaction the writer builds."""
-    with redis_server() as (port, pid):
-        await asyncio.sleep(0.3)
+    async with redis_server() as (port, pid):
         conn = RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
         store = writer(conn, batch, policy=False)
         command = store.transaction([(device, 0, payload) for device, _ in batches(0, batch)])
@@ -170,8 +231,7 @@ async def xadd_row(payload: bytes, seconds: float, batch: int) -> float:
 async def previous_row(payload: bytes, seconds: float, batch: int) -> float:
     """The previous write: per batch its seen-set and GCRA cell as keys, and its seq,
     payload and an empty traceparent as arguments."""
-    with redis_server() as (port, pid):
-        await asyncio.sleep(0.3)
+    async with redis_server() as (port, pid):
         conn = RespConnection(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
         sha = await conn.execute(encode_command([b"SCRIPT", b"LOAD", PREVIOUS_WRITE]))
         fixed = [b"128", b"112", b"3600", b"1700000000000", *POLICY.args]
@@ -200,7 +260,17 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row")
     p.add_argument("--payload", type=int, default=1100, help="bytes per batch")
     p.add_argument("--batch", type=int, default=16, help="batches per write")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count Redis's instructions per batch (valgrind's callgrind), not its CPU time",
+    )
+    p.add_argument(
+        "--steps", type=int, default=100, help="writes per write in flight with --instructions"
+    )
     args = p.parse_args()
+    global COUNT_INSTRUCTIONS, STEPS
+    COUNT_INSTRUCTIONS, STEPS = args.instructions, args.steps
     payload = b'{"ppg":[' + b"1" * max(0, args.payload - 10) + b"]}"
     secs, batch = args.seconds, args.batch
     rows = [
@@ -210,9 +280,12 @@ async def main() -> None:
         ("previous write (bench/previous_write.lua)", previous_row(payload, secs, batch)),
     ]
     print(f"{batch} batches of {len(payload)} bytes per write, {IN_FLIGHT} writes in flight\n")
-    print("| write | Redis CPU µs per batch |\n| --- | ---: |")
+    unit = "instructions" if COUNT_INSTRUCTIONS else "CPU µs"
+    print(f"| write | Redis {unit} per batch |\n| --- | ---: |")
     for name, coro in rows:
-        print(f"| {name} | {await coro:.2f} |", flush=True)
+        value = await coro
+        shown = f"{value:,.0f}" if COUNT_INSTRUCTIONS else f"{value:.2f}"
+        print(f"| {name} | {shown} |", flush=True)
 
 
 if __name__ == "__main__":
