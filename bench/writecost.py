@@ -13,10 +13,8 @@ shared machine varies from run to run by a fifth or more (run it several times a
 the median); ``--instructions`` counts the instructions Redis executes per batch instead
 (under valgrind's callgrind, after a warm-up, over ``--steps`` writes per write in
 flight): repeatable to a few tenths of a percent, so it shows what a change to one write
-does, but not a comparison between rows: Lua's interpreter runs fewer instructions per
-cycle than Redis's own code (the previous write, hashing its payloads in Lua, runs more
-instructions per batch than this one but far fewer per cycle of the interpreter's). The
-rows:
+does; it does not compare rows as CPU time does, since it leaves out the kernel's time
+(page faults as the stream grows, the network) and what cache misses cost. The rows:
 
 - ``write``: the service's write (``service/store.py``): ``MULTI``, the ``XADD`` of one entry
   carrying the write's batches, the script deciding each batch's rate limit and idempotency
