@@ -11,16 +11,16 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import pytest
-from aiohttp import ClientError, ClientSession, ClientTimeout, ClientWebSocketResponse, WSMsgType
+from aiohttp import ClientSession, ClientTimeout, ClientWebSocketResponse, WSMsgType
 from redis.asyncio import Redis
 
 from shared.keys import Keys
 from tests.support.env import Device, DeviceFactory
+from tests.support.outcomes import Outcome, send_http
 from tests.support.procs import RedisServer, ServiceProcess, free_port
 from tests.support.readings import stored_batches
 
@@ -32,41 +32,6 @@ KEY_PREFIX = "faults:"
 HTTP_SENDERS = 20
 WS_SENDERS = 3
 PACE = 0.02  # seconds between one sender's batches
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one batch: 202 acknowledged, 503 refused, anything else a failure."""
-
-    device_id: str
-    seq: int
-    transport: str
-    started: float
-    ended: float
-    status: int
-    retry_after: str | None = None
-    detail: str = ""
-
-    @property
-    def batch(self) -> tuple[str, int]:
-        return self.device_id, self.seq
-
-
-async def send_http(session: ClientSession, url: str, device: Device, seq: int) -> Outcome:
-    started = time.monotonic()
-    try:
-        async with session.post(
-            f"{url}/ingestion/ppg",
-            data=msgspec.json.encode(device.batch(seq)),
-            headers=device.headers,
-        ) as response:
-            detail = await response.text()
-            status, retry_after = response.status, response.headers.get("Retry-After")
-    except (ClientError, TimeoutError) as e:
-        status, retry_after, detail = 0, None, repr(e)
-    return Outcome(
-        device.device_id, seq, "http", started, time.monotonic(), status, retry_after, detail
-    )
 
 
 async def send_ws(ws: ClientWebSocketResponse, device: Device, seq: int) -> Outcome:

@@ -31,6 +31,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from shared.keys import Keys
 from shared.readings import decode_entries
 from tests.support.env import Device, DeviceFactory
+from tests.support.outcomes import Outcome, send_http
 from tests.support.procs import ServiceProcess
 from tests.support.replication import Forwarder, RedisNode
 
@@ -43,35 +44,6 @@ OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    device_id: str
-    seq: int
-    started: float
-    ended: float
-    status: int  # 0: no answer (connection dropped, timed out)
-    retry_after: str | None
-
-    @property
-    def batch(self) -> tuple[str, int]:
-        return self.device_id, self.seq
-
-
-async def send(session: ClientSession, url: str, device: Device, seq: int) -> Outcome:
-    started = time.monotonic()
-    try:
-        async with session.post(
-            f"{url}/ingestion/ppg",
-            data=msgspec.json.encode(device.batch(seq)),
-            headers=device.headers,
-        ) as response:
-            await response.read()
-            status, retry_after = response.status, response.headers.get("Retry-After")
-    except (ClientError, TimeoutError):
-        status, retry_after = 0, None
-    return Outcome(device.device_id, seq, started, time.monotonic(), status, retry_after)
-
-
 @contextlib.asynccontextmanager
 async def device_load(url: str, devices: list[Device]) -> AsyncIterator[list[Outcome]]:
     """Each device sends its next seq, again and again, whatever the last answer was."""
@@ -81,7 +53,7 @@ async def device_load(url: str, devices: list[Device]) -> AsyncIterator[list[Out
     async def sender(session: ClientSession, device: Device) -> None:
         seq = 0
         while not stop.is_set():
-            outcomes.append(await send(session, url, device, seq))
+            outcomes.append(await send_http(session, url, device, seq))
             seq += 1
             await asyncio.sleep(PACE)
 
