@@ -157,6 +157,18 @@ SHADOWED: Final = 3
 # the boundary) and expires when the TAT is reached.
 GCRA_LUA = """
 local function gcra_step(tats, nw, periods, intervals, shadow, now, nexts)
+  if nw == 1 then
+    -- One window (the usual policy), the same arithmetic without the loops.
+    local tat, period, interval = tats[1] or now, periods[1], intervals[1]
+    if tat < now then tat = now end
+    local ahead = tat + interval - now
+    if ahead > period then
+      if shadow == 0 then return 2, 1, 0, math.ceil(ahead - period) end
+      return 3, 1, 0, math.ceil(ahead - period)
+    end
+    tats[1] = tat + interval
+    return 1, 1, math.floor((period - ahead) / interval + 1e-9), math.ceil(ahead)
+  end
   local refused, wait = 0, 0
   for w = 1, nw do
     local tat = tats[w] or now
