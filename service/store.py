@@ -439,7 +439,6 @@ class ReadingsWriter:
         # Looked up once: on Python 3.11 every get_running_loop() is a getpid() syscall.
         self._loop = asyncio.get_running_loop()
         self._max_in_flight = max_in_flight
-        self._keys = keys
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._timeout = timeout
@@ -449,7 +448,6 @@ class ReadingsWriter:
         generation_ms = idempotency_ttl * 1000
         if policy is not None:
             generation_ms = max(generation_ms, *(math.ceil(w.period_ms) for w in policy.windows))
-        self._policy = policy
         policy_args = policy.args if policy is not None else (b"0", b"0")
         # Encoded once: the keys, the arguments around the time received, the field names.
         stream = keys.readings.encode()
@@ -471,7 +469,7 @@ class ReadingsWriter:
         self._sent = 0  # writes sent on the connection so far
         # The WAIT in flight: the connection it went on, the writes it covers, its reply.
         self._waiting: tuple[int, int, asyncio.Future[int]] | None = None
-        self.waits = 0
+        self.waits = 0  # WAITs sent
         self._replicas_online: int | None = None
         self._replicas_short = False
         wait_ms = max(1, round(ack_timeout * 1000))
@@ -500,8 +498,8 @@ class ReadingsWriter:
         # was removed and the write sent again.
         self.reloads = 0
         self.batches = 0
-        # Stream entries added (writes that stored at least one batch): with ``stored``, the
-        # mean number of batches an entry carries.
+        # Stream entries added (writes that stored at least one batch), and the batches they
+        # carry: their mean is ``batches_per_entry``.
         self.entries = 0
         self._entry_batches = 0
         self.last_success = 0.0

@@ -28,8 +28,11 @@ import msgspec
 import pytest
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
+from service.fastpath.resp import RespConnection
+from service.store import STORED, WRITE_CONNECTION_SETUP, ReadingsWriter
 from shared.keys import Keys
 from shared.readings import decode_entries
+from shared.tasks import cancel_and_wait
 from tests.support.env import Device, DeviceFactory
 from tests.support.outcomes import Outcome, send_http
 from tests.support.procs import ServiceProcess
@@ -265,3 +268,47 @@ async def test_primary_acks_lose_what_the_replica_had_not_got(
     assert lost <= {o.batch for o in outcomes if o.status == 202 and o.ended >= cut_at - 0.5}
     assert alive
     assert errors == []
+
+
+async def test_writes_in_flight_share_their_waits_and_every_ack_is_on_the_replica(
+    cluster: Cluster,
+) -> None:
+    """Replicated acks through the writer itself: writes in flight share WAITs (one WAIT
+    answers for every write sent before it on the connection), and what is acknowledged is
+    on the replica."""
+    keys = Keys("shared-waits:")
+    conn = RespConnection(cluster.primary.url, connect_timeout=2, setup=WRITE_CONNECTION_SETUP)
+    writer = ReadingsWriter(
+        conn,
+        keys,
+        max_batch=4,
+        max_pending=10_000,
+        max_in_flight=8,
+        timeout=5,
+        idempotency_window=128,
+        idempotency_ttl=60,
+        ack_replicas=1,
+        ack_timeout=2,
+    )
+    runner = asyncio.create_task(writer.run())
+    try:
+        results = await asyncio.gather(
+            *(
+                writer.submit(f"dev-{device}", seq, b'{"seq":%d}' % seq)
+                for seq in range(20)
+                for device in range(20)
+            )
+        )
+    finally:
+        await cancel_and_wait([runner])
+        conn.close()
+
+    assert {r.stored for r in results} == {STORED}
+    assert writer.unreplicated == 0
+    assert 0 < writer.waits < writer.batches
+    replica = cluster.replica.client()
+    try:
+        entries = cast(StreamEntries, await replica.xrange(keys.readings))
+    finally:
+        await replica.aclose()
+    assert sum(len(decode_entries(fields)) for _, fields in entries) == 400

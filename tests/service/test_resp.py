@@ -99,6 +99,28 @@ async def test_a_dropped_connection_is_replaced_on_the_next_command() -> None:
         conn.close()
 
 
+async def test_a_command_bound_to_a_connection_that_is_gone_never_goes_on_a_new_one() -> None:
+    """A WAIT answers for the writes of the connection it goes on: on a new one it would
+    confirm writes it never saw, so it must fail instead."""
+    conn = RespConnection("redis://127.0.0.1:6379/0", connect_timeout=1)
+    admin = Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        first_id = await conn.execute(command("CLIENT", "ID"))
+        bound = conn.generation
+        assert await conn.execute(command("CLIENT", "ID"), generation=bound) == first_id
+        await admin.execute_command("CLIENT", "KILL", "ID", first_id)
+        await asyncio.sleep(0.1)  # let the close reach the client
+
+        with pytest.raises(RedisConnectionError, match="is gone"):
+            await conn.execute(command("WAIT", "0", "1"), generation=bound)
+        assert await conn.execute(command("CLIENT", "ID")) != first_id  # unbound: reconnects
+        with pytest.raises(RedisConnectionError, match="is gone"):
+            await conn.execute(command("WAIT", "0", "1"), generation=bound)
+    finally:
+        await admin.aclose()
+        conn.close()
+
+
 class RecordingConnection(RespConnection):
     """The real connection (the write's, loading the script), keeping each command it sends."""
 
@@ -106,9 +128,11 @@ class RecordingConnection(RespConnection):
         super().__init__(url, connect_timeout=1, setup=WRITE_CONNECTION_SETUP)
         self.sent: list[bytes] = []
 
-    async def execute(self, command: bytes, *, skip: int = 0, more: int = 0) -> Any:
+    async def execute(
+        self, command: bytes, *, skip: int = 0, more: int = 0, generation: int | None = None
+    ) -> Any:
         self.sent.append(command)
-        return await super().execute(command, skip=skip, more=more)
+        return await super().execute(command, skip=skip, more=more, generation=generation)
 
 
 @pytest.mark.parametrize("windows", [(), (Window("default", 1000, 60), Window("burst", 50, 1))])
