@@ -83,13 +83,6 @@ class _Protocol(asyncio.Protocol):
         self.transport.write(command)
         return waiter
 
-    def send_more(self) -> asyncio.Future[Any]:
-        """A future for the reply after the last one asked for: a command written together
-        with the one before (``send`` writes them all)."""
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        self._waiters.append(waiter)
-        return waiter
-
 
 class RespConnection:
     """One lazily (re)connected connection; a failed command drops it, the next reconnects.
@@ -169,13 +162,10 @@ class RespConnection:
         except OSError as e:
             raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
 
-    async def execute(
-        self, command: bytes, *, skip: int = 0, more: int = 0, generation: int | None = None
-    ) -> Any:
+    async def execute(self, command: bytes, *, skip: int = 0, generation: int | None = None) -> Any:
         """Send encoded commands and return the reply after the first ``skip``; Redis errors
-        raise ResponseError. With ``more``, the reply and the ``more`` after it, as a list
-        (an error among them raises, once all have come). With ``generation``, only on that
-        connection: if it is gone, a ConnectionError instead of a new one."""
+        raise ResponseError. With ``generation``, only on that connection: if it is gone, a
+        ConnectionError instead of a new one."""
         protocol = self._protocol
         if generation is not None and (
             generation != self.generation or protocol is None or protocol.lost is not None
@@ -184,15 +174,7 @@ class RespConnection:
         if protocol is None or protocol.lost is not None:
             protocol = await self._connected()
         try:
-            if not more:
-                return await protocol.send(command, skip)
-            waiters = [protocol.send(command, skip)]
-            waiters += [protocol.send_more() for _ in range(more)]
-            replies = await asyncio.gather(*waiters, return_exceptions=True)
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    raise reply
-            return replies
+            return await protocol.send(command, skip)
         except BaseException as e:
             if not isinstance(e, ResponseError):
                 self.close()

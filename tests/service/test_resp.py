@@ -128,11 +128,9 @@ class RecordingConnection(RespConnection):
         super().__init__(url, connect_timeout=1, setup=WRITE_CONNECTION_SETUP)
         self.sent: list[bytes] = []
 
-    async def execute(
-        self, command: bytes, *, skip: int = 0, more: int = 0, generation: int | None = None
-    ) -> Any:
+    async def execute(self, command: bytes, *, skip: int = 0, generation: int | None = None) -> Any:
         self.sent.append(command)
-        return await super().execute(command, skip=skip, more=more, generation=generation)
+        return await super().execute(command, skip=skip, generation=generation)
 
 
 @pytest.mark.parametrize("windows", [(), (Window("default", 1000, 60), Window("burst", 50, 1))])
