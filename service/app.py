@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from loguru import logger
@@ -35,27 +36,49 @@ from shared.version import build_version
 from . import alerts_api, openapi, probes
 from .appkeys import INGEST, REDIS_DATA, SETTINGS
 from .edge import UNMATCHED, instrumented, not_found
+from .fastpath.cluster import Address, SlotMap
 from .fastpath.keepalive import close_going_away, keep_alive
-from .fastpath.resp import RespConnection
+from .fastpath.resp import RespConnection, cluster_slots
 from .ingest import HTTP_ROUTE, WS_ROUTE, ingest_http, ingest_ws
+from .partitions import PartitionedBacklog, PartitionedWriter, partition_slot
 from .probes import REPLICATION_CHECK
 from .ratelimit import Policy, RateLimiter, TrustedProxies, Window
 from .replication import REPLICATED, Replication, replication_check
 from .state import IngestState
-from .store import WRITE_CONNECTION_SETUP, BacklogMonitor, ReadingsWriter
+from .store import WRITE_CONNECTION_SETUP, ReadingsWriter
 from .tokens import TokenCache, TokenRefresher
 
 __all__ = ("create_app", "drain")
 
 
-async def _data_connection(app: web.Application) -> AsyncIterator[None]:
+async def _data_connections(app: web.Application) -> AsyncIterator[None]:
+    """A write connection per partition; on a cluster, each to its partition's primary."""
     settings = app[SETTINGS]
-    connection = RespConnection(
-        settings.redis_url, connect_timeout=settings.write_timeout, setup=WRITE_CONNECTION_SETUP
+    url = settings.redis_url
+    slots = None
+    if settings.redis_cluster:
+        seed = urlsplit(url)
+        timeout = settings.write_timeout
+
+        async def query(address: Address) -> list[Any]:
+            return await cluster_slots(url, address, connect_timeout=timeout)
+
+        slots = SlotMap([(seed.hostname or "127.0.0.1", seed.port or 6379)], query=query)
+    partitions = Keys(settings.redis_key_prefix).partitions(settings.ingest_partitions)
+    connections = tuple(
+        RespConnection(
+            url,
+            connect_timeout=settings.write_timeout,
+            setup=WRITE_CONNECTION_SETUP,
+            slots=slots,
+            slot=partition_slot(p),
+        )
+        for p in partitions
     )
-    app[REDIS_DATA] = connection
+    app[REDIS_DATA] = connections
     yield
-    connection.close()
+    for connection in connections:
+        connection.close()
 
 
 # The token refresher and the alerts API.
@@ -92,25 +115,33 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     api_policy, ingest_policy = _policies(settings)
     replicated = settings.ack_mode == REPLICATED
     replication = Replication(settings.ack_mode, settings.ack_replicas if replicated else 0)
-    writer = ReadingsWriter(
-        app[REDIS_DATA],
-        keys,
-        max_batch=settings.write_max_batch,
-        max_pending=settings.write_max_pending,
-        max_in_flight=settings.write_max_in_flight,
-        timeout=settings.write_timeout,
-        idempotency_window=settings.idempotency_window,
-        idempotency_ttl=settings.idempotency_ttl,
-        policy=ingest_policy,
-        ack_replicas=replication.required,
-        ack_timeout=settings.ack_timeout,
+    partitions = keys.partitions(settings.ingest_partitions)
+    connections: tuple[RespConnection, ...] = app[REDIS_DATA]
+    writer = PartitionedWriter(
+        [
+            ReadingsWriter(
+                connection,
+                partition,
+                max_batch=settings.write_max_batch,
+                max_pending=settings.write_max_pending,
+                max_in_flight=settings.write_max_in_flight,
+                timeout=settings.write_timeout,
+                idempotency_window=settings.idempotency_window,
+                idempotency_ttl=settings.idempotency_ttl,
+                policy=ingest_policy,
+                ack_replicas=replication.required,
+                ack_timeout=settings.ack_timeout,
+            )
+            for connection, partition in zip(connections, partitions, strict=True)
+        ]
     )
     state = IngestState(
         tokens=tokens,
         writer=writer,
-        backlog=BacklogMonitor(
+        backlog=PartitionedBacklog(
             app[REDIS_AUX],
             keys,
+            partitions,
             limit=settings.readings_max_backlog,
             interval=settings.backlog_check_interval,
             batches_per_entry=lambda: writer.batches_per_entry,
@@ -143,7 +174,11 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     app[INGEST] = state
     checker = dependency_checker(
         app,
-        {REPLICATION_CHECK: replication_check(app[REDIS_AUX], state.writer, replication)},
+        {
+            REPLICATION_CHECK: replication_check(
+                app[REDIS_AUX], state.writer, replication, partitions
+            )
+        },
     )
     process = app[PROBES]
     process.ready = probes.readiness_checks(state, checker)
@@ -322,7 +357,7 @@ def create_app(
         [
             app[TRACING].export_ctx,
             redis_client(),
-            _data_connection,
+            _data_connections,
             _postgres_pool,
             http_client,
             _ingest,

@@ -21,5 +21,6 @@ SETTINGS = cast("web.AppKey[ServiceSettings]", appkeys.SETTINGS)
 
 # The data connection carries only group-committed writes, so telemetry, heartbeats and
 # health checks never queue in front of a device's batch.
-REDIS_DATA = web.AppKey("redis_data", RespConnection)
+# The write connections, one per readings partition (``service/partitions.py``).
+REDIS_DATA = web.AppKey("redis_data", tuple[RespConnection, ...])
 INGEST = web.AppKey("ingest", IngestState)

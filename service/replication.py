@@ -11,6 +11,10 @@ of the Redis the service writes to, its replicas online and their lag. Readiness
 in replicated mode it fails while fewer replicas than required are online, and meanwhile
 the writer answers 503 at once instead of waiting out ``ACK_TIMEOUT`` per write. The
 heartbeat carries the same figures to the sidecar.
+
+On a Redis Cluster each partition's writes go to the primary serving its slot: the check
+reads every primary's ``INFO replication`` and tells each partition's writer about its own
+primary; the figures shown are the worst of them (fewest replicas, largest lag).
 """
 
 from collections.abc import Mapping
@@ -18,10 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.health import Check, CheckFailedError
+from shared.keys import PartitionKeys
 
-from .store import ReadingsWriter
+from .partitions import PartitionedWriter
 
 __all__ = ("PRIMARY", "REPLICATED", "Replication", "replication_check")
 
@@ -42,19 +48,53 @@ class Replication:
     lag_seconds: int = 0
 
 
-def replication_check(redis: Redis, writer: ReadingsWriter, state: Replication) -> Check:
+def _replicas(info: Mapping[str, Any]) -> tuple[bool, int, int]:
+    """(a primary, replicas online, their largest lag) of one ``INFO replication``."""
+    replicas = [
+        value
+        for name, value in info.items()
+        if name.startswith("slave") and name[5:].isdigit() and isinstance(value, dict)
+    ]
+    online = [r for r in replicas if r.get("state") == "online"]
+    lag = max((int(r.get("lag", 0)) for r in online), default=0)
+    return info.get("role") == "master", len(online), lag
+
+
+def replication_check(
+    redis: "Redis | RedisCluster",
+    writer: PartitionedWriter,
+    state: Replication,
+    partitions: tuple[PartitionKeys, ...] = (),
+) -> Check:
+    async def look() -> tuple[bool, int, int]:
+        if not isinstance(redis, RedisCluster):
+            primary, online, lag = _replicas(await redis.info("replication"))
+            writer.replicas_online = online
+            return primary, online, lag
+        infos: Mapping[str, Any] = await redis.info(
+            "replication", target_nodes=RedisCluster.PRIMARIES
+        )
+        worst = (True, -1, 0)
+        for partition, one in zip(partitions, writer.writers, strict=True):
+            node = redis.get_node_from_key(partition.readings)
+            info = infos.get(node.name) if node is not None else None
+            if info is None:
+                one.replicas_online = None
+                continue
+            primary, online, lag = _replicas(info)
+            one.replicas_online = online
+            worst = (
+                worst[0] and primary,
+                online if worst[1] < 0 else min(worst[1], online),
+                max(worst[2], lag),
+            )
+        return worst[0], max(worst[1], 0), worst[2]
+
     async def check() -> Mapping[str, Any]:
-        info = await redis.info("replication")
-        replicas = [
-            value
-            for name, value in info.items()
-            if name.startswith("slave") and name[5:].isdigit() and isinstance(value, dict)
-        ]
-        online = [r for r in replicas if r.get("state") == "online"]
-        state.role = "primary" if info.get("role") == "master" else "replica"
-        state.replicas_online = len(online)
-        state.lag_seconds = max((int(r.get("lag", 0)) for r in online), default=0)
-        writer.replicas_online = len(online)
+        primary, online, lag = await look()
+        state.role = "primary" if primary else "replica"
+        state.replicas_online = online
+        state.lag_seconds = lag
         details = {
             "ackMode": state.mode,
             "role": state.role,

@@ -9,8 +9,8 @@ from shared.reporting import LoopLagMonitor, Telemetry
 from shared.tracing import Tracing
 
 from .fastpath.keepalive import Peer
+from .partitions import PartitionedBacklog, PartitionedWriter
 from .ratelimit import Policy, RateLimiter, TrustedProxies
-from .store import BacklogMonitor, ReadingsWriter
 from .tokens import TokenCache
 
 __all__ = ("IngestState",)
@@ -19,8 +19,8 @@ __all__ = ("IngestState",)
 @dataclass(slots=True, eq=False)
 class IngestState:
     tokens: TokenCache
-    writer: ReadingsWriter
-    backlog: BacklogMonitor
+    writer: PartitionedWriter
+    backlog: PartitionedBacklog
     telemetry: Telemetry
     loop_lag: LoopLagMonitor
     max_body_bytes: int

@@ -23,7 +23,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from shared.keys import Keys
+from shared.keys import Keys, PartitionKeys
 from shared.readings import BATCHES_FIELD, RECEIVED_FIELD, TRACE_FIELD, trace_field
 from shared.tasks import cancel_and_wait
 
@@ -423,7 +423,7 @@ class ReadingsWriter:
     def __init__(
         self,
         redis: RespConnection,
-        keys: Keys,
+        keys: Keys | PartitionKeys,
         *,
         max_batch: int,
         max_pending: int,
@@ -501,7 +501,7 @@ class ReadingsWriter:
         # Stream entries added (writes that stored at least one batch), and the batches they
         # carry: their mean is ``batches_per_entry``.
         self.entries = 0
-        self._entry_batches = 0
+        self.entry_batches = 0
         self.last_success = 0.0
         self.last_failure = 0.0
 
@@ -518,7 +518,7 @@ class ReadingsWriter:
     @property
     def batches_per_entry(self) -> float:
         """The mean number of batches in the entries this writer added (1 before any)."""
-        return self._entry_batches / self.entries if self.entries else 1.0
+        return self.entry_batches / self.entries if self.entries else 1.0
 
     @property
     def pending(self) -> int:
@@ -734,7 +734,7 @@ class ReadingsWriter:
                 item.future.set_result(result)
         if added:
             self.entries += 1
-            self._entry_batches += added
+            self.entry_batches += added
 
 
 class BacklogMonitor:
@@ -751,7 +751,7 @@ class BacklogMonitor:
     def __init__(
         self,
         redis: Redis,
-        keys: Keys,
+        keys: Keys | PartitionKeys,
         *,
         limit: int,
         interval: float,

@@ -1,18 +1,65 @@
 """Redis key names. Every key carries the configured prefix.
 
 Keys that one Lua script touches share a hash tag, so the layout works on Redis Cluster:
-the readings stream and the devices' write state sit under ``{ingest}``; a pod's telemetry
+a readings partition's stream and its devices' write state sit under the partition's tag
+(``{ingest}`` for the single partition of P = 1, ``shared/partitions.py``); a pod's telemetry
 stream and heartbeat (and the sidecar's state for that pod) sit under ``{<pod>}``.
 """
 
 from dataclasses import dataclass
 
-__all__ = ("Keys",)
+from .partitions import Partition, layout
+
+__all__ = ("Keys", "PartitionKeys")
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys:
+    """The keys of one readings partition, all under its hash tag (``shared/partitions.py``):
+    the write script touches the stream and the state; the worker adds a dead letter and
+    acknowledges its entry in one MULTI."""
+
+    partition: Partition
+    readings: str
+    # The devices' write state (idempotency window and GCRA cells), one hash per generation:
+    # this prefix and the generation's number (``service/store.py``).
+    ingest_state_prefix: str
+    # Dead-letter stream: batches (or whole entries) given up, each with the reason.
+    readings_dead: str
+    # Hash of a readings batch -> why Postgres refused it last, for its dead letter: the
+    # entry id of a one-batch entry, ``<entry id>/<index>`` of a batch of several.
+    readings_errors: str
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "pulsecal:"
+
+    def partition(self, partition: Partition) -> PartitionKeys:
+        base = f"{self.prefix}{{{partition.tag}}}"
+        return PartitionKeys(
+            partition,
+            f"{base}:readings",
+            f"{base}:state:",
+            f"{base}:readings:dead",
+            f"{base}:readings:errors",
+        )
+
+    def partitions(self, count: int) -> tuple[PartitionKeys, ...]:
+        """The keys of every partition of the layout of ``count``."""
+        return tuple(self.partition(p) for p in layout(count))
+
+    @property
+    def ingest_layouts(self) -> str:
+        """Sorted set: the layouts (partition counts) services write, scored by when one last
+        said so (ms); the workers consume every layout in it (``worker/partitions.py``)."""
+        return f"{self.prefix}{{ingest}}:layouts"
+
+    @property
+    def persist_workers(self) -> str:
+        """Sorted set: the live persist consumers, scored by when each expires (ms); they
+        divide the partitions among themselves by it."""
+        return f"{self.prefix}{{ingest}}:workers"
 
     @property
     def readings(self) -> str:

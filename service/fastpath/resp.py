@@ -19,6 +19,8 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from .cluster import Address, SlotMap, parse_redirect
+
 __all__ = ("RespConnection", "encode_bulk_strings", "encode_command")
 
 
@@ -39,6 +41,10 @@ class _Protocol(asyncio.Protocol):
         self._waiters: collections.deque[asyncio.Future[Any] | None] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        # The first MOVED or ASK any reply on the connection carried (in a transaction it is
+        # the reply to a queued command, which ``send`` may skip; EXEC then answers
+        # EXECABORT).
+        self.redirect: str | None = None
         self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -48,6 +54,12 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
+            if (
+                isinstance(reply, hiredis.ReplyError)
+                and self.redirect is None
+                and str(reply).startswith(("MOVED ", "ASK "))
+            ):
+                self.redirect = str(reply)
             if not self._waiters:
                 continue  # a reply nobody waits for any more (its caller timed out)
             waiter = self._waiters.popleft()
@@ -89,9 +101,26 @@ class RespConnection:
 
     After a timeout the connection is dropped as well: a late reply must never be taken for
     the answer to a later command.
+
+    On a Redis Cluster (``slots``), the connection goes to the primary serving ``slot`` and
+    follows it: a command answered ``MOVED`` (the slot moved, or a failover promoted a
+    replica) is sent again, on a new connection to the node named, once the map is read
+    again; a command answered ``ASK`` (the slot is being migrated and the keys are already
+    there) is sent once to that node after ``ASKING``, on a connection of its own; a
+    connection that fails makes the next one read the map first.
     """
 
-    def __init__(self, url: str, *, connect_timeout: float, setup: Sequence[bytes] = ()) -> None:
+    MAX_REDIRECTS = 3
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        setup: Sequence[bytes] = (),
+        slots: SlotMap | None = None,
+        slot: int = 0,
+    ) -> None:
         parts = urlsplit(url)
         self._unix_path = parts.path if parts.scheme == "unix" else None
         self._host = parts.hostname or "127.0.0.1"
@@ -111,19 +140,33 @@ class RespConnection:
         # Pipelined callers must share one connection, so they share one attempt to open it:
         # if it fails, it fails them all at once (not one connect timeout after another).
         self._attempt: asyncio.Future[_Protocol] | None = None
+        self._slots = slots
+        self._slot = slot
+        # Writes sent to another node after ASK, and MOVED answers followed.
+        self.asked = 0
+        self.moved = 0
 
-    async def _connect(self) -> _Protocol:
+    @property
+    def address(self) -> Address:
+        """Where the connection goes (on a cluster: the last node it went to)."""
+        return self._host, self._port
+
+    async def _connect(self, address: Address | None = None, *, asking: bool = False) -> _Protocol:
         loop = asyncio.get_running_loop()
         protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if self._unix_path is not None:
+                if address is None and self._slots is not None:
+                    address = await self._slots.primary(self._slot)
+                    self._host, self._port = address
+                if self._unix_path is not None and address is None:
                     _, protocol = await loop.create_unix_connection(_Protocol, self._unix_path)
                 else:
+                    host, port = address or (self._host, self._port)
                     _, protocol = await loop.create_connection(
                         _Protocol,
-                        self._host,
-                        self._port,
+                        host,
+                        port,
                         ssl=ssl.create_default_context() if self._tls else None,
                     )
                 if self._password is not None:
@@ -135,10 +178,14 @@ class RespConnection:
                     await protocol.send(encode_command([b"SELECT", b"%d" % self._db]))
                 for command in self._setup:
                     await protocol.send(command)
+                if asking:
+                    await protocol.send(_ASKING)
         except BaseException:
             # A connection that could not be set up is not left open.
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.abort()
+            if self._slots is not None:
+                self._slots.invalidate()
             raise
         return protocol
 
@@ -165,20 +212,53 @@ class RespConnection:
     async def execute(self, command: bytes, *, skip: int = 0, generation: int | None = None) -> Any:
         """Send encoded commands and return the reply after the first ``skip``; Redis errors
         raise ResponseError. With ``generation``, only on that connection: if it is gone, a
-        ConnectionError instead of a new one."""
-        protocol = self._protocol
-        if generation is not None and (
-            generation != self.generation or protocol is None or protocol.lost is not None
-        ):
-            raise RedisConnectionError("the connection the command belongs to is gone")
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connected()
+        ConnectionError instead of a new one.
+
+        On a cluster a redirected command is sent again where it belongs (class docstring).
+        After an ``ASK`` it went on another connection: ``generation`` then names none, so a
+        command bound to the connection (WAIT) fails instead of asking the wrong node."""
+        for _ in range(self.MAX_REDIRECTS):
+            protocol = self._protocol
+            if generation is not None and (
+                generation != self.generation or protocol is None or protocol.lost is not None
+            ):
+                raise RedisConnectionError("the connection the command belongs to is gone")
+            if protocol is None or protocol.lost is not None:
+                protocol = await self._connected()
+            try:
+                return await protocol.send(command, skip)
+            except ResponseError:
+                redirect = parse_redirect(protocol.redirect) if protocol.redirect else None
+                if redirect is None or self._slots is None or generation is not None:
+                    raise
+            except BaseException:
+                if self._slots is not None:
+                    self._slots.invalidate()
+                self.close()
+                raise
+            kind, slot, address = redirect
+            if kind == "ASK":
+                self.asked += 1
+                self.generation += 1
+                return await self._asking(address, command, skip)
+            self.moved += 1
+            self._slots.moved(slot, address)
+            self.close()
+        raise ResponseError(f"redirected more than {self.MAX_REDIRECTS} times: {redirect}")
+
+    async def _asking(self, address: Address, command: bytes, skip: int) -> Any:
+        """``command`` sent once to ``address`` after ``ASKING``, on a connection of its own."""
+        try:
+            protocol = await self._connect(address, asking=True)
+        except TimeoutError:
+            raise RedisConnectionError("timed out connecting to Redis") from None
+        except OSError as e:
+            raise RedisConnectionError(f"cannot connect to Redis: {e}") from e
         try:
             return await protocol.send(command, skip)
-        except BaseException as e:
-            if not isinstance(e, ResponseError):
-                self.close()
-            raise
+        finally:
+            if protocol.transport is not None:
+                protocol.transport.close()
 
     def abort(self, error: Exception) -> None:
         """Drop the connection at once (nothing flushed), failing every command waiting on
@@ -193,3 +273,18 @@ class RespConnection:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+
+_ASKING = encode_command([b"ASKING"])
+
+
+async def cluster_slots(url: str, address: Address, *, connect_timeout: float) -> list[Any]:
+    """``CLUSTER SLOTS`` of the node at ``address`` (``url`` gives the credentials)."""
+    connection = RespConnection(url, connect_timeout=connect_timeout)
+    connection._host, connection._port = address
+    try:
+        async with asyncio.timeout(connect_timeout):
+            reply: list[Any] = await connection.execute(encode_command([b"CLUSTER", b"SLOTS"]))
+        return reply
+    finally:
+        connection.close()

@@ -97,6 +97,12 @@ class RedisSection(Section):
         Url(("redis", "rediss", "unix")),
         "the Redis server",
     )
+    redis_cluster: bool = variable(
+        "REDIS_CLUSTER",
+        False,
+        Boolean(),
+        "Redis Cluster: REDIS_URL names any node (seed); keys are routed by hash slot",
+    )
     redis_key_prefix: str = variable(
         "REDIS_KEY_PREFIX",
         "pulsecal:",

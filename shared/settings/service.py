@@ -12,7 +12,7 @@ from .common import (
     TracingSection,
 )
 from .programs import ProgramSettings
-from .specific import AlertsApiSection, IngestSection, RateLimitSection
+from .specific import AlertsApiSection, IngestSection, PartitionsSection, RateLimitSection
 
 __all__ = ("ServiceSettings",)
 
@@ -32,6 +32,7 @@ class ServiceSettings(
     TelemetrySection,
     RateLimitSection,
     IngestSection,
+    PartitionsSection,
     AlertsApiSection,
 ):
     program = "pulsecal-service"

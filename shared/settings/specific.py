@@ -12,6 +12,7 @@ __all__ = (
     "AlertsApiSection",
     "AnalysisJobsSection",
     "IngestSection",
+    "PartitionsSection",
     "RateLimitSection",
     "SidecarSection",
     "WorkerSection",
@@ -198,6 +199,29 @@ class IngestSection(Section):
         5.0,
         FloatRange(0.05, 600),
         "seconds a device gets to answer the close frame on shutdown",
+    )
+
+
+@dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
+class PartitionsSection(Section):
+    """The readings partitions (docs/scaling.md): the services write P streams, the workers
+    divide them among themselves."""
+
+    __slots__ = ()
+    title = "Readings partitions"
+
+    ingest_partitions: int = variable(
+        "INGEST_PARTITIONS",
+        1,
+        IntRange(1, 1024),
+        "readings partition streams a device is spread over by its id (1: one stream); "
+        "changing it starts a new layout the workers drain the old one beside",
+    )
+    ingest_layout_grace: float = variable(
+        "INGEST_LAYOUT_GRACE",
+        600.0,
+        FloatRange(1, 7 * 86_400),
+        "seconds after the last service wrote an old layout before drained workers forget it",
     )
 
 

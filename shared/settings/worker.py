@@ -11,7 +11,7 @@ from .common import (
     TracingSection,
 )
 from .programs import ProgramSettings
-from .specific import AlertRulesSection, AnalysisJobsSection, WorkerSection
+from .specific import AlertRulesSection, AnalysisJobsSection, PartitionsSection, WorkerSection
 
 __all__ = ("WorkerSettings",)
 
@@ -23,6 +23,7 @@ __all__ = ("WorkerSettings",)
 class WorkerSettings(
     ProgramSettings,
     WorkerSection,
+    PartitionsSection,
     HealthChecksSection,
     TracingSection,
     OperatorSection,
