@@ -34,7 +34,7 @@ from shared.appkeys import (
 from shared.cli import parse_program_args
 from shared.health import CheckResult, HealthChecker, now_result
 from shared.httpserver import expect_continue, server_header
-from shared.keys import Keys
+from shared.keys import Keys, PartitionKeys
 from shared.logs import Logs, setup_logging
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory
 from shared.resources import dependency_checker, pool_stats
@@ -59,6 +59,7 @@ from .alerts import (
 from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
 from .appkeys import SETTINGS, WORKER
 from .consumers import consumer_name
+from .partitions import PartitionedPersistence
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .state import WorkerState
 
@@ -112,7 +113,8 @@ async def _measure(state: WorkerState, redis: Redis, pool: AsyncConnectionPool, 
     while True:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(_STATS_INTERVAL):
-                state.dead_letters = int(await redis.xlen(keys.readings_dead))
+                dead = [await redis.xlen(p.readings_dead) for p in state.persister.streams()]
+                state.dead_letters = sum(int(n) for n in dead)
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
             async with asyncio.timeout(_STATS_INTERVAL):
                 state.alerts_open = await count_open_alerts(pool)
@@ -199,27 +201,45 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         )
     else:
         logger.info("worker: AI_SERVICE_URL is not set; no analysis jobs")
-    persister = ReadingsPersister(
+
+    def persister_of(partition: PartitionKeys) -> ReadingsPersister:
+        return ReadingsPersister(
+            redis,
+            pool,
+            keys,
+            consumer=consumer,
+            batch=settings.worker_batch,
+            block_ms=settings.worker_block_ms,
+            claim_idle=settings.worker_claim_idle,
+            dead_letter_after=settings.worker_dead_letter_after,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            retry_max=settings.worker_retry_max,
+            alerts=alerts,
+            telemetry=telemetry,
+            on_alert=on_alert,
+            on_late=on_late,
+            on_persisted=None if scheduler is None else scheduler.on_persisted,
+            tracing=app[TRACING],
+            partition=partition,
+        )
+
+    # One evaluator for every partition: a device's alert state is in Postgres, loaded and
+    # saved in the transaction that stores its readings, whichever partition they came from.
+    alerts = AlertEvaluator(
+        rules_from(settings),
+        max_gap=settings.alert_max_gap,
+        lateness=settings.alert_lateness,
+    )
+    persister = PartitionedPersistence(
         redis,
-        pool,
         keys,
         consumer=consumer,
-        batch=settings.worker_batch,
-        block_ms=settings.worker_block_ms,
-        claim_idle=settings.worker_claim_idle,
-        dead_letter_after=settings.worker_dead_letter_after,
-        dead_letter_maxlen=settings.dead_letter_maxlen,
-        retry_max=settings.worker_retry_max,
-        alerts=AlertEvaluator(
-            rules_from(settings),
-            max_gap=settings.alert_max_gap,
-            lateness=settings.alert_lateness,
-        ),
-        telemetry=telemetry,
-        on_alert=on_alert,
-        on_late=on_late,
-        on_persisted=None if scheduler is None else scheduler.on_persisted,
-        tracing=app[TRACING],
+        partitions=settings.ingest_partitions,
+        layout_grace=settings.ingest_layout_grace,
+        interval=PartitionedPersistence.INTERVAL,
+        member_ttl=PartitionedPersistence.MEMBER_TTL,
+        make=persister_of,
+        stop_timeout=settings.shutdown_timeout,
     )
     state = WorkerState(
         persister=persister,
@@ -236,13 +256,21 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     probes.checker = checker
 
     def on_measure(measured: dict[str, dict[str, int]]) -> None:
-        readings = measured.get(keys.readings, {})
-        persister.undelivered = readings.get("persist.lag", 0)
-        persister.backlog = persister.undelivered + readings.get("persist.pending", 0)
+        partitions = {}
+        for partition in persister.streams():
+            readings = measured.get(partition.readings, {})
+            partitions[partition.partition.name] = (
+                readings.get("persist.lag", 0),
+                readings.get("persist.pending", 0),
+            )
+        persister.measured = partitions
         jobs = measured.get(keys.analysis_jobs, {})
         state.queue_depth = jobs.get("analysis.lag", 0)
 
-    streams = [keys.readings] + ([keys.analysis_jobs] if runner is not None else [])
+    def streams() -> list[str]:
+        readings = [p.readings for p in persister.streams()]
+        return readings + ([keys.analysis_jobs] if runner is not None else [])
+
     janitor = StreamJanitor(
         redis, streams, interval=settings.worker_trim_interval, on_measure=on_measure
     )
@@ -314,13 +342,11 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     persist_task = asyncio.create_task(persister.run(), name="persist")
     logger.info("worker: consumer {} of group persist", consumer)
     yield
-    # Finish the round in hand (its entries are committed and acknowledged), then stop.
+    # Finish the rounds in hand (their entries are committed and acknowledged), then stop.
     persister.stop()
-    try:
-        async with asyncio.timeout(settings.shutdown_timeout):
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.shutdown_timeout + 1.0):
             await asyncio.shield(persist_task)
-    except TimeoutError:
-        logger.warning("shutdown: the persist round did not finish; its entries stay pending")
     await cancel_and_wait([persist_task, *tasks])
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):

@@ -66,7 +66,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.keys import Keys
+from shared.keys import Keys, PartitionKeys
 from shared.readings import (
     BATCH_FIELD,
     PERSIST_GROUP,
@@ -342,13 +342,17 @@ class ReadingsPersister:
         on_late: Callable[[int], None] | None = None,
         on_persisted: Callable[[list[Row]], Awaitable[None]] | None = None,
         tracing: Tracing | None = None,
+        partition: PartitionKeys | None = None,
     ) -> None:
         self._redis = redis
         self._tracing = tracing if tracing is not None else Tracing(provider=None)
         self._pool = pool
-        self._stream = keys.readings
-        self._dead = keys.readings_dead
-        self._errors = keys.readings_errors
+        # One partition's stream (the single one of P = 1 unless ``partition`` says).
+        own = partition if partition is not None else keys.partitions(1)[0]
+        self.partition = own
+        self._stream = own.readings
+        self._dead = own.readings_dead
+        self._errors = own.readings_errors
         self._consumer = consumer
         self._dead_letter_after = dead_letter_after
         self._dead_letter_maxlen = dead_letter_maxlen
@@ -726,7 +730,7 @@ class StreamJanitor:
     def __init__(
         self,
         redis: Redis,
-        streams: list[str],
+        streams: list[str] | Callable[[], list[str]],
         *,
         interval: float,
         on_measure: Callable[[dict[str, dict[str, int]]], None],
@@ -739,7 +743,8 @@ class StreamJanitor:
 
     async def run_once(self) -> dict[str, dict[str, int]]:
         measured: dict[str, dict[str, int]] = {}
-        for stream in self._streams:
+        streams = self._streams() if callable(self._streams) else self._streams
+        for stream in streams:
             if not await self._redis.exists(stream):
                 measured[stream] = {"length": 0}
                 continue

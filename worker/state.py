@@ -5,14 +5,14 @@ from dataclasses import dataclass
 from shared.reporting import LoopLagMonitor, Telemetry
 
 from .analysis_jobs import AnalysisRunner, WindowScheduler
-from .persist import ReadingsPersister
+from .partitions import PartitionedPersistence
 
 __all__ = ("WorkerState",)
 
 
 @dataclass(slots=True, eq=False)
 class WorkerState:
-    persister: ReadingsPersister
+    persister: PartitionedPersistence
     telemetry: Telemetry
     loop_lag: LoopLagMonitor
     scheduler: WindowScheduler | None = None
