@@ -41,7 +41,7 @@ _COUNTERS = ("rows", "samples", "duplicates", "groups", "dead_letters", "rejecte
 # Forget a layout only if no service wrote it for the grace and its score is still the one
 # read (a service saying it writes it again meanwhile keeps it).
 _FORGET_LAYOUT = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0
@@ -128,7 +128,7 @@ class PartitionedPersistence:
             if count == self._own:
                 continue
             if now - at > self._grace_ms and self._drained(count):
-                if await self._forget(keys=[self._keys.ingest_layouts], args=[raw, repr(score)]):
+                if await self._forget(keys=[self._keys.ingest_layouts], args=[raw, str(at)]):
                     logger.info("worker: layout of {} partitions drained and forgotten", count)
                 continue
             layouts[count] = at
