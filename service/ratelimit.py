@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from aiohttp import web
 from loguru import logger
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from shared.errors import error_message, error_response, unavailable_response
 from shared.keys import Keys
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.telemetry import rate_limited_record
 
 if TYPE_CHECKING:  # types only: the state holds this module's limiter, the store embeds GCRA_LUA
@@ -320,7 +320,9 @@ class LocalLimiter:
 class RateLimiter:
     """Decides for routes outside the write path: one ``EVALSHA`` per request."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, fail_closed: bool, timeout: float) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, *, fail_closed: bool, timeout: float
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._fail_closed = fail_closed
@@ -339,7 +341,7 @@ class RateLimiter:
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._evalsha(cells, policy.args)
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_ERRORS as e:
             if not self._outage:
                 self._outage = True
                 mode = "refusing requests" if self._fail_closed else "limiting per process"

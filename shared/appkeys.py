@@ -31,6 +31,10 @@ __all__ = (
 SETTINGS = web.AppKey("settings", HealthChecksSection)
 # The redis-py client for everything but the service's group-committed writes: telemetry,
 # heartbeats, health checks, the worker's stream reads, the sidecar's.
+# With REDIS_CLUSTER it holds a ``RedisCluster`` (``shared/redisclient.py``, ``RedisClient``);
+# the key stays typed ``Redis`` while the write path's modules (service/store.py,
+# service/replication.py, worker/persist.py, worker/app.py) still take ``Redis``: everything
+# else takes ``RedisClient``, and ``shared/runtime/clients.py`` is the one place that stores it.
 REDIS_AUX = web.AppKey("redis_aux", Redis)
 PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)

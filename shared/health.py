@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 from aiohttp import ClientSession, web
-from redis.asyncio import Redis
 
+from .redisclient import RedisClient
 from .version import build_version
 
 __all__ = (
@@ -126,7 +126,7 @@ def threshold_check(measure: Callable[[], int], threshold: int, unit: str) -> Ch
     return check
 
 
-def redis_check(redis: Redis) -> Check:
+def redis_check(redis: RedisClient) -> Check:
     async def check() -> None:
         await redis.ping()
 

@@ -15,10 +15,9 @@ import time
 import uuid
 
 from loguru import logger
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from .keys import Keys
+from .redisclient import REDIS_ERRORS, RedisClient
 from .telemetry import BATCH_FIELD, Record, TelemetryBatch, encode_batch
 
 __all__ = ("LoopLagMonitor", "Telemetry", "process_memory")
@@ -44,7 +43,7 @@ def process_memory() -> tuple[int, int]:
 class Telemetry:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         pod: str,
         *,
@@ -84,7 +83,7 @@ class Telemetry:
                 maxlen=self._stream_maxlen,
                 approximate=True,
             )
-        except (RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             # Keep the records for the next attempt, the newest dropped beyond the bound.
             kept = records + self._buffer
             if len(kept) > self._buffer_max:
@@ -103,7 +102,7 @@ class Telemetry:
         now = time.monotonic()
         if self._stream_ttl and now - self._expire_refreshed > 60:
             self._expire_refreshed = now
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._redis.expire(self._stream, self._stream_ttl)
 
     async def run(self) -> None:

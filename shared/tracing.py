@@ -44,9 +44,9 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 from psycopg import AsyncConnection
-from redis.asyncio import Redis
 
 from .otlp import SpanEncoder
+from .redisclient import RedisClient
 from .settings import TracingSection
 from .tasks import cancel_and_wait
 from .version import build_version
@@ -405,7 +405,7 @@ class Tracing:
             trace_configs.append(create_trace_config(tracer_provider=self.provider))
         return ClientSession(timeout=ClientTimeout(total=timeout), trace_configs=trace_configs)
 
-    def instrument_redis(self, client: Redis) -> None:
+    def instrument_redis(self, client: RedisClient) -> None:
         if self.provider is not None:
             from opentelemetry.instrumentation.redis import RedisInstrumentor
 

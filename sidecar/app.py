@@ -9,13 +9,13 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 from loguru import logger
-from redis.exceptions import RedisError
 
 from shared.appkeys import CHECKER, HTTP_CLIENT, LOGS, PROBES, REDIS_AUX, TRACING
 from shared.health import HealthChecker
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys
 from shared.logs import Logs
+from shared.redisclient import REDIS_ERRORS
 from shared.runtime.clients import http_client, redis_client
 from shared.runtime.probes import Probes
 from shared.settings import SidecarSettings
@@ -95,7 +95,7 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(settings.health_check_timeout_ms / 1000):
             await consumer.load()
-    except (RedisError, OSError, TimeoutError) as e:
+    except REDIS_ERRORS as e:
         logger.warning("telemetry state not loaded at startup, retrying in background: {}", e)
     task = asyncio.create_task(consumer.run(), name="telemetry")
     yield

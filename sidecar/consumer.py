@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import msgspec
 from loguru import logger
-from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.telemetry import BATCH_FIELD, decode_batch
 
 from .aggregate import Aggregator
@@ -51,7 +51,7 @@ def _text(value: Any) -> str:
 class TelemetryConsumer:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         stream: str,
         state_key: str,
@@ -144,7 +144,7 @@ class TelemetryConsumer:
             # a consistent state; this one is then simply saved again next time.
             async with asyncio.timeout(self._save_timeout):
                 await self._redis.set(self._state_key, data, ex=self._state_ttl)
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_ERRORS as e:
             self.checkpoint_failures += 1
             if not self._save_failing:
                 logger.warning("telemetry checkpoint not saved: {}: {}", type(e).__name__, e)
@@ -234,7 +234,7 @@ class TelemetryConsumer:
         while self.aggregator is None:
             try:
                 await self.load()
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 self._failed("state load", e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
@@ -248,7 +248,7 @@ class TelemetryConsumer:
                     next_save = loop.time() + self._checkpoint_interval
                 if not got:
                     await self._wait_for_entries()
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 self._failed("read", e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)

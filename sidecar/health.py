@@ -14,10 +14,9 @@ from urllib.parse import urlsplit
 import msgspec
 import psycopg
 from aiohttp import ClientSession
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.health import Check, CheckFailedError, ai_services_check, disk_check, redis_check
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.settings import SidecarSettings
 from shared.telemetry import Heartbeat, HeartbeatBase, ServiceHeartbeat, decode_heartbeat
 
@@ -53,7 +52,7 @@ class HeartbeatWatch:
     removes it at the same age, the age check covers a key written without one.
     """
 
-    def __init__(self, redis: Redis, key: str, *, ttl: float) -> None:
+    def __init__(self, redis: RedisClient, key: str, *, ttl: float) -> None:
         self._redis = redis
         self.key = key
         self.ttl = ttl
@@ -86,7 +85,7 @@ class HeartbeatWatch:
     async def check(self) -> Mapping[str, Any]:
         try:
             heartbeat = await self.refresh()
-        except (RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             raise CheckFailedError(f"unknown: its heartbeat cannot be read from Redis ({e})") from e
         if heartbeat is None:
             raise CheckFailedError(
@@ -170,7 +169,7 @@ def _memory_check(watch: HeartbeatWatch, threshold_mb: int, measure: str) -> Che
 def health_checks(
     settings: SidecarSettings,
     *,
-    redis: Redis,
+    redis: RedisClient,
     watch: HeartbeatWatch,
     postgres: PostgresProbe,
     http: ClientSession,

@@ -5,9 +5,9 @@ import hmac
 import time
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from shared.appkeys import CHECKER
+from shared.redisclient import REDIS_ERRORS
 
 from .aggregate import Aggregator
 from .appkeys import CONSUMER, HEARTBEAT, METRICS, SETTINGS
@@ -75,5 +75,5 @@ async def _refresh_heartbeat(watch: HeartbeatWatch) -> None:
     try:
         async with asyncio.timeout(_HEARTBEAT_REFRESH_TIMEOUT):
             await watch.refresh()
-    except (RedisError, OSError, TimeoutError):
+    except REDIS_ERRORS:
         pass  # the last heartbeat read stays in use while it is fresh

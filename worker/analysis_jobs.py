@@ -32,9 +32,10 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.keys import Keys
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.reporting import Telemetry
 from shared.telemetry import analysis_record
 
@@ -72,7 +73,7 @@ return added
 class WindowScheduler:
     """Turns the batches a worker stored into one analysis job per device window."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, window: float, grace: float) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, window: float, grace: float) -> None:
         self._redis = redis
         self._keys = keys
         self._window_ms = max(1, int(window * 1000))
@@ -116,7 +117,7 @@ class WindowScheduler:
         self.note(rows)
         try:
             await self.flush()
-        except (RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             logger.warning("worker: analysis jobs not scheduled yet ({}); kept for later", e)
 
 
@@ -269,6 +270,7 @@ def _utc(ms: int) -> dt.datetime:
 class AnalysisRunner:
     def __init__(
         self,
+        # Typed as GroupReader (worker/groups.py) takes it; a RedisCluster works the same.
         redis: Redis,
         pool: AsyncConnectionPool,
         session: ClientSession,
@@ -329,7 +331,7 @@ class AnalysisRunner:
         while not self.group_ready:
             try:
                 await self._reader.ensure_group()
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 logger.debug("analysis group not created yet: {}", e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -363,7 +365,7 @@ class AnalysisRunner:
     async def _next_jobs(self) -> list[Job]:
         try:
             deliveries = await self._reader.read()
-        except (RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             logger.debug("analysis jobs not read: {}", e)
             await asyncio.sleep(0.5)
             return []
@@ -389,7 +391,7 @@ class AnalysisRunner:
             duration_ms = (time.perf_counter() - started) * 1000
             await self._store(job, outcome, duration_ms)
             await self._redis.xack(self._stream, ANALYSIS_GROUP, job.entry_id)
-        except (psycopg.Error, OSError, RedisError) as e:
+        except (psycopg.Error, RedisError, RedisClusterException, OSError) as e:
             # Left pending: claimed again once idle (by this worker or another).
             logger.warning("worker: analysis job {} not finished: {}", job.entry_id, e)
             return

@@ -15,9 +15,9 @@ consumer do not take the entries from each other.
 from typing import cast
 
 import msgspec
-from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.redisclient import RedisClient
 
 __all__ = ("DeadConsumers", "consumer_name")
 
@@ -68,7 +68,14 @@ class DeadConsumers:
     CHECK_EVERY = 1.0  # seconds between looks at the group's consumers
 
     def __init__(
-        self, redis: Redis, keys: Keys, stream: str, group: str, *, consumer: str, min_idle_ms: int
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        stream: str,
+        group: str,
+        *,
+        consumer: str,
+        min_idle_ms: int,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -91,7 +98,12 @@ class DeadConsumers:
             candidates.append((pod, boot, name))
         if not candidates:
             return []
-        heartbeats = await self._redis.mget([self._keys.heartbeat(pod) for pod, _, _ in candidates])
+        # A GET per pod, not one MGET: each heartbeat sits in its pod's hash slot, on a
+        # cluster another node's for each pod; a pipeline sends each GET to its node.
+        pipe = self._redis.pipeline(transaction=False)
+        for pod, _, _ in candidates:
+            pipe.get(self._keys.heartbeat(pod))
+        heartbeats = await pipe.execute()
         return [
             name
             for (_, boot, name), heartbeat in zip(candidates, heartbeats, strict=True)

@@ -7,16 +7,15 @@ answer within it is down for the checks, and a failed command is tried again by 
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from shared.appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
+from shared.redisclient import connect
 
 __all__ = ("CleanupContext", "http_client", "postgres_pool", "redis_client")
 
@@ -25,21 +24,21 @@ Configure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 
 
 def redis_client(*, blocking_ms: int = 0) -> CleanupContext:
-    """The redis-py client (``REDIS_AUX``); ``blocking_ms``: the longest blocking read the
-    program makes on it (``XREAD ... BLOCK``), which the socket timeout must outlast."""
+    """The redis-py client (``REDIS_AUX``), of a cluster with ``REDIS_CLUSTER``
+    (``shared/redisclient.py``); ``blocking_ms``: the longest blocking read the program makes
+    on it (``XREAD ... BLOCK``), which the socket timeout must outlast."""
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         timeout = settings.health_check_timeout_ms / 1000
-        client = Redis.from_url(
+        client = connect(
             settings.redis_url,
-            socket_connect_timeout=timeout,
+            cluster=settings.redis_cluster,
+            connect_timeout=timeout,
             socket_timeout=timeout + blocking_ms / 1000,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
         )
         app[TRACING].instrument_redis(client)
-        app[REDIS_AUX] = client
+        app[REDIS_AUX] = cast(Redis, client)  # see REDIS_AUX in shared/appkeys.py
         yield
         await client.aclose()
 

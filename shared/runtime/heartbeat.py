@@ -8,9 +8,7 @@ sees the process drain and stop rather than vanish.
 import asyncio
 from collections.abc import Callable
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.telemetry import HeartbeatBase, encode_heartbeat
 
 __all__ = ("HeartbeatPublisher",)
@@ -19,7 +17,7 @@ __all__ = ("HeartbeatPublisher",)
 class HeartbeatPublisher:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         key: str,
         build: Callable[[], HeartbeatBase],
         *,
@@ -41,7 +39,7 @@ class HeartbeatPublisher:
             try:
                 async with asyncio.timeout(max(self._interval, 1.0)):
                     await self.publish()
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_ERRORS:
                 pass  # a missing heartbeat is itself the signal the sidecar reports
             # A cancellation that lands while redis-py is mid-command can be swallowed on its
             # way through the client (the task stays "cancelling", nothing is raised): stop

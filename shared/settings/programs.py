@@ -10,8 +10,9 @@ import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
-from .common import TelemetrySection
+from .common import RedisSection, TelemetrySection
 from .specific import IngestSection
 
 __all__ = (
@@ -55,7 +56,21 @@ def load_settings(environ: Mapping[str, str], program: type[P]) -> P:
     settings = program(**values)
     _check_heartbeat(settings)
     _check_ack_timeout(settings)
+    _check_cluster_url(settings)
     return settings
+
+
+def _check_cluster_url(settings: ProgramSettings) -> None:
+    # A cluster has only database 0 and is reached over TCP: a URL saying otherwise would start
+    # a program that fails at its first command rather than at once. The URL may carry a
+    # password, so the message does not repeat it.
+    if not (isinstance(settings, RedisSection) and settings.redis_cluster):
+        return
+    url = urlsplit(settings.redis_url)
+    if url.scheme == "unix":
+        raise SettingsError("REDIS_URL: with REDIS_CLUSTER, a redis:// or rediss:// URL")
+    if url.path.strip("/") not in ("", "0"):
+        raise SettingsError("REDIS_URL: with REDIS_CLUSTER, database 0 (a cluster has no other)")
 
 
 def _check_heartbeat(settings: ProgramSettings) -> None:
