@@ -12,12 +12,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from shared.keys import Keys, PartitionKeys
 from shared.partitions import partition_index
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.tasks import cancel_and_wait
 
 from .store import BacklogMonitor, ReadingsWriter, Waiter, WriteResult
@@ -156,7 +155,7 @@ class PartitionedBacklog:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         partitions: Sequence[PartitionKeys],
         *,
@@ -196,6 +195,6 @@ class PartitionedBacklog:
                 async with asyncio.timeout(max(self._interval, 1.0)):
                     self.backlog = await self.measure()
                 self.exceeded = self.backlog > self._limit
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_ERRORS:
                 pass  # the writer and the health checker report Redis trouble
             await asyncio.sleep(self._interval)

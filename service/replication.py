@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from shared.health import Check, CheckFailedError
 from shared.keys import PartitionKeys
+from shared.redisclient import RedisClient
 
 from .partitions import PartitionedWriter
 
@@ -61,7 +61,7 @@ def _replicas(info: Mapping[str, Any]) -> tuple[bool, int, int]:
 
 
 def replication_check(
-    redis: "Redis | RedisCluster",
+    redis: RedisClient,
     writer: PartitionedWriter,
     state: Replication,
     partitions: tuple[PartitionKeys, ...] = (),

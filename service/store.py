@@ -20,11 +20,11 @@ from typing import Final, Protocol
 
 import hiredis
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys, PartitionKeys
 from shared.readings import BATCHES_FIELD, RECEIVED_FIELD, TRACE_FIELD, trace_field
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.tasks import cancel_and_wait
 
 from .fastpath.resp import RespConnection, encode_bulk_strings, encode_command
@@ -750,7 +750,7 @@ class BacklogMonitor:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys | PartitionKeys,
         *,
         limit: int,
@@ -789,6 +789,6 @@ class BacklogMonitor:
                 async with asyncio.timeout(max(self._interval, 1.0)):
                     self.backlog = await self.measure()
                 self.exceeded = self.backlog > self._limit
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_ERRORS:
                 pass  # the writer and the health checker report Redis trouble
             await asyncio.sleep(self._interval)

@@ -5,11 +5,11 @@ A program's own keys (the service's ingest state, the worker's state) live in it
 
 from aiohttp import ClientSession, web
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from .health import HealthChecker
 from .httpserver import HttpServer
 from .logs import Logs
+from .redisclient import RedisClient
 from .runtime.probes import Probes
 from .settings import HealthChecksSection
 from .tracing import Tracing
@@ -31,11 +31,8 @@ __all__ = (
 SETTINGS = web.AppKey("settings", HealthChecksSection)
 # The redis-py client for everything but the service's group-committed writes: telemetry,
 # heartbeats, health checks, the worker's stream reads, the sidecar's.
-# With REDIS_CLUSTER it holds a ``RedisCluster`` (``shared/redisclient.py``, ``RedisClient``);
-# the key stays typed ``Redis`` while the write path's modules (service/store.py,
-# service/replication.py, worker/persist.py, worker/app.py) still take ``Redis``: everything
-# else takes ``RedisClient``, and ``shared/runtime/clients.py`` is the one place that stores it.
-REDIS_AUX = web.AppKey("redis_aux", Redis)
+# With REDIS_CLUSTER it holds a ``RedisCluster`` (``shared/redisclient.py``).
+REDIS_AUX: web.AppKey[RedisClient] = web.AppKey("redis_aux")
 PG_POOL = web.AppKey("pg_pool", AsyncConnectionPool)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)
 CHECKER = web.AppKey("checker", HealthChecker)

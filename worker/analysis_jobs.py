@@ -31,7 +31,6 @@ import psycopg
 from aiohttp import ClientError, ClientSession, ClientTimeout
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from shared.keys import Keys
@@ -271,7 +270,7 @@ class AnalysisRunner:
     def __init__(
         self,
         # Typed as GroupReader (worker/groups.py) takes it; a RedisCluster works the same.
-        redis: Redis,
+        redis: RedisClient,
         pool: AsyncConnectionPool,
         session: ClientSession,
         keys: Keys,

@@ -19,8 +19,6 @@ from aiohttp import web
 from loguru import logger
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.alerts import count_open_alerts
 from shared.appkeys import (
@@ -36,6 +34,7 @@ from shared.health import CheckResult, HealthChecker, now_result
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys, PartitionKeys
 from shared.logs import Logs, setup_logging
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory
 from shared.resources import dependency_checker, pool_stats
 from shared.runtime.clients import http_client, postgres_pool, redis_client
@@ -109,9 +108,11 @@ async def _maintain_partitions(state: WorkerState, pool: AsyncConnectionPool, ah
         await asyncio.sleep(_PARTITION_INTERVAL)
 
 
-async def _measure(state: WorkerState, redis: Redis, pool: AsyncConnectionPool, keys: Keys) -> None:
+async def _measure(
+    state: WorkerState, redis: RedisClient, pool: AsyncConnectionPool, keys: Keys
+) -> None:
     while True:
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*REDIS_ERRORS):
             async with asyncio.timeout(_STATS_INTERVAL):
                 dead = [await redis.xlen(p.readings_dead) for p in state.persister.streams()]
                 state.dead_letters = sum(int(n) for n in dead)

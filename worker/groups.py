@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from loguru import logger
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+
+from shared.redisclient import RedisClient
 
 from .consumers import DeadConsumers
 
@@ -33,7 +34,7 @@ class Delivery:
     deliveries: int
 
 
-async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+async def ensure_group(redis: RedisClient, stream: str, group: str) -> None:
     """Create the group (from the stream's first entry) unless it exists."""
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
@@ -60,7 +61,7 @@ class GroupReader:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         stream: str,
         group: str,
         *,

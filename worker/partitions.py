@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Iterable
 
 from loguru import logger
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.keys import Keys, PartitionKeys
 from shared.partitions import MAX_PARTITIONS
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.tasks import cancel_and_wait
 
 from .persist import ReadingsPersister
@@ -70,7 +70,7 @@ class PartitionedPersistence:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         *,
         consumer: str,
@@ -151,7 +151,7 @@ class PartitionedPersistence:
                 try:
                     async with asyncio.timeout(max(self._interval, 1.0)):
                         owned = await self._look()
-                except (RedisError, OSError, TimeoutError) as e:
+                except REDIS_ERRORS as e:
                     # Keep what runs: each persister retries Redis itself.
                     logger.debug("worker: partition ownership not refreshed: {}", e)
                 else:

@@ -63,8 +63,6 @@ from loguru import logger
 from opentelemetry.trace import SpanKind
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.keys import Keys, PartitionKeys
 from shared.readings import (
@@ -76,6 +74,7 @@ from shared.readings import (
     encode_dead_letter,
     encode_entry,
 )
+from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.reporting import Telemetry
 from shared.telemetry import dead_letter_record, persist_record
 from shared.tracing import Tracing, links_from, remote_context
@@ -298,7 +297,7 @@ def _id_tuple(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def safe_trim_id(redis: Redis, stream: str) -> bytes | None:
+async def safe_trim_id(redis: RedisClient, stream: str) -> bytes | None:
     """The first id some group may still need (everything below it is acknowledged)."""
     groups = await redis.xinfo_groups(stream)
     if not groups:
@@ -325,7 +324,7 @@ def _transient(error: BaseException) -> bool:
 class ReadingsPersister:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         pool: AsyncConnectionPool,
         keys: Keys,
         *,
@@ -432,7 +431,7 @@ class ReadingsPersister:
         while True:
             try:
                 result = await step()
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 if not failing:
                     logger.warning("worker: Redis failed while {}, retrying: {}", what, e)
                 failing = True
@@ -729,7 +728,7 @@ class StreamJanitor:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         streams: list[str] | Callable[[], list[str]],
         *,
         interval: float,
@@ -767,6 +766,6 @@ class StreamJanitor:
             try:
                 async with asyncio.timeout(max(self._interval * 4, 5.0)):
                     self._on_measure(await self.run_once())
-            except (RedisError, OSError, TimeoutError) as e:
+            except REDIS_ERRORS as e:
                 logger.debug("stream janitor skipped a round: {}", e)
             await asyncio.sleep(self._interval)

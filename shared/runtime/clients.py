@@ -7,12 +7,11 @@ answer within it is down for the checks, and a failed command is tried again by 
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from shared.appkeys import HTTP_CLIENT, PG_POOL, REDIS_AUX, SETTINGS, TRACING
 from shared.redisclient import connect
@@ -38,7 +37,7 @@ def redis_client(*, blocking_ms: int = 0) -> CleanupContext:
             socket_timeout=timeout + blocking_ms / 1000,
         )
         app[TRACING].instrument_redis(client)
-        app[REDIS_AUX] = cast(Redis, client)  # see REDIS_AUX in shared/appkeys.py
+        app[REDIS_AUX] = client
         yield
         await client.aclose()
 

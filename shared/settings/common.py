@@ -109,12 +109,6 @@ class RedisSection(Section):
         KeyPrefix(),
         "prefix of every Redis key; the same for every process of a deployment",
     )
-    redis_cluster: bool = variable(
-        "REDIS_CLUSTER",
-        False,
-        Boolean(),
-        "Redis Cluster: REDIS_URL names any node (seed); keys are routed by hash slot",
-    )
 
 
 @dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)
