@@ -265,7 +265,10 @@ class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     stream entries (each a write's batches) not yet persisted by the persist group
     (undelivered + unacknowledged); dead_letters:
     entries in the dead-letter stream; rows_persisted / samples_persisted: this process's
-    totals since it started (boot_id); ai_circuit: ``closed``, ``open`` or ``half-open``."""
+    totals since it started (boot_id); ai_circuit: ``closed``, ``open`` or ``half-open``;
+    partition_backlog: per readings partition (named ``"<index>/<count>"``, ``"0/1"`` for
+    a single stream), the entries awaiting its persist group (undelivered + unacknowledged).
+    Every worker measures every partition, so the figures are the same in every worker pod."""
 
     program: ClassVar[str] = WORKER_PROGRAM
     queue_depth: int = 0
@@ -276,6 +279,7 @@ class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     samples_persisted: int = 0
     alerts_open: int = 0
     ai_circuit: str = "closed"
+    partition_backlog: dict[str, int] = {}
 
 
 Heartbeat = ServiceHeartbeat | WorkerHeartbeat

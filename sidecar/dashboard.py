@@ -21,14 +21,23 @@ from aiohttp import web
 from shared.access import COOKIE, cookie_value, is_operator, operator_token, token_matches
 from shared.appkeys import CHECKER
 from shared.health import CheckResult
-from shared.telemetry import ServiceHeartbeat
+from shared.telemetry import ServiceHeartbeat, WorkerHeartbeat
 from shared.version import build_version
 
 from .aggregate import WINDOW_SECONDS, Aggregator, WindowPoint
 from .appkeys import CONSUMER, HEARTBEAT, SETTINGS
 from .health import as_service
+from .metrics import partition_order
 
-__all__ = ("Chart", "Component", "dashboard", "dashboard_live", "live_context", "sign_in")
+__all__ = (
+    "Chart",
+    "Component",
+    "dashboard",
+    "dashboard_live",
+    "live_context",
+    "partitions_line",
+    "sign_in",
+)
 
 REFRESH_SECONDS = 3
 _RECENT_BUCKETS = 6  # the headline figures: the last minute
@@ -228,6 +237,22 @@ def live_context(app: web.Application) -> dict[str, Any]:
             "gap": f"{aggregator.gap_entries:,} entries",
             "last read": _ago(now - consumer.last_read_at) if consumer.last_read_at else "never",
         }
+    service: dict[str, str] = {}
+    if heartbeat is not None:
+        service = {
+            "WebSocket connections": f"{heartbeat.ws_connections:,}",
+            "HTTP connections": f"{heartbeat.http_connections:,}"
+            if heartbeat.http_connections >= 0
+            else "n/a",
+            "readings backlog": f"{heartbeat.backlog:,} batches"
+            + (" (over the limit: 503s)" if heartbeat.backlog_exceeded else ""),
+            "pending writes": f"{heartbeat.pending_writes:,}",
+            "acks": _acks(heartbeat),
+            "event loop lag": f"{heartbeat.loop_lag_ms:.1f} ms",
+            "RSS": f"{heartbeat.rss_bytes / 1048576:,.0f} MB",
+        }
+    if isinstance(fresh, WorkerHeartbeat) and fresh.partition_backlog:
+        service["partitions"] = partitions_line(fresh.partition_backlog)
     return {
         "pod": settings.pod,
         "version": build_version(),
@@ -248,22 +273,19 @@ def live_context(app: web.Application) -> dict[str, Any]:
         "charts": _charts(points) if points else [],
         "recent": _recent(points) if points else {},
         "telemetry": telemetry,
-        "service": {
-            "WebSocket connections": f"{heartbeat.ws_connections:,}",
-            "HTTP connections": f"{heartbeat.http_connections:,}"
-            if heartbeat.http_connections >= 0
-            else "n/a",
-            "readings backlog": f"{heartbeat.backlog:,} batches"
-            + (" (over the limit: 503s)" if heartbeat.backlog_exceeded else ""),
-            "pending writes": f"{heartbeat.pending_writes:,}",
-            "acks": _acks(heartbeat),
-            "event loop lag": f"{heartbeat.loop_lag_ms:.1f} ms",
-            "RSS": f"{heartbeat.rss_bytes / 1048576:,.0f} MB",
-        }
-        if heartbeat is not None
-        else {},
+        "service": service,
         "refresh_seconds": REFRESH_SECONDS,
     }
+
+
+def partitions_line(backlog: Mapping[str, int]) -> str:
+    """How many readings partitions the worker measures, the largest backlog and where:
+    ``12 · largest backlog 4,500 entries on 3/12``."""
+    count = f"{len(backlog):,}"
+    name, largest = max(sorted(backlog.items(), key=partition_order), key=lambda item: item[1])
+    if largest <= 0:
+        return f"{count} · no backlog"
+    return f"{count} · largest backlog {largest:,} entries on {name}"
 
 
 def _acks(heartbeat: ServiceHeartbeat) -> str:

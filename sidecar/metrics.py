@@ -32,6 +32,7 @@ __all__ = (
     "MetricsView",
     "business_families",
     "health_families",
+    "partition_order",
     "protocol_error_family",
 )
 
@@ -486,11 +487,33 @@ def _worker_gauges(hb: WorkerHeartbeat) -> Iterator[Family]:
         ),
     ):
         yield _family(f"pulsecal_worker_{name}", "gauge", help_text, ("", value))
+    # Every worker measures every partition: each worker pod's sidecar exports the same
+    # figures, so queries take `max by (partition)`.
+    yield _family(
+        "pulsecal_worker_partition_backlog",
+        "gauge",
+        "Readings entries awaiting the persist group (undelivered + unacked), by partition"
+        " (<index>/<count>); the same in every worker pod: take the max by partition.",
+        *(
+            (label_text((("partition", name),)), n)
+            for name, n in sorted(hb.partition_backlog.items(), key=partition_order)
+        ),
+    )
     for name, help_text, value in (
         ("rows_persisted", "Rows this worker process inserted.", hb.rows_persisted),
         ("samples_persisted", "PPG samples this worker process inserted.", hb.samples_persisted),
     ):
         yield _family(f"pulsecal_worker_{name}", "counter", help_text, ("", value))
+
+
+def partition_order(item: tuple[str, int]) -> tuple[int, int, int, str]:
+    """Partitions by count, then index (``"2/12"`` before ``"10/12"``); a name not of the form
+    ``<index>/<count>`` after them all, by name."""
+    name = item[0]
+    index, slash, count = name.partition("/")
+    if slash and index.isdecimal() and count.isdecimal():
+        return (0, int(count), int(index), name)
+    return (1, 0, 0, name)
 
 
 def _own_process() -> Iterator[Family]:

@@ -11,6 +11,7 @@ written below, and the PrometheusRule's rules by promtool (``tests/deploy/test_o
 production image is the one the release names by commit SHA or digest (docs/deploy.md).
 """
 
+import dataclasses
 import functools
 import re
 import shutil
@@ -40,8 +41,10 @@ from tests.support.paths import ROOT_DIR
 
 ROOT = ROOT_DIR
 K8S = ROOT / "k8s"
+# prod on a managed Redis Cluster: readings in partitions, REDIS_URL a cluster's endpoint.
+REDIS_CLUSTER_TARGET = "overlays/redis-cluster"
 # What applies on any cluster: no CRD kinds.
-TARGETS = ("base", "overlays/dev", "overlays/prod")
+TARGETS = ("base", "overlays/dev", "overlays/prod", REDIS_CLUSTER_TARGET)
 # prod plus the optional prometheus-operator component.
 MONITORING_TARGET = "overlays/prod-monitoring"
 ALL_TARGETS = (*TARGETS, MONITORING_TARGET)
@@ -70,6 +73,10 @@ PENDING_PROGRAMS: frozenset[str] = frozenset()
 # Variables the manifests set that no program's settings declare: read by the OpenTelemetry SDK, or
 # only expanded into other variables.
 EXTRA_VARIABLES = frozenset({"POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES"})
+# Variables an overlay sets before the programs' settings declare them (the readings partitions
+# and the Redis Cluster client). Once declared, every program's settings load them like any other
+# (test_configuration_uses_the_names_and_values_the_programs_read).
+PENDING_VARIABLES = frozenset({"INGEST_PARTITIONS", "REDIS_CLUSTER"})
 # How each program's listening port is configured, and its default.
 PROGRAM_PORTS = {
     "pulsecal-service": ("PORT", ServiceSettings().port),
@@ -695,7 +702,7 @@ def test_configuration_uses_the_names_and_values_the_programs_read(
     rendered: tuple[Manifest, ...],
 ) -> None:
     [config] = _find(rendered, "ConfigMap")
-    known = SETTINGS_VARIABLES | EXTRA_VARIABLES
+    known = SETTINGS_VARIABLES | EXTRA_VARIABLES | PENDING_VARIABLES
     assert set(config["data"]) <= known, set(config["data"]) - known
     for program in PROGRAMS:
         load_settings(config["data"], program)  # raises on a value a program would refuse
@@ -760,6 +767,7 @@ def test_secrets_come_from_the_secret_and_every_reference_resolves(
         ("overlays/dev", "pulsecal-dev", "pulsecal:dev", 1),
         ("overlays/prod", "pulsecal", f"{PROD_IMAGE}:{UNRELEASED_TAG}", 3),
         (MONITORING_TARGET, "pulsecal", f"{PROD_IMAGE}:{UNRELEASED_TAG}", 3),
+        (REDIS_CLUSTER_TARGET, "pulsecal", f"{PROD_IMAGE}:{UNRELEASED_TAG}", 3),
     ],
 )
 def test_overlays_set_namespace_image_and_size(
@@ -793,7 +801,9 @@ def test_the_mutable_image_check_tells_builds_from_moving_tags() -> None:
     assert not _is_mutable(f"{PROD_IMAGE}:{UNRELEASED_TAG}")
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/prod", MONITORING_TARGET])
+@pytest.mark.parametrize(
+    "target", ["base", "overlays/prod", MONITORING_TARGET, REDIS_CLUSTER_TARGET]
+)
 def test_base_and_prod_never_run_a_moving_tag(target: str) -> None:
     docs = _render(target)
     assert not _mutable_images(docs)
@@ -810,7 +820,7 @@ def test_base_and_prod_never_run_a_moving_tag(target: str) -> None:
 def test_the_release_step_pins_every_production_container(tmp_path: Path, reference: str) -> None:
     k8s = _k8s_copy(tmp_path)
     _set_image(k8s / "overlays" / "prod", reference)
-    for target in ("overlays/prod", MONITORING_TARGET):
+    for target in ("overlays/prod", MONITORING_TARGET, REDIS_CLUSTER_TARGET):
         docs = _kustomize(k8s / target)
         assert {c["image"] for _, _, c in _all_containers(docs)} == {reference}, target
         assert not _mutable_images(docs)
@@ -865,3 +875,56 @@ def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
         timeout=60,
     )
     assert (result.returncode, result.stdout) == (0, "")
+
+
+def _read_as(program: type[Any], environment: Mapping[str, str], variable: str) -> object | None:
+    """What ``program`` reads from ``variable`` in ``environment``; None if it reads no such
+    variable (yet)."""
+    settings = load_settings(environment, program)
+    for field in dataclasses.fields(settings):
+        if field.metadata.get("env") == variable:
+            value: object = getattr(settings, field.name)
+            return value
+    return None
+
+
+def test_the_redis_cluster_overlay_is_prod_with_partitions_on_a_cluster() -> None:
+    prod = _render("overlays/prod")
+    docs = _render(REDIS_CLUSTER_TARGET)
+    [prod_config] = _find(prod, "ConfigMap")
+    [config] = _find(docs, "ConfigMap")
+    # Prod's configuration, plus the cluster and the partitions; acks still wait for a replica.
+    added = {k: v for k, v in config["data"].items() if prod_config["data"].get(k) != v}
+    assert added == {"REDIS_CLUSTER": "true", "INGEST_PARTITIONS": "12"}
+    assert config["data"]["ACK_MODE"] == "replicated"
+    assert int(config["data"]["ACK_REPLICAS"]) >= 1
+    assert 1 <= int(config["data"]["INGEST_PARTITIONS"]) <= 1024
+    # Everything else is prod's: the same kinds and names, the same containers.
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "ConfigMap") == (
+        sorted((d["kind"], d["metadata"]["name"]) for d in prod if d["kind"] != "ConfigMap")
+    )
+    # The service and the worker read the same partition count (one ConfigMap for both), and,
+    # once their settings declare them, read the overlay's values.
+    for deployment, container, program in (
+        ("pulsecal-api", "service", ServiceSettings),
+        ("pulsecal-worker", "worker", WorkerSettings),
+    ):
+        environment = _environment(
+            docs, _container(_one(docs, "Deployment", deployment), container)
+        )
+        assert environment["INGEST_PARTITIONS"] == "12"
+        assert environment["REDIS_CLUSTER"] == "true"
+        assert environment["REDIS_URL"] == SECRET_STAND_INS["REDIS_URL"]
+        assert _read_as(program, environment, "INGEST_PARTITIONS") in (None, 12)
+        assert _read_as(program, environment, "REDIS_CLUSTER") in (None, True)
+        assert _read_as(program, environment, "ACK_MODE") in (None, "replicated")
+
+
+def test_the_redis_cluster_overlay_says_how_to_make_its_secret() -> None:
+    instructions = (K8S / REDIS_CLUSTER_TARGET / "kustomization.yaml").read_text()
+    for key in SECRET_STAND_INS:
+        assert f"--from-literal={key}=" in instructions, key
+    [url] = re.findall(r"--from-literal=REDIS_URL='([^']+)'", instructions)
+    # A cluster has database 0 only: the configuration endpoint, no database number.
+    assert re.fullmatch(r"rediss://:[^@]*@[a-z0-9.-]+:\d+", url), url
+    assert "#running-on-a-managed-redis-cluster" in (ROOT / "docs" / "deploy.md").read_text()

@@ -163,6 +163,8 @@ ADDED_SERVICE_FIELDS = {
     "redis_replicas_online": 0,
     "redis_replication_lag_seconds": 0,
 }
+# The worker's.
+ADDED_WORKER_FIELDS = {"partition_backlog": {}}
 
 
 @pytest.mark.parametrize(
@@ -179,7 +181,7 @@ def test_each_program_writes_its_fields_as_the_shared_struct_did_and_not_the_oth
     # Fields added since, at their defaults: an older process's heartbeat still reads.
     added = {k: v for k, v in rewritten.items() if k not in as_dict(written)}
     assert {k: v for k, v in rewritten.items() if k not in added} == expected
-    assert added == (ADDED_SERVICE_FIELDS if written == SERVICE_JSON else {})
+    assert added == (ADDED_SERVICE_FIELDS if written == SERVICE_JSON else ADDED_WORKER_FIELDS)
 
 
 @pytest.mark.parametrize("written", [SERVICE_JSON, WORKER_JSON], ids=["service", "worker"])
@@ -210,6 +212,24 @@ def test_fields_appended_later_default_when_an_older_writer_lacks_them() -> None
 
     assert isinstance(heartbeat, ServiceHeartbeat)
     assert (heartbeat.ws_connections, heartbeat.db_pool, heartbeat.spans_dropped) == (0, {}, 0)
+
+
+def test_a_worker_reports_each_partitions_backlog_by_its_name() -> None:
+    older = decode_heartbeat(WORKER_JSON)
+    assert isinstance(older, WorkerHeartbeat)
+    partitioned = msgspec.structs.replace(
+        older, partition_backlog={"0/3": 12, "1/3": 4500, "2/3": 0}
+    )
+
+    written = as_dict(encode_heartbeat(partitioned))
+
+    assert written["partition_backlog"] == {"0/3": 12, "1/3": 4500, "2/3": 0}
+    assert {k: v for k, v in written.items() if k != "partition_backlog"} == {
+        k: v for k, v in as_dict(encode_heartbeat(older)).items() if k != "partition_backlog"
+    }
+    assert decode_heartbeat(encode_heartbeat(partitioned)) == partitioned
+    # A heartbeat of a worker from before partitions reads as no partition measured.
+    assert older.partition_backlog == {}
 
 
 def test_a_heartbeat_of_an_unknown_program_is_refused() -> None:

@@ -136,6 +136,78 @@ async def test_beside_a_worker_the_metrics_come_from_the_workers_heartbeat(
     assert total(text, "websocket_connections_active") == 0
     assert total(text, "pulsecal_service_writes_total") == 0
     assert total(text, "pulsecal_service_http_connections") == 0
+    # A worker from before partitions measures none: the family is there, without series.
+    assert "# TYPE pulsecal_worker_partition_backlog gauge" in text
+    assert "\npulsecal_worker_partition_backlog{" not in text
+
+
+def worker_heartbeat(pod: str, partition_backlog: dict[str, int]) -> WorkerHeartbeat:
+    service = heartbeat(pod)
+    return WorkerHeartbeat(
+        **{name: getattr(service, name) for name in HeartbeatBase.__struct_fields__},
+        readings_lag=sum(partition_backlog.values()),
+        partition_backlog=partition_backlog,
+    )
+
+
+async def test_beside_a_worker_each_partitions_backlog_is_a_series(
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
+) -> None:
+    pod = sidecar_settings.pod
+    backlog = {f"{i}/12": 40 * i for i in range(12)} | {"3/12": 9000}
+    await redis.set(keys.heartbeat(pod), encode_heartbeat(worker_heartbeat(pod, backlog)))
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+
+    await eventually(lambda: _has(sidecar, "pulsecal_service_up", 1))
+    text = await metrics_text(sidecar)
+    openmetrics = await metrics_text(sidecar, Accept=OPENMETRICS)
+
+    for name, n in backlog.items():
+        assert total(text, "pulsecal_worker_partition_backlog", partition=name) == n
+    lines = [line for line in text.splitlines() if line.startswith("pulsecal_worker_partition")]
+    assert lines[:3] == [
+        'pulsecal_worker_partition_backlog{partition="0/12"} 0',
+        'pulsecal_worker_partition_backlog{partition="1/12"} 40',
+        'pulsecal_worker_partition_backlog{partition="2/12"} 80',
+    ]
+    assert lines[-1] == 'pulsecal_worker_partition_backlog{partition="11/12"} 440'
+    assert "take the max by partition" in text  # the HELP text says how to aggregate
+    assert 'pulsecal_worker_partition_backlog{partition="3/12"} 9000\n' in openmetrics
+    assert (await promtool_check(text))[0] == 0
+
+
+async def test_a_partition_name_is_escaped_in_its_label(
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
+) -> None:
+    pod = sidecar_settings.pod
+    odd = 'a"b\\c\nd'
+    await redis.set(
+        keys.heartbeat(pod), encode_heartbeat(worker_heartbeat(pod, {odd: 5, "0/1": 7}))
+    )
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+
+    await eventually(lambda: _has(sidecar, "pulsecal_service_up", 1))
+    text = await metrics_text(sidecar)
+
+    assert 'pulsecal_worker_partition_backlog{partition="a\\"b\\\\c\\nd"} 5' in text
+    assert total(text, "pulsecal_worker_partition_backlog", partition=odd) == 5
+    assert total(text, "pulsecal_worker_partition_backlog", partition="0/1") == 7
+    code, output = await promtool_check(text)
+    assert code == 0, output + text
+
+
+async def test_beside_a_worker_the_dashboard_names_the_largest_partition_backlog(
+    aiohttp_client: AiohttpClient, sidecar_settings: SidecarSettings, redis: Redis, keys: Keys
+) -> None:
+    pod = sidecar_settings.pod
+    backlog = {f"{i}/12": 10 for i in range(12)} | {"7/12": 4500}
+    await redis.set(keys.heartbeat(pod), encode_heartbeat(worker_heartbeat(pod, backlog)))
+    sidecar = await aiohttp_client(create_app(sidecar_settings))
+
+    await eventually(lambda: _has(sidecar, "pulsecal_service_up", 1))
+    page = await (await sidecar.get("/dashboard/live", headers=AS_OPERATOR)).text()
+
+    assert "<dt>partitions</dt><dd>12 · largest backlog 4,500 entries on 7/12</dd>" in page
 
 
 async def test_a_restarted_sidecar_resumes_with_matching_totals(
