@@ -300,6 +300,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
             queue_depth=state.queue_depth,
             queue_jobs_active=0 if runner is None else runner.active,
             readings_lag=persister.backlog,
+            partition_backlog=persister.partition_backlog,
             dead_letters=state.dead_letters,
             rows_persisted=persister.rows,
             samples_persisted=persister.samples,

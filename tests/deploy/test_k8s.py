@@ -73,10 +73,6 @@ PENDING_PROGRAMS: frozenset[str] = frozenset()
 # Variables the manifests set that no program's settings declare: read by the OpenTelemetry SDK, or
 # only expanded into other variables.
 EXTRA_VARIABLES = frozenset({"POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES"})
-# Variables an overlay sets before the programs' settings declare them (the readings partitions
-# and the Redis Cluster client). Once declared, every program's settings load them like any other
-# (test_configuration_uses_the_names_and_values_the_programs_read).
-PENDING_VARIABLES = frozenset({"INGEST_PARTITIONS", "REDIS_CLUSTER"})
 # How each program's listening port is configured, and its default.
 PROGRAM_PORTS = {
     "pulsecal-service": ("PORT", ServiceSettings().port),
@@ -702,7 +698,7 @@ def test_configuration_uses_the_names_and_values_the_programs_read(
     rendered: tuple[Manifest, ...],
 ) -> None:
     [config] = _find(rendered, "ConfigMap")
-    known = SETTINGS_VARIABLES | EXTRA_VARIABLES | PENDING_VARIABLES
+    known = SETTINGS_VARIABLES | EXTRA_VARIABLES
     assert set(config["data"]) <= known, set(config["data"]) - known
     for program in PROGRAMS:
         load_settings(config["data"], program)  # raises on a value a program would refuse
