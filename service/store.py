@@ -58,23 +58,28 @@ __all__ = (
 # seq above top is new (the ones it skips become missing); one in the window is new only if
 # missing; one below low or older than the window is unknown and stored again (the worker
 # is idempotent on (device_id, seq) as well). Records live in one hash per generation of
-# ``generation`` ms (KEYS[2] and the generation's number, on Redis's clock): a write reads
-# its devices from the current generation, else the one before, and writes them to the
-# current one, which expires at the end of the next generation. So a record outlives its
-# device's last batch by at least one generation, and a write costs a few commands whatever
-# its number of batches. A record (little-endian): the count of TATs (a byte), the window
+# ``generation`` ms (ARGV[1], a prefix, and the generation's number, on Redis's clock): a
+# write reads its devices from the current generation, else the one before, and writes them
+# to the current one, which expires at the end of the next generation. So a record outlives
+# its device's last batch by at least one generation, and a write costs a few commands
+# whatever its number of batches. A record (little-endian): the count of TATs (a byte), the window
 # it was kept with (uint32), top, low and missing, then the TATs (doubles: exact for seqs up
 # to 2^53). TATs of another count (the policy changed) are dropped; under another window
 # nothing below top is known any more.
 #
-# The generation keys are named here, not in KEYS: they share KEYS[2]'s hash tag, so on a
-# cluster they are in its slot. The shebang makes Redis check memory once, before the script
-# runs, so no command in it fails for lack of memory. The script first checks that the
-# ``XADD`` before it could run (the key is a stream); if not, it changes nothing.
+# The generation keys are named here, not in KEYS: they share the stream's hash tag, so on a
+# cluster they are in its slot. KEYS holds the stream alone: while the slot migrates, a
+# command of one key is let in on the node the slot goes to (after ``ASK``), where one of
+# several keys, some not there yet (the prefix never is a key), would be refused
+# (``TRYAGAIN``) until the migration ends. The shebang makes Redis check memory once,
+# before the script runs, so no command in it fails for lack of memory. The script first
+# checks that the ``XADD`` before it could run (the key is a stream); if not, it changes
+# nothing.
 #
-# KEYS: the stream, the state hashes' prefix.
-# ARGV: window (bits, a multiple of 8), generation (ms), received ms (the entry's), window
-# count, shadow, (limit, period ms) per policy window, then per batch its device and seq.
+# KEYS: the stream.
+# ARGV: the state hashes' prefix, window (bits, a multiple of 8), generation (ms), received
+# ms (the entry's), window count, shadow, (limit, period ms) per policy window, then per
+# batch its device and seq.
 # Reply: two integers per batch: (stored + 1) + 4 verdict + 16 window + 1024 remaining, then
 # reset (WriteResult's fields).
 _DECIDE_LUA = (
@@ -85,23 +90,24 @@ local stream = KEYS[1]
 if redis.call('TYPE', stream)['ok'] ~= 'stream' then
   return redis.error_reply('WRONGTYPE the readings key is not a stream')
 end
-local window = tonumber(ARGV[1])
+local state_prefix = ARGV[1]
+local window = tonumber(ARGV[2])
 local nbytes = window / 8
-local generation = tonumber(ARGV[2])
-local received = ARGV[3]
-local nw = tonumber(ARGV[4])
-local shadow = tonumber(ARGV[5])
+local generation = tonumber(ARGV[3])
+local received = ARGV[4]
+local nw = tonumber(ARGV[5])
+local shadow = tonumber(ARGV[6])
 local periods, intervals, nexts = {}, {}, {}
 for w = 1, nw do
-  periods[w] = tonumber(ARGV[5 + 2 * w])
-  intervals[w] = periods[w] / tonumber(ARGV[4 + 2 * w])
+  periods[w] = tonumber(ARGV[6 + 2 * w])
+  intervals[w] = periods[w] / tonumber(ARGV[5 + 2 * w])
 end
-local first = 6 + 2 * nw
+local first = 7 + 2 * nw
 local nb = (#ARGV - first + 1) / 2
 local now = redis_now_ms()
 local gen = math.floor(now / generation)
-local current = KEYS[2] .. string.format('%d', gen)
-local previous = KEYS[2] .. string.format('%d', gen - 1)
+local current = state_prefix .. string.format('%d', gen)
+local previous = state_prefix .. string.format('%d', gen - 1)
 local CHUNK = 1000
 local band, bor, lshift = bit.band, bit.bor, bit.lshift
 local byte, char, sub = string.byte, string.char, string.sub
@@ -456,7 +462,7 @@ class ReadingsWriter:
         self._batches_field = encode_bulk_strings([BATCHES_FIELD])
         state_prefix = keys.ingest_state_prefix.encode()
         self._decide_part = encode_bulk_strings(
-            [_DECIDE_SHA, b"2", stream, state_prefix, b"%d" % window_bits, b"%d" % generation_ms]
+            [_DECIDE_SHA, b"1", stream, state_prefix, b"%d" % window_bits, b"%d" % generation_ms]
         )
         self._policy_part = encode_bulk_strings(policy_args)
         self._decide_count = 8 + len(policy_args)

@@ -21,7 +21,13 @@ from redis.exceptions import ResponseError
 
 from .cluster import Address, SlotMap, parse_redirect
 
-__all__ = ("RespConnection", "encode_bulk_strings", "encode_command")
+__all__ = (
+    "RedirectError",
+    "RespConnection",
+    "cluster_slots",
+    "encode_bulk_strings",
+    "encode_command",
+)
 
 
 def encode_bulk_strings(args: Sequence[bytes]) -> bytes:
@@ -33,6 +39,15 @@ def encode_command(args: Sequence[bytes]) -> bytes:
     return b"*%d\r\n%s" % (len(args), encode_bulk_strings(args))
 
 
+class RedirectError(ResponseError):
+    """A command answered ``MOVED`` or ``ASK`` (``redirect``), or a transaction aborted as
+    one of its commands was."""
+
+    def __init__(self, message: str, redirect: str) -> None:
+        super().__init__(message)
+        self.redirect = redirect
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
@@ -41,10 +56,10 @@ class _Protocol(asyncio.Protocol):
         self._waiters: collections.deque[asyncio.Future[Any] | None] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
-        # The first MOVED or ASK any reply on the connection carried (in a transaction it is
+        # A MOVED or ASK among the replies to the command being answered (in a transaction,
         # the reply to a queued command, which ``send`` may skip; EXEC then answers
-        # EXECABORT).
-        self.redirect: str | None = None
+        # EXECABORT): its waiter fails with a ``RedirectError`` carrying it.
+        self._redirect: str | None = None
         self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,17 +71,24 @@ class _Protocol(asyncio.Protocol):
         while (reply := self._reader.gets()) is not False:
             if (
                 isinstance(reply, hiredis.ReplyError)
-                and self.redirect is None
+                and self._redirect is None
                 and str(reply).startswith(("MOVED ", "ASK "))
             ):
-                self.redirect = str(reply)
+                self._redirect = str(reply)
             if not self._waiters:
                 continue  # a reply nobody waits for any more (its caller timed out)
             waiter = self._waiters.popleft()
-            if waiter is None or waiter.done():
+            if waiter is None:
+                continue  # skipped: a redirect it carried stays for the command's waiter
+            redirect, self._redirect = self._redirect, None
+            if waiter.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
-                waiter.set_exception(ResponseError(str(reply)))
+                waiter.set_exception(
+                    ResponseError(str(reply))
+                    if redirect is None
+                    else RedirectError(str(reply), redirect)
+                )
             else:
                 waiter.set_result(reply)
 
@@ -227,8 +249,8 @@ class RespConnection:
                 protocol = await self._connected()
             try:
                 return await protocol.send(command, skip)
-            except ResponseError:
-                redirect = parse_redirect(protocol.redirect) if protocol.redirect else None
+            except RedirectError as e:
+                redirect = parse_redirect(e.redirect)
                 if redirect is None or self._slots is None or generation is not None:
                     raise
             except BaseException:
@@ -244,7 +266,7 @@ class RespConnection:
             self.moved += 1
             self._slots.moved(slot, address)
             self.close()
-        raise ResponseError(f"redirected more than {self.MAX_REDIRECTS} times: {redirect}")
+        raise ResponseError(f"redirected more than {self.MAX_REDIRECTS} times")
 
     async def _asking(self, address: Address, command: bytes, skip: int) -> Any:
         """``command`` sent once to ``address`` after ``ASKING``, on a connection of its own."""

@@ -175,7 +175,7 @@ async def test_the_write_is_the_transaction_of_its_arguments(
             [
                 b"EVALSHA",
                 sha,
-                b"2",
+                b"1",  # the stream alone is a key (the state's prefix is an argument)
                 keys.readings.encode(),
                 keys.ingest_state_prefix.encode(),
                 b"128",  # the window, in bits
