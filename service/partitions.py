@@ -127,12 +127,21 @@ class PartitionedWriter:
 
     @property
     def healthy(self) -> bool:
-        """Every partition's last write succeeded (or none failed since one did)."""
-        return all(w.healthy for w in self.writers)
+        """Some partition's last write succeeded (or none has failed). One shard down
+        (a failover under way) leaves the pod ready: its partitions' batches are answered
+        503 with Retry-After while the others' go on, where an unready pod would refuse
+        them all."""
+        return any(w.healthy for w in self.writers)
+
+    @property
+    def failing(self) -> list[str]:
+        """The partitions whose last write failed (``<index>/<count>``)."""
+        return [f"{i}/{self._count}" for i, w in enumerate(self.writers) if not w.healthy]
 
     @property
     def last_failure(self) -> float:
-        return max(w.last_failure for w in self.writers)
+        """When the last write failed while no partition was writing (0: never)."""
+        return 0.0 if self.healthy else max(w.last_failure for w in self.writers)
 
     @property
     def replicas_online(self) -> int | None:

@@ -29,7 +29,9 @@ def readiness_checks(
         return {
             "redis": redis
             if redis_ok == redis.up
-            else now_result(False, "the last write to Redis failed"),
+            else now_result(
+                False, "the last write to Redis failed", partitionsFailing=writer.failing
+            ),
             REPLICATION_CHECK: checker.results[REPLICATION_CHECK],
             "device_tokens": now_result(
                 state.tokens.loaded,

@@ -14,9 +14,13 @@ heartbeat carries the same figures to the sidecar.
 
 On a Redis Cluster each partition's writes go to the primary serving its slot: the check
 reads every primary's ``INFO replication`` and tells each partition's writer about its own
-primary; the figures shown are the worst of them (fewest replicas, largest lag).
+primary; the figures shown are the worst of them (fewest replicas, largest lag). With
+several partitions the check fails only while none can acknowledge: a shard short of
+replicas (or down) refuses its own partitions' batches, and the pod stays ready for the
+others.
 """
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,48 +70,69 @@ def replication_check(
     state: Replication,
     partitions: tuple[PartitionKeys, ...] = (),
 ) -> Check:
-    async def look() -> tuple[bool, int, int]:
+    async def look() -> tuple[bool, int, int, int]:
+        """(primary, replicas online, their lag, partitions that cannot ack) as seen now."""
         if not isinstance(redis, RedisCluster):
             primary, online, lag = _replicas(await redis.info("replication"))
             writer.replicas_online = online
-            return primary, online, lag
-        infos: Mapping[str, Any] = await redis.info(
-            "replication", target_nodes=RedisCluster.PRIMARIES
+            cannot = not primary or online < state.required
+            return primary, online, lag, len(writer.writers) if cannot else 0
+        # Each primary on its own: one down (a failover under way) is its partitions' loss.
+        primaries = redis.get_primaries()
+        answers = await asyncio.gather(
+            *(redis.info("replication", target_nodes=node) for node in primaries),
+            return_exceptions=True,
         )
-        worst = (True, -1, 0)
+        infos = {
+            node.name: answer
+            for node, answer in zip(primaries, answers, strict=True)
+            if isinstance(answer, dict)
+        }
+        all_primary = True
+        fewest, lag, short = -1, 0, 0
         for partition, one in zip(partitions, writer.writers, strict=True):
             node = redis.get_node_from_key(partition.readings)
             info = infos.get(node.name) if node is not None else None
             if info is None:
                 one.replicas_online = None
+                short += 1
                 continue
-            primary, online, lag = _replicas(info)
+            primary, online, node_lag = _replicas(info)
             one.replicas_online = online
-            worst = (
-                worst[0] and primary,
-                online if worst[1] < 0 else min(worst[1], online),
-                max(worst[2], lag),
-            )
-        return worst[0], max(worst[1], 0), worst[2]
+            all_primary = all_primary and primary
+            fewest = online if fewest < 0 else min(fewest, online)
+            lag = max(lag, node_lag)
+            short += int(not primary or online < state.required)
+        return all_primary, max(fewest, 0), lag, short
 
     async def check() -> Mapping[str, Any]:
-        primary, online, lag = await look()
+        primary, online, lag, short = await look()
         state.role = "primary" if primary else "replica"
         state.replicas_online = online
         state.lag_seconds = lag
-        details = {
+        details: dict[str, Any] = {
             "ackMode": state.mode,
             "role": state.role,
             "replicasOnline": state.replicas_online,
             "replicasRequired": state.required,
             "lagSeconds": state.lag_seconds,
         }
+        count = len(writer.writers)
+        if count > 1:
+            # Partitions whose primary cannot ack now (refused 503 meanwhile); the pod stays
+            # ready while any partition can.
+            details["partitionsShort"] = short
+            details["partitions"] = count
+            if short < count:
+                return details
         if state.role != "primary":
             raise CheckFailedError("the Redis the service writes to is a replica")
         if state.replicas_online < state.required:
             raise CheckFailedError(
                 f"acks wait for {state.required} replicas, {state.replicas_online} online"
             )
+        if short:
+            raise CheckFailedError("no partition's primary answers")
         return details
 
     return check

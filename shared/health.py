@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import ClientSession, web
+from redis.asyncio import RedisCluster
 
 from .redisclient import RedisClient
 from .version import build_version
@@ -127,8 +128,22 @@ def threshold_check(measure: Callable[[], int], threshold: int, unit: str) -> Ch
 
 
 def redis_check(redis: RedisClient) -> Check:
-    async def check() -> None:
-        await redis.ping()
+    """Redis answers. On a cluster, each primary is asked on its own: the check holds while
+    any answers (one shard down is that shard's partitions refused, not the whole process
+    unready) and says how many do."""
+
+    async def check() -> Mapping[str, Any] | None:
+        if not isinstance(redis, RedisCluster):
+            await redis.ping()
+            return None
+        primaries = redis.get_primaries()
+        answers = await asyncio.gather(
+            *(redis.ping(target_nodes=node) for node in primaries), return_exceptions=True
+        )
+        up = sum(1 for answer in answers if not isinstance(answer, BaseException))
+        if not up:
+            raise CheckFailedError(f"none of the {len(primaries)} primaries answers")
+        return {"primariesUp": up, "primaries": len(primaries)}
 
     return check
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession, ClientTimeout
 
 from shared.keys import Keys
 from shared.readings import PERSIST_GROUP
@@ -29,6 +30,7 @@ from tests.support.worker import WorkerProcess, eventually, worker_config
 PARTITIONS = 6
 DEVICES = 24
 KEYS = Keys("clustered:")
+OPERATOR_TOKEN = "cluster-operator"  # noqa: S105 - the test's own token
 
 
 @pytest.fixture
@@ -103,6 +105,7 @@ async def test_the_service_and_two_workers_ride_out_a_failover_and_a_killed_prim
             "RETRY_AFTER": "1",
             "TOKEN_REFRESH_INTERVAL": "0.5",
             "SHUTDOWN_TIMEOUT": "2",
+            "HEALTH_DETAIL_TOKEN": OPERATOR_TOKEN,
         },
         log_dir=tmp_path / "service",
     )
@@ -144,7 +147,20 @@ async def test_the_service_and_two_workers_ride_out_a_failover_and_a_killed_prim
         )
         replica = cluster.replica_of(victim)
         cluster.kill(victim)
-        await asyncio.to_thread(cluster.wait_promoted, replica)
+        promoted = asyncio.ensure_future(asyncio.to_thread(cluster.wait_promoted, replica))
+        # One shard down leaves the pod ready: the other partitions' devices go on.
+        readiness = []
+        async with ClientSession(timeout=ClientTimeout(total=2)) as session:
+            while not promoted.done():
+                async with session.get(
+                    f"{service.url}/health/readiness",
+                    headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+                ) as response:
+                    readiness.append(response.status)
+                    if response.status != 200:
+                        print(await response.text())
+                await asyncio.sleep(0.1)
+        await promoted
         await asyncio.to_thread(cluster.restart, victim)
         since = time.monotonic()
         victim_partitions = {
@@ -154,6 +170,9 @@ async def test_the_service_and_two_workers_ride_out_a_failover_and_a_killed_prim
         await asyncio.sleep(1.0)
     sent = acked(outcomes)
     assert victim_partitions
+    print(f"readiness while a primary was down: {readiness}")
+    assert readiness
+    assert set(readiness) == {200}
     statuses = collections.Counter(o.status for o in outcomes)
     print(f"answers: {dict(statuses)}")
 

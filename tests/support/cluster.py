@@ -123,6 +123,10 @@ class ClusterNode:
             str(node_timeout_ms),
             "--cluster-replica-validity-factor",
             "0",
+            # As docs/operations.md asks of a production cluster: a shard without a primary
+            # refuses its own slots only, not the whole cluster's (CLUSTERDOWN).
+            "--cluster-require-full-coverage",
+            "no",
             "--save",
             "",
             "--appendonly",
