@@ -137,6 +137,9 @@ def redis_check(redis: RedisClient) -> Check:
             await redis.ping()
             return None
         primaries = redis.get_primaries()
+        if not primaries:  # a client that has not read the slot map yet
+            await redis.initialize()
+            primaries = redis.get_primaries()
         answers = await asyncio.gather(
             *(redis.ping(target_nodes=node) for node in primaries), return_exceptions=True
         )
