@@ -9,8 +9,11 @@ Two runs of the same load, one after the other:
 - ``cluster``: a local Redis Cluster (``tests/support/cluster.py``: 3 primaries, a replica
   each) and ``pulsecal-service`` with ``REDIS_CLUSTER=true INGEST_PARTITIONS=P`` (its write
   connections go to each partition's primary);
-- ``single``: one plain ``redis-server`` (``--single-replica`` gives it a replica too, as each
-  cluster primary has) and the service with ``INGEST_PARTITIONS=1``.
+- ``single``: one plain ``redis-server`` (with a replica when the cluster's primaries have
+  them, so that it feeds a replica as each of them does) and the service with
+  ``INGEST_PARTITIONS=1``, then with ``INGEST_PARTITIONS=P``: the same split of the writes
+  without the cluster, which tells what fewer batches per write cost from what the cluster
+  does.
 
 The load: ``--devices`` devices registered in a throwaway database of the local Postgres (or
 an ``initdb`` cluster of its own when none answers: ``bench/run.py``'s ``prepare_database``),
@@ -63,6 +66,8 @@ from run import (
     Database,
     HarnessError,
     Processes,
+    _busy_pct,
+    core_times,
     free_port,
     prepare_database,
     wait_ready,
@@ -202,6 +207,10 @@ class Node:
     devices: int = 0
     cpu0: float = 0.0
     cpu_s: float = 0.0
+    exec0: float = 0.0
+    exec_s: float = 0.0  # EXEC's own time (INFO commandstats): the writes' execution
+    idle_rate: float = 0.0  # CPU s per s with the service up and no load
+    idle_cpu_s: float = 0.0  # that rate over the measured window
     entries: int = 0
     batches: int = 0
 
@@ -213,9 +222,23 @@ class Node:
             client.close()
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
+    def exec_seconds(self) -> float:
+        """The time EXEC has taken (its transactions, queued commands and script included)."""
+        client = self.client()
+        try:
+            info: dict[str, Any] = client.info("commandstats")
+        finally:
+            client.close()
+        return float(info.get("cmdstat_exec", {}).get("usec", 0)) / 1e6
+
     @property
     def us_per_batch(self) -> float | None:
         return self.cpu_s / self.batches * 1e6 if self.batches else None
+
+    @property
+    def net_us_per_batch(self) -> float | None:
+        """Without what the node used idle (cluster bus, cron, the service's own checks)."""
+        return (self.cpu_s - self.idle_cpu_s) / self.batches * 1e6 if self.batches else None
 
 
 def window_counts(client: redis.Redis, stream: str, t0_ms: int, t1_ms: int) -> tuple[int, int]:
@@ -239,6 +262,7 @@ class Run:
     nodes: list[Node]
     seconds: float = 0.0
     load: Load = field(default_factory=Load)
+    busy_pct: float = 0.0  # every core's busy time over the window, in % of one core
 
     @property
     def primaries(self) -> list[Node]:
@@ -248,6 +272,12 @@ class Run:
         """(primary CPU s, entries, batches) over every primary."""
         ps = self.primaries
         return sum(n.cpu_s for n in ps), sum(n.entries for n in ps), sum(n.batches for n in ps)
+
+    def idle_cpu_s(self) -> float:
+        return sum(n.idle_cpu_s for n in self.primaries)
+
+    def exec_s(self) -> float:
+        return sum(n.exec_s for n in self.primaries)
 
     def us_per_batch(self) -> float | None:
         cpu, _entries, batches = self.totals()
@@ -261,17 +291,31 @@ async def measure(
     args: argparse.Namespace,
     first_seq: int,
 ) -> None:
+    # Idle first: the service up, no load; what each node uses anyway.
+    for node in run.nodes:
+        node.cpu0 = await asyncio.to_thread(node.cpu)
+    idle_started = time.monotonic()
+    await asyncio.sleep(args.idle)
+    idle = time.monotonic() - idle_started
+    for node in run.nodes:
+        node.idle_rate = (await asyncio.to_thread(node.cpu) - node.cpu0) / idle
     async with driving(port, devices, args.connections, args.samples, first_seq) as load:
         await asyncio.sleep(args.warmup)
         sent0, accepted0 = load.sent, load.accepted
         t0_ms = int(time.time() * 1000) + 1
         for node in run.nodes:
             node.cpu0 = await asyncio.to_thread(node.cpu)
+            node.exec0 = await asyncio.to_thread(node.exec_seconds)
         started = time.monotonic()
+        cores0 = core_times()
         await asyncio.sleep(args.seconds)
+        run.busy_pct = sum(_busy_pct(cores0, core_times()).values())
         for node in run.nodes:
             node.cpu_s = await asyncio.to_thread(node.cpu) - node.cpu0
+            node.exec_s = await asyncio.to_thread(node.exec_seconds) - node.exec0
         run.seconds = time.monotonic() - started
+        for node in run.nodes:
+            node.idle_cpu_s = node.idle_rate * run.seconds
         t1_ms = int(time.time() * 1000) - 1
         sent1, accepted1 = load.sent, load.accepted
     run.load = Load(sent1 - sent0, accepted1 - accepted0, dict(load.other))
@@ -331,7 +375,7 @@ def devices_per_partition(devices: Sequence[Device], partitions: int) -> list[in
 def cluster_run(
     procs: Processes, database: Database, devices: Sequence[Device], args: argparse.Namespace
 ) -> Run:
-    cluster = LocalCluster().start()
+    cluster = LocalCluster(replicas_per_primary=args.replicas).start()
     try:
         partitions = KEYS.partitions(args.partitions)
         per_partition = devices_per_partition(devices, args.partitions)
@@ -435,7 +479,8 @@ def load_line(run: Run) -> str:
     other = ", ".join(f"{k}: {v}" for k, v in sorted(run.load.other.items())) or "none"
     return (
         f"{run.name}: {run.load.accepted / run.seconds:,.0f} batches/s acked "
-        f"({run.load.sent:,} sent; other answers: {other})"
+        f"({run.load.sent:,} sent; other answers: {other}; "
+        f"the machine busy {run.busy_pct:.0f} % of a core)"
     )
 
 
@@ -490,25 +535,43 @@ def report(cluster: Run, singles: Sequence[Run], args: argparse.Namespace) -> tu
         "### Redis CPU per batch: each shard against a single Redis",
         "",
         "| Redis | P | entries (writes) | batches | batches per write | Redis CPU s "
-        "| CPU µs per batch | over single, P = 1 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| idle CPU s | CPU µs per batch | over single, P = 1 | less idle: µs per batch "
+        "| over single | EXEC µs per batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    single_net = (
+        (single.totals()[0] - single.idle_cpu_s()) / single.totals()[2] * 1e6
+        if single.totals()[2]
+        else None
+    )
 
-    def row(label: str, p: int, e: int, b: int, c: float) -> str:
-        us = c / b * 1e6 if b else None
-        if us is None or single_us is None:
-            return f"| {label} | {p} | {e:,} | {b:,} | - | {c:.2f} | - | - |"
+    def row(label: str, p: int, e: int, b: int, c: float, idle: float, ex: float) -> str:
+        if not b or single_us is None or single_net is None:
+            return (
+                f"| {label} | {p} | {e:,} | {b:,} | - | {c:.2f} | {idle:.2f} | - | - | - | - | - |"
+            )
+        us, net = c / b * 1e6, (c - idle) / b * 1e6
         return (
-            f"| {label} | {p} | {e:,} | {b:,} | {b / e:.2f} | {c:.2f} | {us:.1f} "
-            f"| {us / single_us:.2f} |"
+            f"| {label} | {p} | {e:,} | {b:,} | {b / e:.2f} | {c:.2f} | {idle:.2f} | {us:.1f} "
+            f"| {us / single_us:.2f} | {net:.1f} | {net / single_net:.2f} | {ex / b * 1e6:.1f} |"
         )
 
     for p in primaries:
-        lines.append(row(f"shard {p.name}", len(p.streams), p.entries, p.batches, p.cpu_s))
-    lines.append(row("all shards", cluster.partitions, entries, batches, cpu))
+        lines.append(
+            row(
+                f"shard {p.name}",
+                *(len(p.streams), p.entries, p.batches, p.cpu_s, p.idle_cpu_s, p.exec_s),
+            )
+        )
+    lines.append(
+        row(
+            "all shards",
+            *(cluster.partitions, entries, batches, cpu, cluster.idle_cpu_s(), cluster.exec_s()),
+        )
+    )
     for r in singles:
         c, e, b = r.totals()
-        lines.append(row(r.name, r.partitions, e, b, c))
+        lines.append(row(r.name, r.partitions, e, b, c, r.idle_cpu_s(), r.exec_s()))
     for r in singles:
         if r.nodes[1:]:
             lines.append(f"\n{r.name}: its replica used {r.nodes[1].cpu_s:.2f} CPU s.")
@@ -553,10 +616,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=12, help="INGEST_PARTITIONS on the cluster")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before each window")
+    p.add_argument(
+        "--idle", type=float, default=3.0, help="seconds of no load measured before each run"
+    )
     p.add_argument("--connections", type=int, default=128, help="HTTP keep-alive connections")
     p.add_argument("--samples", type=int, default=50, help="PPG samples per batch")
     p.add_argument("--ack-mode", choices=("primary", "replicated"), default="primary")
-    p.add_argument("--single-replica", action="store_true", help="give the single Redis a replica")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per cluster primary")
     p.add_argument("--budget", type=float, default=0.7, help="cores of one shard for ingestion")
     p.add_argument(
         "--database-url",
@@ -568,8 +634,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.ack_mode == "replicated":
-        args.single_replica = True  # the single Redis's acks then wait for a replica too
+    # The single Redis replicates as each cluster primary does: the same work per write.
+    args.single_replica = args.replicas > 0
     with workspace() as workdir:
         procs = Processes(workdir)
         database: Database | None = None
