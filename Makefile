@@ -9,7 +9,7 @@ LOCKS := requirements-tools.txt requirements.txt requirements-dev.txt
 PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: install run test lint format bench clean lock upgrade lock-check config-doc
+.PHONY: install run test lint format bench bench-cluster clean lock upgrade lock-check config-doc
 
 # The tools first (pip, pip-tools, the build backend), then exactly the dev lock, then the
 # project and its development tools (devtools/, a distribution the image never ships) without
@@ -69,6 +69,11 @@ bench/node_modules/.package-lock.json: bench/package.json bench/package-lock.jso
 # Not part of CI: takes 10-15 minutes and wants a quiet machine. BENCH_ARGS=--quick for a smoke run.
 bench: install bench/node_modules/.package-lock.json
 	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; $(PY) bench/run.py $(BENCH_ARGS)
+
+# The service on a local 3+3 Redis Cluster against a single Redis (about 2 minutes):
+# each primary's share of batches and Redis CPU, CPU per batch per shard, projected capacity.
+bench-cluster: install
+	$(PY) bench/cluster.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
