@@ -55,12 +55,14 @@ class PartitionedWriter:
     def submit(
         self, device_id: str, seq: int, payload: bytes, trace: bytes = b""
     ) -> asyncio.Future[WriteResult]:
-        return self.writer_of(device_id).submit(device_id, seq, payload, trace)
+        writer = self._by_device.get(device_id) or self.writer_of(device_id)
+        return writer.submit(device_id, seq, payload, trace)
 
     def submit_to(
         self, device_id: str, seq: int, payload: bytes, waiter: Waiter, trace: bytes = b""
     ) -> None:
-        self.writer_of(device_id).submit_to(device_id, seq, payload, waiter, trace)
+        writer = self._by_device.get(device_id) or self.writer_of(device_id)
+        writer.submit_to(device_id, seq, payload, waiter, trace)
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(w.run()) for w in self.writers]
