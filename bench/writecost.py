@@ -4,6 +4,7 @@ Run from the repository root, pinned to one core (the throwaway redis-server goe
 other one):
 
     taskset -c 0 .venv/bin/python bench/writecost.py [--seconds 5] [--payload 1100] [--batch 16]
+        [--cluster]
 
 Each row drives one fresh Redis with 8 writes in flight of ``--batch`` batches each (the
 service's group commit sends up to WRITE_MAX_BATCH per write under load), from 128 devices
@@ -25,6 +26,11 @@ does; it does not compare rows as CPU time does, since it leaves out the kernel'
 - ``previous write``: the write this one replaced (``bench/previous_write.lua``, kept as it
   was): one Lua call per write adding one entry per batch, with a GCRA key per device and
   window and a sorted set of seqs per device, the payloads passed through Lua.
+
+``--cluster`` adds ``write, cluster mode`` right after ``write``: the same write, the same keys
+and load, on a redis-server started with ``--cluster-enabled yes`` and given every slot (a
+one-node cluster), so the two rows differ by cluster mode alone, not by more processes or
+fewer batches per write (what ``bench/cluster.py``'s per-shard figure also carries).
 
 Prints a markdown table.
 """
@@ -88,14 +94,28 @@ COUNT_INSTRUCTIONS = False
 STEPS = 100
 
 
+async def serve_every_slot(client: "redis.asyncio.Redis") -> None:
+    """Make a redis-server in cluster mode a one-node cluster: every slot its own."""
+    await client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    while True:
+        info = (await client.execute_command("CLUSTER", "INFO")).decode()
+        if "cluster_state:ok" in info:
+            return
+        await asyncio.sleep(0.1)
+
+
 @contextlib.asynccontextmanager
-async def redis_server() -> AsyncIterator[tuple[int, int]]:
+async def redis_server(*, cluster: bool = False) -> AsyncIterator[tuple[int, int]]:
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("writecost: redis-server is not on PATH")
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     with tempfile.TemporaryDirectory() as scratch:
+        if cluster:
+            # The bus port named, as the default (port + 10000) may be past 65535.
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", f"{scratch}/nodes.conf"]
+            argv += ["--cluster-port", str(free_port())]
         if COUNT_INSTRUCTIONS:
             if shutil.which("valgrind") is None:
                 sys.exit("writecost: --instructions needs valgrind")
@@ -114,6 +134,8 @@ async def redis_server() -> AsyncIterator[tuple[int, int]]:
                             break
                         except (redis.RedisError, OSError):
                             await asyncio.sleep(0.1)
+                    if cluster:
+                        await serve_every_slot(client)
             finally:
                 await client.aclose()
             yield port, proc.pid
@@ -189,8 +211,10 @@ def writer(conn: RespConnection, batch: int, *, policy: bool) -> ReadingsWriter:
     )
 
 
-async def write_row(payload: bytes, seconds: float, batch: int, *, policy: bool) -> float:
-    async with redis_server() as (port, pid):
+async def write_row(
+    payload: bytes, seconds: float, batch: int, *, policy: bool, cluster: bool = False
+) -> float:
+    async with redis_server(cluster=cluster) as (port, pid):
         conn = RespConnection(
             f"redis://127.0.0.1:{port}/0", connect_timeout=2, setup=WRITE_CONNECTION_SETUP
         )
@@ -264,6 +288,11 @@ async def main() -> None:
         help="count Redis's instructions per batch (valgrind's callgrind), not its CPU time",
     )
     p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="add the write on a one-node Redis Cluster (every slot), after the plain write",
+    )
+    p.add_argument(
         "--steps", type=int, default=100, help="writes per write in flight with --instructions"
     )
     args = p.parse_args()
@@ -273,6 +302,11 @@ async def main() -> None:
     secs, batch = args.seconds, args.batch
     rows = [
         ("write (service/store.py)", write_row(payload, secs, batch, policy=True)),
+        *(
+            [("write, cluster mode", write_row(payload, secs, batch, policy=True, cluster=True))]
+            if args.cluster
+            else []
+        ),
         ("write, no rate limit", write_row(payload, secs, batch, policy=False)),
         ("XADD of the entry alone", xadd_row(payload, secs, batch)),
         ("previous write (bench/previous_write.lua)", previous_row(payload, secs, batch)),
