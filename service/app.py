@@ -238,6 +238,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         heartbeat,
         interval=settings.heartbeat_interval,
         ttl=settings.heartbeat_ttl,
+        seen=(keys.pods_seen, pod),
     )
 
     # Serve only once the tokens are known; if Postgres is down, start anyway and keep

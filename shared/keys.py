@@ -4,6 +4,13 @@ Keys that one Lua script touches share a hash tag, so the layout works on Redis 
 a readings partition's stream and its devices' write state sit under the partition's tag
 (``{ingest}`` for the single partition of P = 1, ``shared/partitions.py``); a pod's telemetry
 stream and heartbeat (and the sidecar's state for that pod) sit under ``{<pod>}``.
+
+What is kept per entity and how it goes: a pod's keys expire (heartbeat: ``HEARTBEAT_TTL``;
+telemetry stream and sidecar state: ``SIDECAR_STATE_TTL`` after their last write) and a worker
+removes them once the pod is gone for ``POD_KEYS_GRACE`` (``pods_seen``); a device's write
+state and rate-limit cells and the analysis window markers expire; the live workers expire by
+score; the streams of a retired layout and the idle consumers of dead workers are removed by a
+worker (``worker/cleaner.py``). Dead letters are capped by ``DEAD_LETTER_MAXLEN``.
 """
 
 from dataclasses import dataclass
@@ -56,6 +63,12 @@ class Keys:
         return f"{self.prefix}{{ingest}}:layouts"
 
     @property
+    def retired_layouts(self) -> str:
+        """Sorted set: the layouts the workers forgot (drained, no longer written), scored by
+        when (ms); a worker deletes their emptied streams a while later (``worker/cleaner.py``)."""
+        return f"{self.prefix}{{ingest}}:layouts:retired"
+
+    @property
     def persist_workers(self) -> str:
         """Sorted set: the live persist consumers, scored by when each expires (ms); they
         divide the partitions among themselves by it."""
@@ -85,6 +98,24 @@ class Keys:
     def sidecar_state(self, pod: str) -> str:
         """The sidecar's checkpoint: its stream position and the totals that match it."""
         return f"{self.prefix}sidecar:{{{pod}}}:state"
+
+    def pod_keys(self, pod: str) -> tuple[str, str, str]:
+        """Every key kept for a pod: its heartbeat, telemetry stream and sidecar state (one
+        hash slot, ``{<pod>}``)."""
+        return self.heartbeat(pod), self.telemetry(pod), self.sidecar_state(pod)
+
+    # The pods that wrote a heartbeat, and the lease of the worker that removes the keys of
+    # those gone (``worker/cleaner.py``): under {pods}, a slot of their own.
+    @property
+    def pods_seen(self) -> str:
+        """Sorted set: every pod whose heartbeat was written, scored by when it last was
+        (ms); the pods gone for ``POD_KEYS_GRACE`` are removed with their keys."""
+        return f"{self.prefix}{{pods}}:seen"
+
+    @property
+    def cleaner_lease(self) -> str:
+        """The worker removing what is left of gone pods and retired layouts holds this."""
+        return f"{self.prefix}{{pods}}:cleaner"
 
     # The worker (docs/worker-and-alerts.md). Its readings keys sit beside the stream under
     # {ingest}: a dead letter is added and its entry acknowledged in one MULTI.

@@ -280,6 +280,8 @@ class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     alerts_open: int = 0
     ai_circuit: str = "closed"
     partition_backlog: dict[str, int] = {}
+    # Gone pods whose keys this process removed since it started (worker/cleaner.py).
+    pods_removed: int = 0
 
 
 Heartbeat = ServiceHeartbeat | WorkerHeartbeat

@@ -34,6 +34,7 @@ from shared.health import CheckResult, HealthChecker, now_result
 from shared.httpserver import expect_continue, server_header
 from shared.keys import Keys, PartitionKeys
 from shared.logs import Logs, setup_logging
+from shared.readings import PERSIST_GROUP
 from shared.redisclient import REDIS_ERRORS, RedisClient
 from shared.reporting import LoopLagMonitor, Telemetry, process_memory
 from shared.resources import dependency_checker, pool_stats
@@ -55,8 +56,9 @@ from .alerts import (
     SilenceWatcher,
     rules_from,
 )
-from .analysis_jobs import AnalysisRunner, CircuitBreaker, WindowScheduler
+from .analysis_jobs import ANALYSIS_GROUP, AnalysisRunner, CircuitBreaker, WindowScheduler
 from .appkeys import SETTINGS, WORKER
+from .cleaner import KeysCleaner
 from .consumers import consumer_name
 from .partitions import PartitionedPersistence
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
@@ -275,6 +277,19 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     janitor = StreamJanitor(
         redis, streams, interval=settings.worker_trim_interval, on_measure=on_measure
     )
+
+    def groups() -> list[tuple[str, str]]:
+        readings = [(p.readings, PERSIST_GROUP) for p in persister.streams()]
+        return [*readings, (keys.analysis_jobs, ANALYSIS_GROUP)]
+
+    cleaner = KeysCleaner(
+        redis,
+        keys,
+        consumer=consumer,
+        grace=settings.pod_keys_grace,
+        groups=groups,
+        own_layout=settings.ingest_partitions,
+    )
     version = build_version()
 
     tracing = app[TRACING]
@@ -308,6 +323,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
             ai_circuit="closed" if runner is None else runner.breaker.state,
             spans_dropped=tracing.dropped,
             log_lines_dropped=logs.logstash_dropped if logs is not None else 0,
+            pods_removed=cleaner.pods_removed,
         )
 
     heartbeats = HeartbeatPublisher(
@@ -316,6 +332,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         heartbeat,
         interval=settings.heartbeat_interval,
         ttl=settings.heartbeat_ttl,
+        seen=(keys.pods_seen, pod),
     )
 
     background: dict[str, Coroutine[Any, Any, None]] = {
@@ -324,6 +341,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
         "checker": checker.run(),
         "partitions": _maintain_partitions(state, pool, settings.readings_partitions_ahead),
         "janitor": janitor.run(),
+        "cleaner": cleaner.run(),
         "measure": _measure(state, redis, pool, keys),
         "heartbeat": heartbeats.run(),
     }

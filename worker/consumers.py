@@ -19,7 +19,7 @@ import msgspec
 from shared.keys import Keys
 from shared.redisclient import RedisClient
 
-__all__ = ("DeadConsumers", "consumer_name")
+__all__ = ("DeadConsumers", "consumer_name", "dead")
 
 _BOOT_DIGITS = 8
 _HEX = frozenset("0123456789abcdef")
@@ -54,6 +54,24 @@ def _alive(heartbeat: bytes | str | None, boot: str | None) -> bool:
         return True  # a heartbeat of another format: not ours to judge
 
 
+async def dead(redis: RedisClient, keys: Keys, names: list[str]) -> set[str]:
+    """The consumers among ``names`` whose process's heartbeat is gone (or another's)."""
+    if not names:
+        return set()
+    # A GET per pod, not one MGET: each heartbeat sits in its pod's hash slot, on a
+    # cluster another node's for each pod; a pipeline sends each GET to its node.
+    parsed = [_pod_and_boot(name) for name in names]
+    pipe = redis.pipeline(transaction=False)
+    for pod, _ in parsed:
+        pipe.get(keys.heartbeat(pod))
+    heartbeats = await pipe.execute()
+    return {
+        name
+        for name, (_, boot), heartbeat in zip(names, parsed, heartbeats, strict=True)
+        if not _alive(heartbeat, boot)
+    }
+
+
 # An entry of the stream, its fields, how many times it has been delivered (this one too).
 Claimed = tuple[bytes, dict[bytes, bytes], int]
 
@@ -86,7 +104,7 @@ class DeadConsumers:
 
     async def find(self) -> list[str]:
         """The consumers that are dead and have entries pending."""
-        candidates: list[tuple[str, str | None, str]] = []
+        candidates: list[str] = []
         for info in await self._redis.xinfo_consumers(self._stream, self._group):
             raw = info["name"]
             name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -94,21 +112,9 @@ class DeadConsumers:
                 continue
             if int(info["idle"]) < self._min_idle_ms:
                 continue
-            pod, boot = _pod_and_boot(name)
-            candidates.append((pod, boot, name))
-        if not candidates:
-            return []
-        # A GET per pod, not one MGET: each heartbeat sits in its pod's hash slot, on a
-        # cluster another node's for each pod; a pipeline sends each GET to its node.
-        pipe = self._redis.pipeline(transaction=False)
-        for pod, _, _ in candidates:
-            pipe.get(self._keys.heartbeat(pod))
-        heartbeats = await pipe.execute()
-        return [
-            name
-            for (_, boot, name), heartbeat in zip(candidates, heartbeats, strict=True)
-            if not _alive(heartbeat, boot)
-        ]
+            candidates.append(name)
+        gone = await dead(self._redis, self._keys, candidates)
+        return [name for name in candidates if name in gone]
 
     async def claim(self, *, count: int) -> list[Claimed]:
         """Up to ``count`` entries of the first dead consumer that had some to give."""

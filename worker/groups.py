@@ -97,6 +97,19 @@ class GroupReader:
         self.group_ready = True
 
     async def read(self) -> list[Delivery]:
+        try:
+            return await self._read()
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+        # The stream is gone with its group (a retired layout's, deleted once emptied:
+        # worker/cleaner.py) while this reader still had it: the group is created anew, from
+        # the first entry a late write may have added since.
+        logger.info("worker: {} group of {} created again", self._group, self._stream)
+        await self.ensure_group()
+        return []
+
+    async def _read(self) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         if self._dead_consumers is not None and loop.time() >= self._next_dead_check:
             # A dead consumer's entries first, before newer ones: they are older.

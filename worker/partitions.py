@@ -15,7 +15,12 @@ said it writes within ``INGEST_LAYOUT_GRACE`` (``keys.ingest_layouts``), of the 
 own ``INGEST_PARTITIONS``, and of any layout whose partitions still hold entries not
 persisted. A layout no service has written for the grace and whose partitions are drained
 is forgotten. So changing ``INGEST_PARTITIONS`` loses nothing: the old layout is drained
-while the new one fills (docs/scaling.md).
+while the new one fills (docs/scaling.md). A forgotten layout is noted in
+``keys.retired_layouts``; a worker deletes its emptied streams a while later, each only if
+everything in it is persisted (``worker/cleaner.py``). A late write to such a stream (a
+service still on the old layout) keeps it, or recreates it if it is already gone; the
+service's next announcement makes the workers consume the layout again, from the stream's
+first entry, as its group is created anew.
 """
 
 import asyncio
@@ -39,9 +44,11 @@ __all__ = ("PartitionedPersistence", "assign")
 _COUNTERS = ("rows", "samples", "duplicates", "groups", "dead_letters", "rejected", "claimed")
 
 # Forget a layout only if no service wrote it for the grace and its score is still the one
-# read (a service saying it writes it again meanwhile keeps it).
+# read (a service saying it writes it again meanwhile keeps it); one that is forgotten is
+# noted as retired (both keys under {ingest}), for its emptied streams to go later.
 _FORGET_LAYOUT = """
 if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0
@@ -128,7 +135,10 @@ class PartitionedPersistence:
             if count == self._own:
                 continue
             if now - at > self._grace_ms and self._drained(count):
-                if await self._forget(keys=[self._keys.ingest_layouts], args=[raw, str(at)]):
+                if await self._forget(
+                    keys=[self._keys.ingest_layouts, self._keys.retired_layouts],
+                    args=[raw, str(at), str(now)],
+                ):
                     logger.info("worker: layout of {} partitions drained and forgotten", count)
                 continue
             layouts[count] = at

@@ -3,9 +3,14 @@
 The program says how to build its heartbeat (``shared/telemetry.py``'s type for it); the
 loop writes one every ``HEARTBEAT_INTERVAL``, and a last one on the way out, so the sidecar
 sees the process drain and stop rather than vanish.
+
+With ``seen`` (the registry ``keys.pods_seen`` and the pod), each heartbeat also records the
+pod there with the time: how a worker finds, without scanning, the pods gone long enough
+for their keys to be removed (``worker/cleaner.py``).
 """
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from shared.redisclient import REDIS_ERRORS, RedisClient
@@ -23,15 +28,27 @@ class HeartbeatPublisher:
         *,
         interval: float,
         ttl: int,
+        seen: tuple[str, str] | None = None,
     ) -> None:
         self._redis = redis
         self._key = key
         self._build = build
         self._interval = interval
         self._ttl = ttl
+        self._seen = seen
 
     async def publish(self) -> None:
-        await self._redis.set(self._key, encode_heartbeat(self._build()), ex=self._ttl)
+        heartbeat = encode_heartbeat(self._build())
+        if self._seen is None:
+            await self._redis.set(self._key, heartbeat, ex=self._ttl)
+            return
+        # Two slots on a cluster (the pod's and {pods}): a pipeline, which a cluster client
+        # sends to each node, not a transaction.
+        registry, pod = self._seen
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._key, heartbeat, ex=self._ttl)
+            pipe.zadd(registry, {pod: time.time_ns() // 1_000_000})
+            await pipe.execute()
 
     async def run(self) -> None:
         task = asyncio.current_task()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from .common import RedisSection, TelemetrySection
-from .specific import IngestSection
+from .specific import IngestSection, WorkerSection
 
 __all__ = (
     "ProgramSettings",
@@ -55,6 +55,7 @@ def load_settings(environ: Mapping[str, str], program: type[P]) -> P:
             raise SettingsError(f"{name}={shown!r}: {e}") from e
     settings = program(**values)
     _check_heartbeat(settings)
+    _check_pod_keys_grace(settings)
     _check_ack_timeout(settings)
     _check_cluster_url(settings)
     return settings
@@ -81,6 +82,20 @@ def _check_heartbeat(settings: ProgramSettings) -> None:
         raise SettingsError(
             f"HEARTBEAT_TTL={settings.heartbeat_ttl}: expected more than "
             f"HEARTBEAT_INTERVAL ({settings.heartbeat_interval})"
+        )
+
+
+def _check_pod_keys_grace(settings: ProgramSettings) -> None:
+    # A pod counts as gone once its heartbeat is older than the grace: a grace within the
+    # heartbeat's own life would remove the keys of pods that are alive.
+    if (
+        isinstance(settings, WorkerSection)
+        and isinstance(settings, TelemetrySection)
+        and settings.pod_keys_grace <= settings.heartbeat_ttl
+    ):
+        raise SettingsError(
+            f"POD_KEYS_GRACE={settings.pod_keys_grace}: expected more than "
+            f"HEARTBEAT_TTL ({settings.heartbeat_ttl})"
         )
 
 

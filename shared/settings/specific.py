@@ -328,6 +328,13 @@ class WorkerSection(Section):
         IntRange(1, 366),
         "daily partitions of readings created ahead",
     )
+    pod_keys_grace: int = variable(
+        "POD_KEYS_GRACE",
+        86_400,
+        IntRange(1, 366 * 86_400),
+        "seconds after a pod's last heartbeat before a worker removes its telemetry stream,"
+        " heartbeat and sidecar state, and its idle consumers; more than HEARTBEAT_TTL",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)

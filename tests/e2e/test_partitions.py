@@ -210,6 +210,8 @@ async def test_changing_the_partition_count_loses_and_duplicates_nothing(
     # No service writes the old layout any more: forgotten once the grace is over.
     await eventually(lambda: _score_is_none(redis, keys.ingest_layouts, "1"), within=20)
     assert await redis.zscore(keys.ingest_layouts, "3") is not None
+    # Noted as retired, for its emptied streams to go a minute later (worker/cleaner.py).
+    assert await redis.zscore(keys.retired_layouts, "1") is not None
     assert not old.logged_errors()
     assert not new.logged_errors()
 

@@ -164,7 +164,7 @@ ADDED_SERVICE_FIELDS = {
     "redis_replication_lag_seconds": 0,
 }
 # The worker's.
-ADDED_WORKER_FIELDS = {"partition_backlog": {}}
+ADDED_WORKER_FIELDS = {"partition_backlog": {}, "pods_removed": 0}
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,16 @@ def test_heartbeat_ttl_must_outlive_its_interval(program: type[ProgramSettings])
         load_settings({"HEARTBEAT_INTERVAL": "5", "HEARTBEAT_TTL": "5"}, program)
 
 
+def test_pod_keys_grace_must_outlive_the_heartbeat() -> None:
+    with pytest.raises(SettingsError, match="POD_KEYS_GRACE=10: expected more than HEARTBEAT_TTL"):
+        load_settings({"HEARTBEAT_TTL": "10", "POD_KEYS_GRACE": "10"}, WorkerSettings)
+    with pytest.raises(SettingsError, match="POD_KEYS_GRACE"):
+        load_settings({"POD_KEYS_GRACE": "0"}, WorkerSettings)
+    settings = load_settings({"HEARTBEAT_TTL": "10", "POD_KEYS_GRACE": "11"}, WorkerSettings)
+    assert settings.pod_keys_grace == 11
+    assert load_settings({}, WorkerSettings).pod_keys_grace == 86_400
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_every_setting_has_an_environment_variable(program: type[ProgramSettings]) -> None:
     names = [f.metadata.get("env") for f in dataclasses.fields(program)]
