@@ -3,7 +3,8 @@
 Redis and Postgres come from ``REDIS_URL`` / ``DATABASE_URL`` when they answer; otherwise a
 throwaway server of each is started in a temporary directory. Then the schema is migrated,
 demo devices are registered, ``pulsecal-service`` is started and ``pulsecal-sim`` streams to
-it. Ctrl-C or SIGTERM stops everything in reverse order and removes the temporary directory.
+it. When ``prometheus`` is on PATH, one scrapes every sidecar and evaluates ops/alerts.yml.
+Ctrl-C or SIGTERM stops everything in reverse order and removes the temporary directory.
 """
 
 import argparse
@@ -38,6 +39,11 @@ _PROBE_TIMEOUT = 2.0
 _TAIL_LINES = 25
 # Where Debian (and RHEL, and source builds) put the server binaries, off PATH.
 _POSTGRES_BIN_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql/bin")
+# The project's alert rules: devtools/ is installed editable, beside ops/.
+ALERT_RULES = Path(__file__).resolve().parent.parent / "ops" / "alerts.yml"
+_PROMETHEUS_PORT = 9090  # the conventional one, when it is free
+_PROMETHEUS_INTERVAL = "2s"  # scrape and rule evaluation
+_PROMETHEUS_NAMESPACE = "devstack"  # the `namespace` label the alerts group by
 
 
 class StackError(Exception):
@@ -54,6 +60,16 @@ class _Options:
     run_sim: bool
     keep: bool
     startup_timeout: float
+    prometheus: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScrapeTarget:
+    """A sidecar's /metrics for the local Prometheus: ``job`` and ``pod`` as in Kubernetes."""
+
+    address: str  # host:port
+    job: str  # pulsecal-api or pulsecal-worker
+    pod: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +85,8 @@ class ProcessSpec:
     env: dict[str, str] = field(default_factory=dict)
     # Lines for the "up" summary, e.g. where to look at it.
     announce: tuple[str, ...] = ()
+    # A sidecar: what Prometheus scrapes, as ops/prometheus.yml labels it.
+    scrape: ScrapeTarget | None = None
 
 
 def _extra_processes(*, bin_dir: Path, settings: DevStackSettings) -> list[ProcessSpec]:
@@ -96,6 +114,7 @@ def _extra_processes(*, bin_dir: Path, settings: DevStackSettings) -> list[Proce
                 f"dashboard {url}/  (health of every component, traffic charts)",
                 f"metrics   {url}/metrics{metrics_note}  (and {url}/health)",
             ),
+            scrape=ScrapeTarget(address=f"127.0.0.1:{port}", job="pulsecal-api", pod=settings.pod),
         ),
         *_worker_processes(bin_dir=bin_dir, settings=settings),
     ]
@@ -153,6 +172,9 @@ def _worker_processes(*, bin_dir: Path, settings: DevStackSettings) -> list[Proc
             },
             announce=(
                 f"worker's  http://127.0.0.1:{sidecar_port}/  (its sidecar: dashboard, /metrics)",
+            ),
+            scrape=ScrapeTarget(
+                address=f"127.0.0.1:{sidecar_port}", job="pulsecal-worker", pod=worker_pod
             ),
         ),
     ]
@@ -498,6 +520,116 @@ async def _stop_postgres(stack: _Stack, cluster: _PostgresCluster, env: dict[str
         stack.say(f"pg_ctl stop failed (exit {code}): {output.strip()}")
 
 
+def prometheus_config(
+    targets: Sequence[ScrapeTarget],
+    *,
+    rule_files: Sequence[Path],
+    token_file: Path | None,
+    interval: str = _PROMETHEUS_INTERVAL,
+) -> dict[str, Any]:
+    """The local Prometheus's configuration: every sidecar of the stack, the project's rules.
+
+    One job per ``job`` label, each target labelled ``namespace`` and ``pod`` as
+    ops/prometheus.yml labels them in Kubernetes, so the rules read the same here.
+    """
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for target in targets:
+        jobs.setdefault(target.job, []).append(
+            {
+                "targets": [target.address],
+                "labels": {"namespace": _PROMETHEUS_NAMESPACE, "pod": target.pod},
+            }
+        )
+    scrape_configs: list[dict[str, Any]] = []
+    for job, static_configs in jobs.items():
+        scrape: dict[str, Any] = {
+            "job_name": job,
+            "metrics_path": "/metrics",
+            "static_configs": static_configs,
+        }
+        if token_file is not None:
+            scrape["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
+        scrape_configs.append(scrape)
+    return {
+        "global": {
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "evaluation_interval": interval,
+        },
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": scrape_configs,
+    }
+
+
+_NO_PROMETHEUS = (
+    "prometheus is not on PATH: running without it. To have one scrape the sidecars and"
+    " evaluate ops/alerts.yml, install it (Debian: apt-get install prometheus) and run again"
+)
+
+
+async def _start_prometheus(
+    stack: _Stack, targets: Sequence[ScrapeTarget], env: dict[str, str], *, within: float
+) -> str | None:
+    """A Prometheus scraping ``targets``, its data in the run directory; its URL.
+
+    None, after saying how to get one, when ``prometheus`` is not on PATH. Port 9090 when it
+    is free, else a free one. Started after the sidecars, it is stopped before them.
+    """
+    binary = shutil.which("prometheus")
+    if binary is None:
+        stack.say(_NO_PROMETHEUS)
+        return None
+    directory = stack.run_dir / "prometheus"
+    directory.mkdir()
+    token_file: Path | None = None
+    token = env.get("METRICS_TOKEN")
+    if token:
+        # A credential: readable by this user only, like devices.json.
+        token_file = directory / "metrics-token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+    rule_files = [ALERT_RULES] if ALERT_RULES.is_file() else []
+    if not rule_files:
+        stack.say(f"{ALERT_RULES} not found: Prometheus runs without the alert rules")
+    config = directory / "prometheus.yml"
+    # JSON is YAML: no YAML library needed.
+    config.write_text(
+        json.dumps(
+            prometheus_config(targets, rule_files=rule_files, token_file=token_file), indent=2
+        )
+    )
+    log = stack.run_dir / "prometheus.log"
+    # A free port can be taken between finding it and binding it: try a few.
+    for attempt in range(3):
+        port = (
+            _PROMETHEUS_PORT if attempt == 0 and _port_is_free(_PROMETHEUS_PORT) else _free_port()
+        )
+        child = await stack.spawn(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--enable-feature=exemplar-storage",
+            ],
+            env=env,
+            log=log,
+            stop_timeout=10.0,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _wait_ready(child, f"{url}/-/ready", within=within)
+        except StackError:
+            if child.process.returncode is None or "address already in use" not in _tail(log):
+                raise
+            stack.forget(child)
+            continue
+        return url
+    raise StackError(f"prometheus did not start{_tail(log)}")
+
+
 def _script(bin_dir: Path, name: str) -> str:
     # The console scripts of the venv this Python belongs to, not whatever is on PATH.
     path = bin_dir / name
@@ -619,8 +751,11 @@ async def _up(stack: _Stack, settings: DevStackSettings, options: _Options) -> i
     device_ids = await _register_devices(bin_dir, env, options.devices, devices_file)
 
     announcements: list[str] = []
+    targets: list[ScrapeTarget] = []
     for spec in _extra_processes(bin_dir=bin_dir, settings=settings):
         announcements.extend(spec.announce)
+        if spec.scrape is not None:
+            targets.append(spec.scrape)
         child = await stack.spawn(
             spec.name,
             spec.argv,
@@ -630,6 +765,19 @@ async def _up(stack: _Stack, settings: DevStackSettings, options: _Options) -> i
         )
         if spec.ready_url is not None:
             await _wait_ready(child, spec.ready_url, within=options.startup_timeout)
+
+    if options.prometheus and not settings.metrics_enabled:
+        stack.say("METRICS_ENABLED=false: no Prometheus (the sidecars export no metrics)")
+    elif options.prometheus:
+        prometheus_url = await _start_prometheus(
+            stack, targets, env, within=options.startup_timeout
+        )
+        if prometheus_url is not None:
+            rules = f"the rules of {ALERT_RULES.name}" if ALERT_RULES.is_file() else "no rules"
+            announcements += [
+                f"prometheus {prometheus_url}/  (scrapes the {len(targets)} sidecars every"
+                f" {_PROMETHEUS_INTERVAL}; {rules}: {prometheus_url}/alerts)",
+            ]
 
     service_url = f"http://127.0.0.1:{port}"
     service = await stack.spawn(
@@ -724,8 +872,8 @@ async def _run(options: _Options, settings: DevStackSettings) -> int:
         state["stopping"] = True
         if code == 0 and not state["interrupted"]:
             stack.say(f"{options.duration:g}s passed: stopping")
-        # Leaving this block stops everything, newest first: simulator, service, extra
-        # processes, Postgres, Redis; then the temporary directory goes.
+        # Leaving this block stops everything, newest first: simulator, service, Prometheus,
+        # extra processes, Postgres, Redis; then the temporary directory goes.
     simulator = stack.children.get("simulator")
     if (
         code == 0
@@ -773,6 +921,12 @@ def _parser(settings: DevStackSettings) -> argparse.ArgumentParser:
         "--keep", action="store_true", help="keep the temporary directory (logs, data, tokens)"
     )
     parser.add_argument(
+        "--no-prometheus",
+        dest="prometheus",
+        action="store_false",
+        help="do not start Prometheus (started by default when `prometheus` is on PATH)",
+    )
+    parser.add_argument(
         "--startup-timeout",
         type=float,
         default=30.0,
@@ -804,6 +958,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_sim=args.run_sim,
         keep=args.keep,
         startup_timeout=args.startup_timeout,
+        prometheus=args.prometheus,
     )
     raise SystemExit(asyncio.run(_run(options, settings)))
 

@@ -5,6 +5,7 @@
 """
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -169,10 +170,22 @@ class SidecarProcess(_Process):
 
 
 class PrometheusServer(_Process):
-    """A Prometheus of the test's own scraping ``targets`` every second."""
+    """A Prometheus of the test's own scraping ``targets`` every ``interval`` (1 s).
+
+    ``rule_files`` are loaded and evaluated every ``interval`` too; ``job`` and ``labels``
+    label every target, as ops/prometheus.yml labels a pod's sidecar.
+    """
 
     def __init__(
-        self, directory: Path, *, targets: Iterable[str], bearer_token: str | None = None
+        self,
+        directory: Path,
+        *,
+        targets: Iterable[str],
+        bearer_token: str | None = None,
+        interval: str = "1s",
+        rule_files: Iterable[Path] = (),
+        job: str = "pulsecal-sidecar",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -182,18 +195,24 @@ class PrometheusServer(_Process):
             if bearer_token is None
             else f"    authorization:\n      credentials: {bearer_token}\n"
         )
+        rules = "".join(f"  - {json.dumps(str(path))}\n" for path in rule_files)
+        target_labels = (
+            "" if not labels else f"        labels: {json.dumps(dict(labels), sort_keys=True)}\n"
+        )
         config = directory / "prometheus.yml"
         config.write_text(
             "global:\n"
-            "  scrape_interval: 1s\n"
-            "  scrape_timeout: 1s\n"
-            "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            "  - job_name: pulsecal-sidecar\n"
+            f"  scrape_interval: {interval}\n"
+            f"  scrape_timeout: {interval}\n"
+            f"  evaluation_interval: {interval}\n"
+            + (f"rule_files:\n{rules}" if rules else "")
+            + "scrape_configs:\n"
+            f"  - job_name: {job}\n"
             "    metrics_path: /metrics\n"
             f"{auth}"
             "    static_configs:\n"
             f"      - targets: [{', '.join(repr(t) for t in targets)}]\n"
+            f"{target_labels}"
         )
         super().__init__(
             [
