@@ -55,6 +55,7 @@ __all__ = (
     "Heartbeat",
     "HeartbeatBase",
     "Kind",
+    "PostgresStats",
     "Record",
     "ServiceHeartbeat",
     "TelemetryBatch",
@@ -259,6 +260,23 @@ class ServiceHeartbeat(HeartbeatBase, tag=SERVICE_PROGRAM):
     rate_limit_fallbacks: int = 0
 
 
+class PostgresStats(msgspec.Struct, kw_only=True, gc=False):
+    """The database as a worker measured it (every ~30 s; the same in every worker pod).
+
+    measured_ms: when; connections: this database's backends (``pg_stat_activity``) by state,
+    spaces and parentheses of Postgres's names made underscores (``idle_in_transaction``),
+    ``unknown`` for a backend without one; database_bytes: ``pg_database_size``;
+    readings_partitions_ahead: daily partitions of ``readings`` for days after today (UTC);
+    readings_oldest_day_ms: the first day of the oldest daily partition kept, ms since the
+    epoch at 00:00 UTC (0: none)."""
+
+    measured_ms: int
+    connections: dict[str, int] = {}
+    database_bytes: int = 0
+    readings_partitions_ahead: int = 0
+    readings_oldest_day_ms: int = 0
+
+
 class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     """queue_depth: analysis jobs not yet picked up by any worker (the same figure in every
     worker pod); queue_jobs_active: this process's jobs in progress; readings_lag: readings
@@ -268,7 +286,9 @@ class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     totals since it started (boot_id); ai_circuit: ``closed``, ``open`` or ``half-open``;
     partition_backlog: per readings partition (named ``"<index>/<count>"``, ``"0/1"`` for
     a single stream), the entries awaiting its persist group (undelivered + unacknowledged).
-    Every worker measures every partition, so the figures are the same in every worker pod."""
+    Every worker measures every partition, so the figures are the same in every worker pod;
+    postgres: the database's figures (``PostgresStats``; None until measured, and from a
+    worker before them)."""
 
     program: ClassVar[str] = WORKER_PROGRAM
     queue_depth: int = 0
@@ -280,6 +300,7 @@ class WorkerHeartbeat(HeartbeatBase, tag=WORKER_PROGRAM):
     alerts_open: int = 0
     ai_circuit: str = "closed"
     partition_backlog: dict[str, int] = {}
+    postgres: PostgresStats | None = None
     # Gone pods whose keys this process removed since it started (worker/cleaner.py).
     pods_removed: int = 0
 

@@ -22,9 +22,10 @@ from shared.settings import SidecarSettings
 from shared.tasks import cancel_and_wait
 from shared.tracing import Tracing
 
-from .appkeys import CONSUMER, HEARTBEAT, METRICS, POSTGRES, SETTINGS
+from .appkeys import CONSUMER, DEPENDENCIES, HEARTBEAT, METRICS, POSTGRES, SETTINGS
 from .consumer import TelemetryConsumer
 from .dashboard import dashboard, dashboard_live, sign_in
+from .dependencies import DependencyCollector
 from .health import SERVICE_ID, HeartbeatWatch, PostgresProbe, health_checks, static_details
 from .metrics import MetricsView
 from .scrape import metrics_handler
@@ -90,6 +91,13 @@ async def _telemetry(app: web.Application) -> AsyncIterator[None]:
     )
     app[CONSUMER] = consumer
     app[METRICS] = MetricsView()
+    if settings.dependency_metrics:
+        app[DEPENDENCIES] = DependencyCollector(
+            app[REDIS_AUX],
+            keys,
+            max_age=settings.dependency_metrics_cache,
+            timeout=settings.health_check_timeout_ms / 1000,
+        )
     # Serve /metrics from the first request when Redis answers; if it does not, start
     # anyway (health and the dashboard matter most then) and keep trying in the background.
     try:

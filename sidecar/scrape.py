@@ -8,10 +8,12 @@ from aiohttp import web
 
 from shared.appkeys import CHECKER
 from shared.redisclient import REDIS_ERRORS
+from shared.telemetry import WorkerHeartbeat
 
 from .aggregate import Aggregator
-from .appkeys import CONSUMER, HEARTBEAT, METRICS, SETTINGS
-from .exposition import OPENMETRICS, TEXT, render, wants_openmetrics
+from .appkeys import CONSUMER, DEPENDENCIES, HEARTBEAT, METRICS, SETTINGS
+from .dependencies import postgres_families, redis_families
+from .exposition import OPENMETRICS, TEXT, Family, render, wants_openmetrics
 from .health import HeartbeatWatch
 from .metrics import health_families
 
@@ -54,6 +56,17 @@ async def metrics_handler(request: web.Request) -> web.Response:
     view = app[METRICS]
 
     checks = app[CHECKER].results
+    # Beside a worker: Redis's and the readings streams' figures (cached a few seconds), and
+    # the database's from the worker's heartbeat.
+    dependencies: list[Family] = []
+    collector = app.get(DEPENDENCIES)
+    if collector is not None and collector.follow(latest):
+        dependencies.extend(redis_families(await collector.collect()))
+        dependencies.extend(
+            postgres_families(
+                heartbeat.postgres if isinstance(heartbeat, WorkerHeartbeat) else None
+            )
+        )
 
     def build(aggregator: Aggregator) -> bytes:
         families = view.families(
@@ -64,6 +77,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
             max_series=settings.metrics_max_series,
         )
         families.extend(health_families(checks))
+        families.extend(dependencies)
         return render(families, openmetrics=openmetrics)
 
     body = await consumer.save_after(build)

@@ -60,6 +60,8 @@ from .analysis_jobs import ANALYSIS_GROUP, AnalysisRunner, CircuitBreaker, Windo
 from .appkeys import SETTINGS, WORKER
 from .cleaner import KeysCleaner
 from .consumers import consumer_name
+from .dbstats import INTERVAL as POSTGRES_INTERVAL
+from .dbstats import measure_postgres
 from .partitions import PartitionedPersistence
 from .persist import STAGING_DDL, ReadingsPersister, StreamJanitor, ensure_partitions
 from .state import WorkerState
@@ -113,6 +115,7 @@ async def _maintain_partitions(state: WorkerState, pool: AsyncConnectionPool, ah
 async def _measure(
     state: WorkerState, redis: RedisClient, pool: AsyncConnectionPool, keys: Keys
 ) -> None:
+    next_postgres = 0.0
     while True:
         with contextlib.suppress(*REDIS_ERRORS):
             async with asyncio.timeout(_STATS_INTERVAL):
@@ -121,6 +124,11 @@ async def _measure(
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
             async with asyncio.timeout(_STATS_INTERVAL):
                 state.alerts_open = await count_open_alerts(pool)
+        if time.monotonic() >= next_postgres:
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                async with asyncio.timeout(_STATS_INTERVAL):
+                    state.postgres = await measure_postgres(pool)
+                next_postgres = time.monotonic() + POSTGRES_INTERVAL
         await asyncio.sleep(_STATS_INTERVAL)
 
 
@@ -316,6 +324,7 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
             queue_jobs_active=0 if runner is None else runner.active,
             readings_lag=persister.backlog,
             partition_backlog=persister.partition_backlog,
+            postgres=state.postgres,
             dead_letters=state.dead_letters,
             rows_persisted=persister.rows,
             samples_persisted=persister.samples,

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from shared.reporting import LoopLagMonitor, Telemetry
+from shared.telemetry import PostgresStats
 
 from .analysis_jobs import AnalysisRunner, WindowScheduler
 from .partitions import PartitionedPersistence
@@ -23,3 +24,5 @@ class WorkerState:
     queue_depth: int = 0
     dead_letters: int = 0
     alerts_open: int = 0
+    # The database's figures (worker/dbstats.py), None until first measured.
+    postgres: PostgresStats | None = None

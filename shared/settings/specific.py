@@ -273,6 +273,19 @@ class SidecarSection(Section):
         FloatRange(0.01, 3600),
         "seconds between two saves of the position and totals",
     )
+    dependency_metrics: bool = variable(
+        "DEPENDENCY_METRICS",
+        True,
+        Boolean(),
+        "beside a worker (known from its heartbeat): export Redis's health and the readings"
+        " streams' lengths, group lag and dead letters (docs/sidecar-and-metrics.md)",
+    )
+    dependency_metrics_cache: float = variable(
+        "DEPENDENCY_METRICS_CACHE",
+        5.0,
+        FloatRange(0, 3600),
+        "seconds a collection of Redis's figures serves scrapes before the next is made",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, init=False, repr=False, eq=False)

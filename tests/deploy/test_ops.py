@@ -46,10 +46,39 @@ TOKEN = "ops-test-scrape-token"  # noqa: S105 - the test's own token, not a secr
 NAMESPACE = "pulsecal-test"
 # Metrics the rules and the dashboard use that no program exports yet.
 PLANNED_METRICS: frozenset[str] = frozenset()
+# The dependencies' figures every worker pod's sidecar exports alike (Redis per node, the
+# readings streams per partition, the database's), with the label that tells their series
+# apart (sidecar/dependencies.py).
+DEPENDENCY_METRICS = {
+    "pulsecal_redis_up": "redis_node",
+    "pulsecal_redis_memory_used_bytes": "redis_node",
+    "pulsecal_redis_memory_max_bytes": "redis_node",
+    "pulsecal_redis_evicted_keys_total": "redis_node",
+    "pulsecal_redis_rejected_connections_total": "redis_node",
+    "pulsecal_redis_error_replies_total": "redis_node",
+    "pulsecal_redis_connected_clients": "redis_node",
+    "pulsecal_redis_blocked_clients": "redis_node",
+    "pulsecal_redis_aof_enabled": "redis_node",
+    "pulsecal_redis_persistence_ok": "redis_node",
+    "pulsecal_redis_primary": "redis_node",
+    "pulsecal_redis_connected_replicas": "redis_node",
+    "pulsecal_redis_replica_lag_seconds": "redis_node",
+    "pulsecal_redis_master_link_up": "redis_node",
+    "pulsecal_redis_master_last_io_seconds": "redis_node",
+    "pulsecal_readings_stream_length": "partition",
+    "pulsecal_readings_group_lag": "partition",
+    "pulsecal_readings_group_pending": "partition",
+    "pulsecal_readings_dead_letters": "partition",
+    "pulsecal_postgres_connections": "state",
+    "pulsecal_postgres_database_size_bytes": "namespace",
+    "pulsecal_postgres_readings_partitions_ahead": "namespace",
+    "pulsecal_postgres_readings_oldest_partition_timestamp_seconds": "namespace",
+}
 # Metrics only a worker's sidecar exports: the Prometheus test below runs no worker.
-WORKER_METRICS = frozenset({"pulsecal_worker_partition_backlog"})
-# Gauges every worker pod exports alike (each worker measures them all): only ever max'd.
-SAME_IN_EVERY_WORKER = {"pulsecal_worker_partition_backlog": "partition"}
+WORKER_METRICS = frozenset({"pulsecal_worker_partition_backlog", *DEPENDENCY_METRICS})
+# Figures every worker pod exports alike (each worker measures them all): only ever max'd,
+# by the label that tells their series apart.
+SAME_IN_EVERY_WORKER = {"pulsecal_worker_partition_backlog": "partition", **DEPENDENCY_METRICS}
 # The seed's dashboard sections, as row titles of ours.
 SEED_SECTIONS = ("request rate and latency", "error rates", "business", "system", "queue")
 # A filebeat `timestamp` processor layout, as a regular expression.
@@ -189,7 +218,10 @@ def test_figures_every_worker_reports_alike_are_taken_once_by_max() -> None:
         uses = [" ".join(expr.split()) for expr in exprs if metric in _metric_names(expr)]
         assert uses, metric
         for expr in uses:
-            selections = re.findall(rf"(\w+) by \(([^)]*)\) \({metric}\{{", expr)
+            # A gauge itself, or a counter's rate or increase, is aggregated.
+            selections = re.findall(
+                rf"(\w+) by \(([^)]*)\) \((?:(?:rate|increase)\()?{metric}\{{", expr
+            )
             assert selections, expr
             assert expr.count(f"{metric}{{") == len(selections), expr
             for aggregation, labels in selections:
@@ -200,6 +232,14 @@ def test_figures_every_worker_reports_alike_are_taken_once_by_max() -> None:
 def test_runbook_links_lead_to_a_heading_of_the_docs() -> None:
     linked = [rule for rule in _rules() if "runbook_url" in rule["annotations"]]
     assert {rule["alert"] for rule in linked} >= {"ReadingsPartitionBacklogSkewed"}
+    # Every alert on a dependency's figures leads to what to do.
+    dependencies = {
+        rule["alert"]
+        for rule in _rules()
+        if _metric_names(rule["expr"]) & DEPENDENCY_METRICS.keys()
+    }
+    assert len(dependencies) >= 9
+    assert dependencies <= {rule["alert"] for rule in linked}
     for rule in linked:
         path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
         page = ROOT / path

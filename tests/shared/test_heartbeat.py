@@ -9,6 +9,7 @@ import pytest
 from shared.telemetry import (
     SERVICE_PROGRAM,
     WORKER_PROGRAM,
+    PostgresStats,
     ServiceHeartbeat,
     WorkerHeartbeat,
     decode_heartbeat,
@@ -164,7 +165,7 @@ ADDED_SERVICE_FIELDS = {
     "redis_replication_lag_seconds": 0,
 }
 # The worker's.
-ADDED_WORKER_FIELDS = {"partition_backlog": {}, "pods_removed": 0}
+ADDED_WORKER_FIELDS = {"partition_backlog": {}, "postgres": None, "pods_removed": 0}
 
 
 @pytest.mark.parametrize(
@@ -230,6 +231,32 @@ def test_a_worker_reports_each_partitions_backlog_by_its_name() -> None:
     assert decode_heartbeat(encode_heartbeat(partitioned)) == partitioned
     # A heartbeat of a worker from before partitions reads as no partition measured.
     assert older.partition_backlog == {}
+
+
+def test_a_worker_carries_the_databases_figures_and_an_older_one_none() -> None:
+    older = decode_heartbeat(WORKER_JSON)
+    assert isinstance(older, WorkerHeartbeat)
+    stats = PostgresStats(
+        measured_ms=1_700_000_000_000,
+        connections={"active": 2, "idle": 5, "idle_in_transaction": 1},
+        database_bytes=123_456_789,
+        readings_partitions_ahead=7,
+        readings_oldest_day_ms=1_699_920_000_000,
+    )
+    measured = msgspec.structs.replace(older, postgres=stats)
+
+    written = as_dict(encode_heartbeat(measured))
+
+    assert written["postgres"] == {
+        "measured_ms": 1_700_000_000_000,
+        "connections": {"active": 2, "idle": 5, "idle_in_transaction": 1},
+        "database_bytes": 123_456_789,
+        "readings_partitions_ahead": 7,
+        "readings_oldest_day_ms": 1_699_920_000_000,
+    }
+    assert decode_heartbeat(encode_heartbeat(measured)) == measured
+    # A worker from before these figures: none measured, not zeros.
+    assert older.postgres is None
 
 
 def test_a_heartbeat_of_an_unknown_program_is_refused() -> None:

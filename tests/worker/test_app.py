@@ -481,6 +481,21 @@ async def test_probes_and_heartbeat_describe_the_worker(
     # No WebSocket connections: the worker's heartbeat has no such figure (read as 0).
     assert "ws_connections" not in msgspec.json.decode(raw)
 
+    # The database's figures, measured at start and then every 30 s.
+    async def measured() -> bool:
+        raw = await redis.get(keys.heartbeat(settings.pod))
+        beat = decode_heartbeat(cast(bytes, raw))
+        return isinstance(beat, WorkerHeartbeat) and beat.postgres is not None
+
+    await eventually(measured)
+    beat = decode_heartbeat(cast(bytes, await redis.get(keys.heartbeat(settings.pod))))
+    assert isinstance(beat, WorkerHeartbeat)
+    assert beat.postgres is not None
+    assert beat.postgres.readings_partitions_ahead >= 1
+    assert beat.postgres.readings_oldest_day_ms > 0
+    assert beat.postgres.database_bytes > 0
+    assert sum(beat.postgres.connections.values()) >= 1
+
 
 async def test_probes_give_anyone_the_status_and_the_operator_the_details(
     start_worker: StartWorker,
