@@ -502,6 +502,11 @@ def _worker_gauges(hb: WorkerHeartbeat) -> Iterator[Family]:
     for name, help_text, value in (
         ("rows_persisted", "Rows this worker process inserted.", hb.rows_persisted),
         ("samples_persisted", "PPG samples this worker process inserted.", hb.samples_persisted),
+        (
+            "pods_removed",
+            "Gone pods whose Redis keys this worker process removed (POD_KEYS_GRACE).",
+            hb.pods_removed,
+        ),
     ):
         yield _family(f"pulsecal_worker_{name}", "counter", help_text, ("", value))
 
