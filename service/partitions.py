@@ -9,8 +9,7 @@ one partition the writer is the single stream's, called directly.
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from redis.crc import key_slot
 
@@ -172,7 +171,7 @@ class PartitionedBacklog:
         *,
         limit: int,
         interval: float,
-        batches_per_entry: Any,
+        batches_per_entry: Callable[[], float],
     ) -> None:
         self._redis = redis
         self._layouts = keys.ingest_layouts
@@ -180,10 +179,7 @@ class PartitionedBacklog:
         self._limit = limit
         self._interval = interval
         self.monitors = [
-            BacklogMonitor(
-                redis, p, limit=limit, interval=interval, batches_per_entry=batches_per_entry
-            )
-            for p in partitions
+            BacklogMonitor(redis, p, batches_per_entry=batches_per_entry) for p in partitions
         ]
         self.backlog = 0
         self.exceeded = False

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared.keys import Keys, PartitionKeys
 from shared.readings import BATCHES_FIELD, RECEIVED_FIELD, TRACE_FIELD, trace_field
-from shared.redisclient import REDIS_ERRORS, RedisClient
+from shared.redisclient import RedisClient
 from shared.tasks import cancel_and_wait
 
 from .fastpath.resp import RespConnection, encode_bulk_strings, encode_command
@@ -744,7 +744,8 @@ class ReadingsWriter:
 
 
 class BacklogMonitor:
-    """Polls how many readings await a consumer; the hot path only reads a flag.
+    """How many readings of one partition await a consumer (``partitions.PartitionedBacklog``
+    polls every partition's and keeps the flag the hot path reads).
 
     With a consumer group, the backlog is the largest ``lag + pending`` of any group (entries
     not yet delivered plus delivered but unacknowledged); without one, the stream's length.
@@ -759,17 +760,12 @@ class BacklogMonitor:
         redis: RedisClient,
         keys: Keys | PartitionKeys,
         *,
-        limit: int,
-        interval: float,
         batches_per_entry: Callable[[], float] = lambda: 1.0,
     ) -> None:
         self._redis = redis
         self._stream = keys.readings
-        self._limit = limit
-        self._interval = interval
         self._batches_per_entry = batches_per_entry
         self.backlog = 0
-        self.exceeded = False
 
     async def measure(self) -> int:
         """The backlog in batches (entries counted by ``batches_per_entry``)."""
@@ -788,13 +784,3 @@ class BacklogMonitor:
             waiting = length if lag is None else int(lag)
             backlog = max(backlog, waiting + int(group.get("pending", 0)))
         return backlog
-
-    async def run(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(max(self._interval, 1.0)):
-                    self.backlog = await self.measure()
-                self.exceeded = self.backlog > self._limit
-            except REDIS_ERRORS:
-                pass  # the writer and the health checker report Redis trouble
-            await asyncio.sleep(self._interval)

@@ -17,7 +17,6 @@ moved to it: what a failover does when the primary dies with writes its replica 
 """
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import cast
 
 import msgspec
 import pytest
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientError, ClientSession
 
 from service.fastpath.resp import RespConnection
 from service.store import STORED, WRITE_CONNECTION_SETUP, ReadingsWriter
@@ -34,7 +33,8 @@ from shared.keys import Keys
 from shared.readings import decode_entries
 from shared.tasks import cancel_and_wait
 from tests.support.env import Device, DeviceFactory
-from tests.support.outcomes import Outcome, send_http
+from tests.support.load import device_load
+from tests.support.outcomes import Outcome
 from tests.support.procs import ServiceProcess
 from tests.support.replication import Forwarder, RedisNode
 
@@ -45,28 +45,6 @@ ACK_TIMEOUT = 0.3
 OPERATOR_TOKEN = "replication-operator"  # noqa: S105 - the test's own token
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-@contextlib.asynccontextmanager
-async def device_load(url: str, devices: list[Device]) -> AsyncIterator[list[Outcome]]:
-    """Each device sends its next seq, again and again, whatever the last answer was."""
-    outcomes: list[Outcome] = []
-    stop = asyncio.Event()
-
-    async def sender(session: ClientSession, device: Device) -> None:
-        seq = 0
-        while not stop.is_set():
-            outcomes.append(await send_http(session, url, device, seq))
-            seq += 1
-            await asyncio.sleep(PACE)
-
-    async with ClientSession(timeout=ClientTimeout(total=5)) as session:
-        tasks = [asyncio.create_task(sender(session, d)) for d in devices]
-        try:
-            yield outcomes
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks)
 
 
 async def acks_after(outcomes: list[Outcome], since: float, count: int, *, within: float) -> None:
@@ -186,7 +164,7 @@ async def test_replicated_acks_survive_losing_the_primary(
     service = await start_service(cluster, migrated, tmp_path, "replicated")
     readiness = f"{service.url}/health/readiness"
     try:
-        async with device_load(service.url, devices) as outcomes:
+        async with device_load(service.url, devices, pace=PACE) as outcomes:
             await acks_after(outcomes, 0, 100, within=20)
             cluster.link.cut()
             cut_at = time.monotonic()
@@ -242,7 +220,7 @@ async def test_primary_acks_lose_what_the_replica_had_not_got(
 ) -> None:
     service = await start_service(cluster, migrated, tmp_path, "primary")
     try:
-        async with device_load(service.url, devices) as outcomes:
+        async with device_load(service.url, devices, pace=PACE) as outcomes:
             await acks_after(outcomes, 0, 100, within=20)
             cluster.link.cut()
             cut_at = time.monotonic()
