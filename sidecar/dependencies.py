@@ -173,7 +173,9 @@ class DependencyCollector:
             nodes = redis.get_nodes()
         elif self._stale_map:
             # A replica the primaries name is missing from the slot map (CLUSTER SLOTS
-            # leaves out a replica until it has replicated something): read it again.
+            # leaves out a replica until it has replicated something): read it again, through
+            # ``nodes_manager`` (redis-py's own slot-map reader, undocumented; the client's
+            # ``initialize`` reads it once only). Tripwire: tests/sidecar/test_dependencies.py.
             self._stale_map = False
             await redis.nodes_manager.initialize()
             nodes = redis.get_nodes()
