@@ -165,7 +165,8 @@ async def test_two_workers_divide_the_partitions_and_store_each_batch_once(
     spread = {partition_index(d.device_id, partitions) for d in devices}
     assert spread == set(range(partitions))
     assert not service.logged_errors()
-    assert "of a dead consumer" in workers[1].output() or "claimed" in workers[1].output()
+    # Whatever the killed worker held (it may have held nothing at that instant) was taken
+    # over: every partition drained to no pending entry above, every ack stored once.
 
 
 async def test_changing_the_partition_count_loses_and_duplicates_nothing(
