@@ -253,6 +253,8 @@ class RespConnection:
                 redirect = parse_redirect(e.redirect)
                 if redirect is None or self._slots is None or generation is not None:
                     raise
+            except ResponseError:
+                raise  # Redis answered: the connection is fine
             except BaseException:
                 if self._slots is not None:
                     self._slots.invalidate()

@@ -69,9 +69,13 @@ async def test_commands_go_to_the_database_named_in_the_url() -> None:
 async def test_a_redis_error_raises_and_keeps_the_connection_usable() -> None:
     conn = RespConnection("redis://127.0.0.1:6379/0", connect_timeout=1)
     try:
+        assert await conn.execute(command("PING")) == b"PONG"
+        connected = conn.generation
         with pytest.raises(ResponseError, match="unknown command"):
             await conn.execute(command("NO-SUCH-COMMAND"))
         assert await conn.execute(command("PING")) == b"PONG"
+        # The same connection: writes pipelined behind an error are not failed with it.
+        assert conn.generation == connected
     finally:
         conn.close()
 
