@@ -89,10 +89,6 @@ class PartitionedWriter:
         return self._sum("duplicates")
 
     @property
-    def refused(self) -> int:
-        return self._sum("refused")
-
-    @property
     def failed(self) -> int:
         return self._sum("failed")
 
@@ -105,26 +101,9 @@ class PartitionedWriter:
         return self._sum("batches")
 
     @property
-    def reloads(self) -> int:
-        return self._sum("reloads")
-
-    @property
-    def waits(self) -> int:
-        return self._sum("waits")
-
-    @property
-    def ack_replicas(self) -> int:
-        return self.writers[0].ack_replicas
-
-    @property
     def batches_per_entry(self) -> float:
         entries = sum(w.entries for w in self.writers)
-        return self.batches_stored / entries if entries else 1.0
-
-    @property
-    def batches_stored(self) -> int:
-        """Batches in the entries added (what ``batches_per_entry`` divides)."""
-        return sum(w.entry_batches for w in self.writers)
+        return sum(w.entry_batches for w in self.writers) / entries if entries else 1.0
 
     @property
     def healthy(self) -> bool:

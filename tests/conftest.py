@@ -21,7 +21,9 @@ from shared.keys import Keys
 from shared.schema import upgrade_schema
 from shared.settings import ServiceSettings, SidecarSettings
 from tests.support.env import POSTGRES_URL, REDIS_URL, AiohttpClient, Device, DeviceFactory
+from tests.support.procs import ServiceProcess
 from tests.support.settings import for_program
+from tests.support.worker import WorkerProcess
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +134,16 @@ def sidecar_settings(settings: ServiceSettings) -> SidecarSettings:
         sidecar_block_ms=100,
         sidecar_checkpoint_interval=0.1,
     )
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ServiceProcess | WorkerProcess]]:
+    """Service and worker processes a test starts: killed after it, their output's tail
+    printed (shown with a failure)."""
+    started: list[ServiceProcess | WorkerProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+            print(process.output()[-20_000:])

@@ -46,7 +46,6 @@ class SlotMap:
         self._stale = True
         self._refreshed_at = 0.0
         self._refreshing: asyncio.Future[None] | None = None
-        self.refreshes = 0
 
     def invalidate(self) -> None:
         """Read the map again before the next connection (a connection failed)."""
@@ -103,7 +102,6 @@ class SlotMap:
             self._known = list(dict.fromkeys(known)) or self._known
             self._stale = False
             self._refreshed_at = time.monotonic()
-            self.refreshes += 1
             return
         raise RedisConnectionError("cannot read the cluster's slot map: " + "; ".join(errors))
 

@@ -11,7 +11,6 @@ ack, a 503 with Retry-After or no answer (the connection went with the primary).
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,17 +35,6 @@ OPERATOR_TOKEN = "cluster-operator"  # noqa: S105 - the test's own token
 @pytest.fixture
 async def devices(make_device: DeviceFactory) -> list[Device]:
     return [await make_device() for _ in range(DEVICES)]
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[ServiceProcess | WorkerProcess]]:
-    started: list[ServiceProcess | WorkerProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.kill()
-            print(process.output()[-20_000:])  # shown with a failure
 
 
 def cluster_env(cluster: LocalCluster) -> dict[str, str]:

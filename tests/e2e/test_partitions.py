@@ -11,7 +11,6 @@
 import asyncio
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,6 @@ DEVICES = 24
 @pytest.fixture
 def keys() -> Keys:
     return Keys(f"parts-{uuid.uuid4().hex[:8]}:")
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[ServiceProcess | WorkerProcess]]:
-    started: list[ServiceProcess | WorkerProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.kill()
-            print(process.output())  # shown with a failure
 
 
 @pytest.fixture
